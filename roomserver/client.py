@@ -1,0 +1,81 @@
+"""``Client``: the application's handle on one WebSocket connection (the seed API's ``client``).
+
+It wraps the Autobahn protocol instead of being it, because Autobahn's protocol classes already own an
+``on()``/``fire()`` event system with other semantics. Everything here is safe to call after the connection
+closed: sends are then ignored and return False.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from .core.errors import CloseCode
+from .core.messages import encode
+from .events import EventEmitter
+
+if TYPE_CHECKING:
+    from .server import WebSocketServer
+    from .websocket import RoomServerProtocol
+
+CLIENT_EVENTS = frozenset({"message", "close"})
+
+
+def serialize(message: Any) -> tuple[bytes, bool]:
+    """Turn an application message into (payload, is_binary): bytes go as binary frames, str as text as-is,
+    anything else as JSON text."""
+    if isinstance(message, (bytes, bytearray, memoryview)):
+        return bytes(message), True
+    if isinstance(message, str):
+        return message.encode("utf-8"), False
+    return encode(message), False
+
+
+class Client:
+    """One connected client: ``id``, ``rooms``, ``send``, ``close`` and its ``message``/``close`` events."""
+
+    __slots__ = ("__weakref__", "_events", "_protocol", "_server", "close_code", "close_reason", "id", "peer",
+                 "request")
+
+    def __init__(self, protocol: RoomServerProtocol, server: WebSocketServer, request: Any = None) -> None:
+        self.id: str = secrets.token_urlsafe(16)
+        self._protocol: RoomServerProtocol | None = protocol
+        self._server = server
+        self._events = EventEmitter(CLIENT_EVENTS)
+        self.request = request
+        self.peer: str = getattr(protocol, "peer", "")
+        self.close_code: int | None = None
+        self.close_reason: str | None = None
+
+    def __repr__(self) -> str:
+        return f"<Client {self.id} {self.peer}{'' if self.open else ' closed'}>"
+
+    def on(self, event: str, handler: Callable[..., Any] | None = None) -> Any:
+        """Register a handler: ``message`` gets the data (str for text, bytes for binary); ``close`` gets no
+        arguments (``close_code`` and ``close_reason`` say why)."""
+        return self._events.on(event, handler) if handler is not None else self._events.on(event)
+
+    @property
+    def open(self) -> bool:
+        return self._protocol is not None and self._protocol.accepts_data
+
+    @property
+    def rooms(self) -> frozenset[str]:
+        """Names of the rooms this client is in."""
+        return self._server.registry.rooms_of(self)
+
+    def send(self, message: Any) -> bool:
+        """Send one message: dict/list/number as JSON text, str as text, bytes as binary. False if closed."""
+        payload, is_binary = serialize(message)
+        return self._server.send_payload(self, payload, is_binary)
+
+    def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+        """Start the closing handshake with ``code`` (any valid close code, 1001/1008/1011 included)."""
+        if self._protocol is not None:
+            self._protocol.close_with(code, reason)
+
+    # -- used by the server ----------------------------------------------------------------------------------
+
+    def _detach(self) -> None:
+        self._protocol = None

@@ -1,0 +1,69 @@
+"""``ServerOptions``: every setting of a roomserver, with safe defaults, in one dataclass.
+
+The same names (with dashes) are the options of ``twistd roomserver`` (see ``tap.py``); docs/limits.md and the
+README's option table describe them for users.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+KIB = 1024
+MIB = 1024 * KIB
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    port: int | str = 8080
+    """A TCP port (0 = ephemeral) or a Twisted endpoint description such as ``tcp:8080:interface=127.0.0.1``."""
+    path: str = "/ws"
+    """The only HTTP path that accepts WebSocket upgrades."""
+    max_clients: int = 1000
+    """Live connections beyond this are refused in the opening handshake with HTTP 503."""
+    ping_interval: float = 30.0
+    """Seconds between heartbeat pings (0 turns heartbeats off; at least 1 otherwise, since Autobahn's timers
+    round to whole seconds)."""
+    ping_timeout: float | None = None
+    """Seconds to wait for a pong before dropping the peer; defaults to ``ping_interval``."""
+    host: str = ""
+    """Interface to bind when ``port`` is a number ("" = every IPv4 interface)."""
+    room_protocol: bool = False
+    """Serve the built-in JSON room protocol (what ``twistd roomserver`` runs)."""
+    max_message_size: int = 1 * MIB
+    """Largest message (after reassembly) a client may send; beyond it the connection closes with 1009."""
+    max_frame_size: int | None = None
+    """Largest single frame; defaults to ``max_message_size``."""
+    max_room_clients: int | None = None
+    """Members per room (None = unlimited); a join beyond it gets error ``room_full``."""
+    max_rooms_per_client: int | None = 100
+    """Rooms one connection may be in; a join beyond it gets error ``too_many_rooms``."""
+    max_rooms: int | None = None
+    """Rooms in total (None = unlimited); a join that would create one more gets ``too_many_rooms``."""
+    open_handshake_timeout: float = 5.0
+    """Seconds a new connection has to complete its opening handshake."""
+    close_handshake_timeout: float = 2.0
+    """Seconds to wait for the peer's close frame before dropping the TCP connection."""
+    shutdown_timeout: float = 5.0
+    """Seconds ``stop()`` waits for clients to answer the 1001 close before aborting them."""
+
+    def __post_init__(self) -> None:
+        if not self.path.startswith("/"):
+            raise ValueError(f"path must start with '/': {self.path!r}")
+        if self.max_clients < 0:
+            raise ValueError("max_clients must be >= 0")
+        # Autobahn's heartbeat timers (txaio's batched timer) round deadlines down to whole seconds, so
+        # sub-second heartbeats would fire at random: refuse them rather than misbehave.
+        if self.ping_interval != 0 and self.ping_interval < 1:
+            raise ValueError("ping_interval must be 0 (off) or at least 1 second")
+        if self.ping_timeout is not None and self.ping_timeout < 1:
+            raise ValueError("ping_timeout must be at least 1 second")
+        if self.max_message_size <= 0:
+            raise ValueError("max_message_size must be > 0")
+
+    @property
+    def effective_ping_timeout(self) -> float:
+        return self.ping_interval if self.ping_timeout is None else self.ping_timeout
+
+    @property
+    def effective_max_frame_size(self) -> int:
+        return self.max_message_size if self.max_frame_size is None else self.max_frame_size

@@ -1,0 +1,115 @@
+"""``twistd roomserver``: command-line options and ``makeService``.
+
+Every ``ServerOptions`` field that makes sense on a command line is an option here, spelled with dashes
+(``max_clients`` is ``--max-clients``). ``--port`` takes a number or any Twisted endpoint description, so
+``ssl:8443:privateKey=key.pem:certKey=cert.pem`` serves TLS.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application import service
+from twisted.python import usage
+
+from .options import ServerOptions
+from .server import WebSocketServer
+from .service import RoomServerService
+
+_DEFAULTS = ServerOptions()
+
+
+def _optional_int(value: str) -> int | None:
+    """An integer option where 0 or "none" means unlimited."""
+    if value.lower() in ("", "none", "unlimited", "0"):
+        return None
+    number = int(value)
+    if number < 0:
+        raise ValueError("must be >= 0")
+    return number
+
+
+def _non_negative_float(value: str) -> float:
+    number = float(value)
+    if number < 0:
+        raise ValueError("must be >= 0")
+    return number
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number <= 0:
+        raise ValueError("must be > 0")
+    return number
+
+
+class Options(usage.Options):
+    """Options of ``twistd roomserver``; ``twistd roomserver --help`` lists them with their defaults."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "Run a roomserver: a WebSocket room server speaking the JSON room protocol (docs/protocol.md). "
+        "Clients connect to ws://HOST:PORT/PATH, join rooms and chat; every member of a room receives every "
+        "message, in order."
+    )
+
+    optParameters: list[Any] = [
+        ["port", "p", "8080", "TCP port number, or a Twisted endpoint description "
+         "(tcp:8080:interface=127.0.0.1, ssl:8443:privateKey=key.pem:certKey=cert.pem)."],
+        ["path", None, _DEFAULTS.path, "The HTTP path that accepts WebSocket upgrades (others get 404)."],
+        ["max-clients", None, _DEFAULTS.max_clients, "Live connections; beyond it upgrades get HTTP 503.",
+         _positive_int],
+        ["ping-interval", None, _DEFAULTS.ping_interval, "Seconds between heartbeat pings (0 = off).",
+         _non_negative_float],
+        ["ping-timeout", None, None, "Seconds to wait for a pong before dropping the peer "
+         "(default: the ping interval).", _non_negative_float],
+        ["max-message-size", None, _DEFAULTS.max_message_size, "Largest client message in bytes (close 1009).",
+         _positive_int],
+        ["max-frame-size", None, None, "Largest client frame in bytes (default: max-message-size).", _positive_int],
+        ["max-room-clients", None, None, "Members per room (default unlimited); a join beyond it gets room_full.",
+         _optional_int],
+        ["max-rooms-per-client", None, _DEFAULTS.max_rooms_per_client,
+         "Rooms one connection may be in (too_many_rooms).", _optional_int],
+        ["max-rooms", None, None, "Rooms in total (default unlimited; too_many_rooms).", _optional_int],
+        ["open-handshake-timeout", None, _DEFAULTS.open_handshake_timeout,
+         "Seconds a connection has to complete its opening handshake.", _non_negative_float],
+        ["close-handshake-timeout", None, _DEFAULTS.close_handshake_timeout,
+         "Seconds to wait for the peer's close frame.", _non_negative_float],
+        ["shutdown-timeout", None, _DEFAULTS.shutdown_timeout,
+         "Seconds to wait for clients to close on shutdown before aborting them.", _non_negative_float],
+    ]
+
+    def server_options(self) -> ServerOptions:
+        """The ``ServerOptions`` these command-line options describe (the room protocol switched on)."""
+        port: int | str = self["port"]
+        if isinstance(port, str) and port.isdigit():
+            port = int(port)
+        return ServerOptions(
+            port=port,
+            path=self["path"],
+            max_clients=self["max-clients"],
+            ping_interval=self["ping-interval"],
+            ping_timeout=self["ping-timeout"] or None,
+            room_protocol=True,
+            max_message_size=self["max-message-size"],
+            max_frame_size=self["max-frame-size"],
+            max_room_clients=self["max-room-clients"],
+            max_rooms_per_client=self["max-rooms-per-client"],
+            max_rooms=self["max-rooms"],
+            open_handshake_timeout=self["open-handshake-timeout"],
+            close_handshake_timeout=self["close-handshake-timeout"],
+            shutdown_timeout=self["shutdown-timeout"],
+        )
+
+    def postOptions(self) -> None:
+        try:
+            self.server_options()
+        except ValueError as exc:
+            raise usage.UsageError(str(exc)) from exc
+
+
+def makeService(config: Options) -> service.MultiService:
+    """Build the service tree twistd runs: one ``RoomServerService`` for now."""
+    root = service.MultiService()
+    RoomServerService(WebSocketServer(config.server_options())).setServiceParent(root)
+    return root

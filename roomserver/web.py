@@ -1,0 +1,94 @@
+"""HTTP around the WebSocket path: the ``twisted.web`` resource tree and connection tracking.
+
+WebSocket upgrades are served by Autobahn's ``WebSocketResource`` mounted at the configured path, so the same
+port can serve HTTP pages beside it and every other path answers 404 from ``twisted.web`` itself.
+
+``TrackingFactory`` wraps the site so the server knows every TCP connection it holds, whether it is still
+speaking HTTP or already WebSocket: ``stop()`` needs that to close or abort all of them, and the soak tests
+need it to prove that nothing is left behind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import defer
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.web.pages import notFound
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+
+def path_segments(path: str) -> list[bytes]:
+    """``"/a/b"`` -> ``[b"a", b"b"]``; ``"/"`` -> ``[]``."""
+    return [segment.encode("utf-8") for segment in path.strip("/").split("/") if segment]
+
+
+class Directory(Resource):
+    """A resource with children only; unknown children are a plain 404."""
+
+    def getChild(self, path: bytes, request: Any) -> Any:
+        return notFound()
+
+    def render(self, request: Any) -> Any:
+        page: Any = notFound()
+        return page.render(request)
+
+
+def build_root(path: str, websocket: Any, extra: dict[bytes, Any] | None = None) -> Any:
+    """A resource tree with ``websocket`` at ``path`` (and ``extra`` pages at the top level).
+
+    Resources are typed ``Any``: ``twisted.web`` declares them through zope interfaces mypy cannot follow."""
+    segments = path_segments(path)
+    if not segments:
+        return websocket
+    root: Any = Directory()
+    for name, page in (extra or {}).items():
+        root.putChild(name, page)
+    parent = root
+    for segment in segments[:-1]:
+        child: Any = Directory()
+        parent.putChild(segment, child)
+        parent = child
+    parent.putChild(segments[-1], websocket)
+    return root
+
+
+class QuietSite(Site):
+    """A ``Site`` that shows no tracebacks and keeps no access log (connections are logged by the hub)."""
+
+    displayTracebacks = False
+    noisy = False
+
+    def log(self, request: Any) -> None:
+        pass
+
+
+class TrackingFactory(WrappingFactory):
+    """Wraps a factory and keeps every live connection, so they can all be closed and awaited."""
+
+    noisy = False
+
+    def __init__(self, wrapped: Any) -> None:
+        super().__init__(wrapped)
+        self._empty_waiters: list[defer.Deferred[None]] = []
+
+    def unregisterProtocol(self, p: ProtocolWrapper) -> None:
+        super().unregisterProtocol(p)
+        if not self.protocols:
+            waiters, self._empty_waiters = self._empty_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def when_empty(self) -> defer.Deferred[None]:
+        """A Deferred that fires once no connection is left."""
+        if not self.protocols:
+            return defer.succeed(None)
+        waiter: defer.Deferred[None] = defer.Deferred()
+        self._empty_waiters.append(waiter)
+        return waiter
+
+    def each_connection(self, action: Callable[[ProtocolWrapper], None]) -> None:
+        for wrapper in list(self.protocols):
+            action(wrapper)

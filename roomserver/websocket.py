@@ -1,0 +1,109 @@
+"""The thin Autobahn adapter: a protocol and a factory that forward everything to the server's hub.
+
+No room logic lives here. Each callback says who calls it: Autobahn calls ``onConnect`` during the opening
+handshake, ``onOpen`` once it completed, ``onMessage`` per complete message and ``onClose`` exactly once per
+connection, including connections that never opened (so the hub's cleanup must be idempotent).
+
+The factory is configured explicitly for every Autobahn default that would be wrong for a public server:
+observable close codes (``failByDrop=False``), size limits, timeouts and heartbeats.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.protocol import WebSocketProtocol
+
+from .options import ServerOptions
+
+if TYPE_CHECKING:
+    from .client import Client
+    from .server import WebSocketServer
+
+# Codes the peer-facing ``sendClose`` refuses (it only takes 1000 and 3000-4999) but a server must send.
+_PROTOCOL_LEVEL_CODES = frozenset({1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014})
+
+
+class RoomServerProtocol(WebSocketServerProtocol):  # type: ignore[misc]
+    """One WebSocket connection; ``client`` is the application's handle once the connection is open."""
+
+    factory: RoomServerFactory
+    client: Client | None = None
+    admitted: bool = False
+    http_request: Any = None
+
+    @property
+    def accepts_data(self) -> bool:
+        return bool(self.state == WebSocketProtocol.STATE_OPEN)
+
+    def onConnect(self, request: Any) -> Any:
+        """Called from Autobahn with the parsed upgrade request; raising ConnectionDeny refuses it."""
+        return self.factory.hub.on_connect(self, request)
+
+    def onOpen(self) -> None:
+        """Called from Autobahn once the opening handshake succeeded."""
+        self.factory.hub.on_open(self)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        """Called from Autobahn with one complete, size-checked, UTF-8-validated message."""
+        self.factory.hub.on_message(self, payload, isBinary)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        """Called from Autobahn exactly once, for every connection, opened or not."""
+        self.factory.hub.on_close(self, wasClean, code, reason)
+
+    def close_with(self, code: int, reason: str = "") -> None:
+        """Start a closing handshake with any code a server may send (Autobahn's ``sendClose`` refuses 1001,
+        1008, 1009 and 1011, so those go through ``sendCloseFrame``)."""
+        if self.state != WebSocketProtocol.STATE_OPEN:
+            if self.state == WebSocketProtocol.STATE_CONNECTING:
+                self.dropConnection(abort=True)
+            return
+        if code in _PROTOCOL_LEVEL_CODES:
+            self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:123], isReply=False)
+        else:
+            self.sendClose(code=code, reason=reason or None)
+
+    def abort(self) -> None:
+        """Drop the TCP connection now, without a closing handshake."""
+        self.wasClean = False
+        self.wasNotCleanReason = "aborted by the server"
+        self.dropConnection(abort=True)
+
+
+class RoomServerFactory(WebSocketServerFactory):  # type: ignore[misc]
+    """Creates one ``RoomServerProtocol`` per connection; holds the server-wide room registry and stats."""
+
+    protocol = RoomServerProtocol  # type: ignore[assignment]
+    noisy = False
+
+    def __init__(self, hub: WebSocketServer, options: ServerOptions, url: str | None = None) -> None:
+        super().__init__(url=url, server="roomserver", reactor=hub.reactor)
+        self.hub = hub
+        self.registry = hub.registry
+        self.stats = hub.counters
+        self.configure(options)
+
+    def configure(self, options: ServerOptions) -> None:
+        """Set every Autobahn protocol option explicitly (its defaults suit a demo, not a public server)."""
+        self.setProtocolOptions(
+            webStatus=False,
+            utf8validateIncoming=True,
+            requireMaskedClientFrames=True,
+            maskServerFrames=False,
+            applyMask=True,
+            maxFramePayloadSize=options.effective_max_frame_size,
+            maxMessagePayloadSize=options.max_message_size,
+            autoFragmentSize=0,
+            failByDrop=False,
+            echoCloseCodeReason=False,
+            openHandshakeTimeout=options.open_handshake_timeout,
+            closeHandshakeTimeout=options.close_handshake_timeout,
+            tcpNoDelay=True,
+            autoPingInterval=options.ping_interval,
+            autoPingTimeout=options.effective_ping_timeout if options.ping_interval else 0,
+            autoPingSize=12,
+            allowNullOrigin=False,
+            maxConnections=0,
+        )

@@ -1,0 +1,27 @@
+"""Shared fixtures: servers on ephemeral loopback ports, always stopped after the test."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest_twisted
+
+from roomserver import WebSocketServer
+
+from .support import start_server
+
+
+@pytest_twisted.async_yield_fixture
+async def make_server() -> AsyncIterator[Callable[..., Any]]:
+    """Start servers with the given options; every one is stopped when the test ends."""
+    started: list[WebSocketServer] = []
+
+    async def make(**options: Any) -> WebSocketServer:
+        server = await start_server(**options)
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        await server.stop()

@@ -1,0 +1,97 @@
+"""The twistd plugin: options, and a real ``twistd roomserver`` subprocess answering a client."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from twisted.python import usage
+
+from roomserver.tap import Options, makeService
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_options_map_to_server_options() -> None:
+    config = Options()
+    config.parseOptions(["--port", "tcp:0:interface=127.0.0.1", "--path", "/chat", "--max-clients", "5",
+                         "--ping-interval", "10", "--max-room-clients", "3", "--max-rooms", "0"])
+    options = config.server_options()
+    assert options.port == "tcp:0:interface=127.0.0.1"
+    assert (options.path, options.max_clients, options.ping_interval) == ("/chat", 5, 10.0)
+    assert options.max_room_clients == 3 and options.max_rooms is None
+    assert options.room_protocol
+    assert makeService(config).getServiceNamed("roomserver") is not None
+
+
+@pytest.mark.parametrize("argv", [["--max-clients", "0"], ["--ping-interval", "-1"], ["--path", "ws"],
+                                  ["--ping-interval", "0.5"]])
+def test_bad_options_are_usage_errors(argv: list[str]) -> None:
+    with pytest.raises(usage.UsageError):
+        Options().parseOptions(argv)
+
+
+def test_help_documents_every_option() -> None:
+    text = str(Options())
+    for option in ("--port", "--path", "--max-clients", "--ping-interval", "--max-message-size",
+                   "--shutdown-timeout"):
+        assert option in text
+
+
+def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"twistd exited early: {process.stdout.read() if process.stdout else ''!r}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError("twistd did not start listening")
+
+
+def test_twistd_plugin_serves_clients_and_sigterm_sends_1001(tmp_path: Path) -> None:
+    """Start ``twistd -n roomserver`` for real, chat through it, then SIGTERM: the client sees 1001."""
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "twistd"), "--nodaemon", "--pidfile=", "roomserver",
+         "--port", f"tcp:{port}:interface=127.0.0.1", "--path", "/ws", "--max-clients", "10"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for_port(port, process)
+        with connect(f"ws://127.0.0.1:{port}/ws", open_timeout=5) as ws:
+            assert '"welcome"' in ws.recv(timeout=5)
+            ws.send('{"type":"join","room":"lobby"}')
+            assert '"joined"' in ws.recv(timeout=5)
+            ws.send('{"type":"chat","room":"lobby","text":"over twistd"}')
+            assert '"seq":1' in ws.recv(timeout=5)
+            process.send_signal(signal.SIGTERM)
+            with pytest.raises(ConnectionClosed):
+                ws.recv(timeout=5)
+            assert ws.close_code == 1001
+        # twistd re-raises the signal after a clean shutdown so the exit status tells why it stopped
+        assert process.wait(15) in (0, -signal.SIGTERM)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(5)
+    output = process.stdout.read().decode() if process.stdout else ""
+    assert "Traceback" not in output, output
