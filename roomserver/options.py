@@ -39,6 +39,23 @@ class ServerOptions:
     """Rooms one connection may be in; a join beyond it gets error ``too_many_rooms``."""
     max_rooms: int | None = None
     """Rooms in total (None = unlimited); a join that would create one more gets ``too_many_rooms``."""
+    max_fragments: int = 1024
+    """Frames one message may be split into; beyond it the connection closes with 1008."""
+    rate_limit: float = 100.0
+    """Messages per second a client may send (0 = no limit); over it error ``rate_limited``, message dropped."""
+    rate_burst: int = 200
+    """Messages a client may send in a burst above ``rate_limit``."""
+    flood_factor: float = 3.0
+    """A client that keeps sending at more than this many times ``rate_limit`` is closed with 1008."""
+    max_send_buffer: int = 4 * MIB
+    """Bytes queued for a client that does not read; beyond it the client is closed with 4008 (slow consumer)."""
+    allowed_origins: tuple[str, ...] = ()
+    """Browser origins allowed to connect (``*`` wildcards; ``*`` = any). Empty: same origin only. Requests
+    without an Origin header (non-browser clients) are allowed; ``null`` origins are refused."""
+    max_handshake_size: int = 16 * KIB
+    """Bytes of HTTP request line and headers; beyond it HTTP 400 and the connection is closed."""
+    raise_fd_limit: bool = True
+    """Raise the soft open-files limit to the hard limit at start, so ``max_clients`` can be reached."""
     open_handshake_timeout: float = 5.0
     """Seconds a new connection has to complete its opening handshake."""
     close_handshake_timeout: float = 2.0
@@ -59,6 +76,13 @@ class ServerOptions:
             raise ValueError("ping_timeout must be at least 1 second")
         if self.max_message_size <= 0:
             raise ValueError("max_message_size must be > 0")
+        if self.max_fragments < 1 or self.max_send_buffer < 1 or self.max_handshake_size < 256:
+            raise ValueError("max_fragments and max_send_buffer must be > 0, max_handshake_size >= 256")
+        if self.rate_limit < 0 or (self.rate_limit and self.rate_burst < 1) or self.flood_factor <= 1:
+            raise ValueError("rate_limit must be >= 0, rate_burst >= 1 and flood_factor > 1")
+        if isinstance(self.allowed_origins, str):
+            object.__setattr__(self, "allowed_origins", tuple(
+                origin.strip() for origin in self.allowed_origins.split(",") if origin.strip()))
 
     @property
     def effective_ping_timeout(self) -> float:

@@ -22,17 +22,23 @@ from twisted.internet.interfaces import IReactorCore
 from twisted.logger import Logger
 
 from .client import Client, serialize
-from .core.errors import CloseCode
+from .core import messages
+from .core.errors import CloseCode, ErrorCode
 from .core.messages import encode
+from .core.origins import OriginPolicy
+from .core.ratelimit import FloodGuard, Verdict
 from .core.rooms import Room, RoomRegistry
 from .core.session import Effect, Publish, Reply, RoomProtocol
 from .core.stats import ServerStats, StatsCounters
 from .events import EventEmitter
 from .options import ServerOptions
+from .system import raise_open_files_limit
+from .transport import GuardedConnection
 from .web import QuietSite, TrackingFactory, build_root
 from .websocket import RoomServerFactory, RoomServerProtocol
 
 SERVER_EVENTS = frozenset({"connection"})
+RATE_LIMITED = encode(messages.error(ErrorCode.RATE_LIMITED, "too many messages: this one was dropped"))
 
 
 class WebSocketServer:
@@ -80,7 +86,14 @@ class WebSocketServer:
         self._stopping = False
         self._listening: Any = None  # IListeningPort once started
         self.factory = RoomServerFactory(self, self.options)
-        self.site = QuietSite(build_root(self.options.path, WebSocketResource(self.factory)))
+        self.origins = OriginPolicy(self.options.allowed_origins)
+        self.site = QuietSite(
+            build_root(self.options.path, WebSocketResource(self.factory)),
+            handshake_timeout=self.options.open_handshake_timeout,
+            max_handshake_size=self.options.max_handshake_size,
+            on_handshake_timeout=lambda: self.counters.dropped("handshake_timeout"),
+            reactor=reactor,
+        )
         self.connections = TrackingFactory(self.site)
         self.port: int | None = self.options.port if isinstance(self.options.port, int) else None
 
@@ -148,6 +161,13 @@ class WebSocketServer:
         if self._listening is not None:
             raise RuntimeError("the server is already started")
         self._stopping = False
+        if self.options.raise_fd_limit:
+            soft, hard = raise_open_files_limit()
+            if self.options.max_clients + 64 > soft:
+                self.log.warn(
+                    "max_clients {max_clients} is close to the open-files limit {soft} (hard limit {hard})",
+                    max_clients=self.options.max_clients, soft=soft, hard=hard,
+                )
         self._listening = await self._endpoint().listen(self.connections)
         host = self._listening.getHost()
         self.port = getattr(host, "port", None)
@@ -187,7 +207,11 @@ class WebSocketServer:
             raise ConnectionDeny(503, "server shutting down")
         if request.path.rstrip("/") != self.options.path.rstrip("/"):
             raise ConnectionDeny(ConnectionDeny.NOT_FOUND, "no WebSocket endpoint at this path")
+        if not self.origins.allows(request.headers.get("origin"), request.headers.get("host")):
+            self.counters.dropped("origin_refused")
+            raise ConnectionDeny(ConnectionDeny.FORBIDDEN, "origin not allowed")
         if self._admitted >= self.options.max_clients:
+            self.counters.dropped("server_full")
             raise ConnectionDeny(503, "server full")
         self._admitted += 1
         protocol.admitted = True
@@ -198,6 +222,14 @@ class WebSocketServer:
         protocol.client = client
         self._clients[client.id] = client
         self.counters.connected()
+        if self.options.rate_limit > 0:
+            protocol.flood = FloodGuard(
+                self.options.rate_limit, self.options.rate_burst, self.options.flood_factor, self.reactor.seconds()
+            )
+        if isinstance(protocol.transport, GuardedConnection):
+            protocol.transport.watch_send_buffer(
+                self.options.max_send_buffer, lambda: self._drop_slow_consumer(protocol)
+            )
         self.log.debug("client {id} connected from {peer}", id=client.id, peer=client.peer)
         if self.room_protocol is not None:
             self._execute(client, self.room_protocol.welcome(client))
@@ -205,9 +237,15 @@ class WebSocketServer:
 
     def on_message(self, protocol: RoomServerProtocol, payload: bytes, is_binary: bool) -> None:
         client = protocol.client
-        if client is None:
-            return
+        if client is None or not protocol.accepts_data:
+            return  # closing: messages still in flight from the peer are not acted upon
         self.counters.received(len(payload))
+        flood = protocol.flood
+        if flood is not None:
+            verdict = flood.check(self.reactor.seconds())
+            if verdict is not Verdict.ALLOW:
+                self._rate_limited(protocol, client, verdict)
+                return
         try:
             if self.room_protocol is not None:
                 self._execute(client, self.room_protocol.handle(client, payload, is_binary))
@@ -237,6 +275,23 @@ class WebSocketServer:
         self.log.debug("client {id} closed (code {code}, clean {clean})", id=client.id, code=code, clean=was_clean)
         client._events.emit("close")
         client._events.clear()
+
+    def _rate_limited(self, protocol: RoomServerProtocol, client: Client, verdict: Verdict) -> None:
+        self.counters.error(ErrorCode.RATE_LIMITED)
+        if verdict is Verdict.CLOSE:
+            self.counters.dropped("flood")
+            self.log.info("closing {id}: it keeps sending far over the rate limit", id=client.id)
+            protocol.close_with(CloseCode.POLICY_VIOLATION, "message rate limit exceeded")
+        else:
+            self.send_payload(client, RATE_LIMITED, False)
+
+    def _drop_slow_consumer(self, protocol: RoomServerProtocol) -> None:
+        """The client stopped reading and its queue passed ``max_send_buffer``: close it (4008, reconnect-class);
+        if it does not answer the close either, Autobahn aborts the TCP connection after the close timeout."""
+        self.counters.dropped("slow_consumer")
+        client = protocol.client
+        self.log.info("closing slow consumer {id}", id=client.id if client else protocol.peer)
+        protocol.close_with(CloseCode.SLOW_CONSUMER, "slow consumer: reconnect and resume")
 
     # -- sending -------------------------------------------------------------------------------------------------
 

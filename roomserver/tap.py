@@ -36,6 +36,10 @@ def _non_negative_float(value: str) -> float:
     return number
 
 
+def _origins(value: str) -> tuple[str, ...]:
+    return tuple(origin.strip() for origin in value.split(",") if origin.strip())
+
+
 def _positive_int(value: str) -> int:
     number = int(value)
     if number <= 0:
@@ -77,29 +81,37 @@ class Options(usage.Options):
          "Seconds to wait for the peer's close frame.", _non_negative_float],
         ["shutdown-timeout", None, _DEFAULTS.shutdown_timeout,
          "Seconds to wait for clients to close on shutdown before aborting them.", _non_negative_float],
+        ["max-fragments", None, _DEFAULTS.max_fragments, "Frames per message; beyond it close 1008.", _positive_int],
+        ["rate-limit", None, _DEFAULTS.rate_limit, "Messages per second per client (0 = off); over it error "
+         "rate_limited and the message is dropped.", _non_negative_float],
+        ["rate-burst", None, _DEFAULTS.rate_burst, "Messages a client may send in a burst.", _positive_int],
+        ["flood-factor", None, _DEFAULTS.flood_factor, "Close with 1008 a client that keeps sending at more than "
+         "this many times the rate limit.", float],
+        ["max-send-buffer", None, _DEFAULTS.max_send_buffer, "Bytes queued for a client that does not read; "
+         "beyond it close 4008 (slow consumer).", _positive_int],
+        ["allowed-origins", None, "", "Comma-separated browser origins allowed to connect (* wildcards; * = any). "
+         "Default: same origin only. Requests without Origin are allowed; 'null' is refused.", _origins],
+        ["max-handshake-size", None, _DEFAULTS.max_handshake_size, "Bytes of HTTP request head; beyond it "
+         "HTTP 400.", _positive_int],
     ]
 
     def server_options(self) -> ServerOptions:
-        """The ``ServerOptions`` these command-line options describe (the room protocol switched on)."""
-        port: int | str = self["port"]
+        """The ``ServerOptions`` these command-line options describe (the room protocol switched on).
+
+        Each ``--some-option`` maps to the ``some_option`` field; flags given as strings (``--allowed-origins``)
+        are converted by their coercers, defaults by ``ServerOptions`` itself."""
+        values: dict[str, Any] = {}
+        for parameter in self.optParameters:
+            flag = parameter[0]
+            value = self[flag]
+            if isinstance(parameter[2], str) and value == parameter[2] and len(parameter) > 4:
+                value = parameter[4](value)  # usage.Options does not coerce string defaults
+            values[flag.replace("-", "_")] = value
+        port = values["port"]
         if isinstance(port, str) and port.isdigit():
-            port = int(port)
-        return ServerOptions(
-            port=port,
-            path=self["path"],
-            max_clients=self["max-clients"],
-            ping_interval=self["ping-interval"],
-            ping_timeout=self["ping-timeout"] or None,
-            room_protocol=True,
-            max_message_size=self["max-message-size"],
-            max_frame_size=self["max-frame-size"],
-            max_room_clients=self["max-room-clients"],
-            max_rooms_per_client=self["max-rooms-per-client"],
-            max_rooms=self["max-rooms"],
-            open_handshake_timeout=self["open-handshake-timeout"],
-            close_handshake_timeout=self["close-handshake-timeout"],
-            shutdown_timeout=self["shutdown-timeout"],
-        )
+            values["port"] = int(port)
+        values["ping_timeout"] = values["ping_timeout"] or None
+        return ServerOptions(room_protocol=True, **values)
 
     def postOptions(self) -> None:
         try:

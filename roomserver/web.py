@@ -19,6 +19,8 @@ from twisted.web.pages import notFound
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from .transport import GuardedConnection, HandshakeDeadlineChannel
+
 
 def path_segments(path: str) -> list[bytes]:
     """``"/a/b"`` -> ``[b"a", b"b"]``; ``"/"`` -> ``[]``."""
@@ -56,10 +58,33 @@ def build_root(path: str, websocket: Any, extra: dict[bytes, Any] | None = None)
 
 
 class QuietSite(Site):
-    """A ``Site`` that shows no tracebacks and keeps no access log (connections are logged by the hub)."""
+    """A ``Site`` that shows no tracebacks, keeps no access log (connections are logged by the hub) and gives
+    every connection a deadline and a size cap for its request head (see ``transport.py``)."""
 
     displayTracebacks = False
     noisy = False
+    protocol = HandshakeDeadlineChannel  # type: ignore[assignment]
+
+    def __init__(
+        self,
+        resource: Any,
+        *,
+        handshake_timeout: float = 5.0,
+        max_handshake_size: int = 16 * 1024,
+        on_handshake_timeout: Callable[[], None] | None = None,
+        reactor: Any = None,
+    ) -> None:
+        super().__init__(resource, reactor=reactor)
+        self.handshake_timeout = handshake_timeout
+        self.max_handshake_size = max_handshake_size
+        self.on_handshake_timeout = on_handshake_timeout
+
+    def buildProtocol(self, addr: Any) -> Any:
+        channel: Any = super().buildProtocol(addr)
+        channel.handshake_timeout = self.handshake_timeout
+        channel.totalHeadersSize = self.max_handshake_size
+        channel.on_timeout = self.on_handshake_timeout
+        return channel
 
     def log(self, request: Any) -> None:
         pass
@@ -69,6 +94,7 @@ class TrackingFactory(WrappingFactory):
     """Wraps a factory and keeps every live connection, so they can all be closed and awaited."""
 
     noisy = False
+    protocol = GuardedConnection
 
     def __init__(self, wrapped: Any) -> None:
         super().__init__(wrapped)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
 
+from .core.ratelimit import FloodGuard
 from .options import ServerOptions
 
 if TYPE_CHECKING:
@@ -32,6 +33,8 @@ class RoomServerProtocol(WebSocketServerProtocol):  # type: ignore[misc]
     client: Client | None = None
     admitted: bool = False
     http_request: Any = None
+    fragments: int = 0
+    flood: FloodGuard | None = None
 
     @property
     def accepts_data(self) -> bool:
@@ -44,6 +47,21 @@ class RoomServerProtocol(WebSocketServerProtocol):  # type: ignore[misc]
     def onOpen(self) -> None:
         """Called from Autobahn once the opening handshake succeeded."""
         self.factory.hub.on_open(self)
+
+    def onMessageBegin(self, isBinary: bool) -> None:
+        """Called from Autobahn when a message starts; counts its frames from here."""
+        self.fragments = 0
+        super().onMessageBegin(isBinary)
+
+    def onMessageFrameBegin(self, length: int) -> None:
+        """Called from Autobahn per frame of a message: caps the number of frames (zero-length continuation
+        frames cost the server work but never reach the size limits)."""
+        self.fragments += 1
+        if self.fragments > self.factory.max_fragments and not self.failedByMe:
+            self.factory.hub.counters.dropped("too_many_fragments")
+            self._fail_connection(1008, f"message split into more than {self.factory.max_fragments} frames")
+            return
+        super().onMessageFrameBegin(length)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         """Called from Autobahn with one complete, size-checked, UTF-8-validated message."""
@@ -86,7 +104,12 @@ class RoomServerFactory(WebSocketServerFactory):  # type: ignore[misc]
         self.configure(options)
 
     def configure(self, options: ServerOptions) -> None:
-        """Set every Autobahn protocol option explicitly (its defaults suit a demo, not a public server)."""
+        """Set every Autobahn protocol option explicitly (its defaults suit a demo, not a public server).
+
+        Origins are checked by the hub (``core.origins``), which also knows "same origin"; Autobahn's own check
+        is left open so the two never disagree.
+        """
+        self.max_fragments = options.max_fragments
         self.setProtocolOptions(
             webStatus=False,
             utf8validateIncoming=True,
@@ -104,6 +127,7 @@ class RoomServerFactory(WebSocketServerFactory):  # type: ignore[misc]
             autoPingInterval=options.ping_interval,
             autoPingTimeout=options.effective_ping_timeout if options.ping_interval else 0,
             autoPingSize=12,
-            allowNullOrigin=False,
+            allowedOrigins=["*"],
+            allowNullOrigin=True,
             maxConnections=0,
         )

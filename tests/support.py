@@ -33,6 +33,7 @@ class WSClient:
         kwargs.setdefault("ping_interval", None)
         kwargs.setdefault("open_timeout", 5)
         kwargs.setdefault("max_size", None)
+        kwargs.setdefault("max_queue", None)  # tests read when they like; never stall the connection
         return cls(await aio(websockets.connect(url, **kwargs)))
 
     async def send(self, message: Any) -> None:
@@ -83,3 +84,96 @@ async def start_server(**options: Any) -> WebSocketServer:
 
 def url_of(server: WebSocketServer, path: str | None = None) -> str:
     return f"ws://127.0.0.1:{server.port}{path if path is not None else server.options.path}"
+
+
+HANDSHAKE_TEMPLATE = (
+    "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+)
+
+
+def frame(opcode: int, payload: bytes = b"", *, fin: bool = True, masked: bool = True, rsv: int = 0) -> bytes:
+    """One client frame built by hand, so tests can send what no well-behaved client library would."""
+    first = (0x80 if fin else 0) | (rsv << 4) | opcode
+    length = len(payload)
+    mask_bit = 0x80 if masked else 0
+    if length < 126:
+        header = bytes([first, mask_bit | length])
+    elif length < 2**16:
+        header = bytes([first, mask_bit | 126]) + length.to_bytes(2, "big")
+    else:
+        header = bytes([first, mask_bit | 127]) + length.to_bytes(8, "big")
+    if not masked:
+        return header + payload
+    mask = b"\x37\xfa\x21\x3d"
+    return header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+class RawClient:
+    """A WebSocket client on a bare asyncio stream: it sends hand-built frames and reads raw server frames."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def connect(
+        cls, server: WebSocketServer, *, path: str | None = None, headers: str = "", recv_buffer: int | None = None
+    ) -> RawClient:
+        """Open a TCP connection and complete the upgrade (asserting the 101)."""
+        client = await cls.open_tcp(server, recv_buffer=recv_buffer)
+        request = HANDSHAKE_TEMPLATE.format(path=path or server.options.path, port=server.port, extra=headers)
+        client.writer.write(request.encode())
+        head = await aio(asyncio.wait_for(client.reader.readuntil(b"\r\n\r\n"), 5))
+        assert head.startswith(b"HTTP/1.1 101"), head
+        return client
+
+    @classmethod
+    async def open_tcp(cls, server: WebSocketServer, *, recv_buffer: int | None = None) -> RawClient:
+        import socket
+
+        sock = socket.socket()
+        if recv_buffer is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, recv_buffer)
+        sock.setblocking(False)
+        await aio(asyncio.get_event_loop().sock_connect(sock, ("127.0.0.1", server.port)))
+        reader, writer = await aio(asyncio.open_connection(sock=sock))
+        return cls(reader, writer)
+
+    def send(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    async def read_frame(self, timeout: float = 5.0) -> tuple[int, bytes]:
+        """The next server frame as (opcode, payload)."""
+        async def read() -> tuple[int, bytes]:
+            head = await self.reader.readexactly(2)
+            length = head[1] & 0x7F
+            if length == 126:
+                length = int.from_bytes(await self.reader.readexactly(2), "big")
+            elif length == 127:
+                length = int.from_bytes(await self.reader.readexactly(8), "big")
+            return head[0] & 0x0F, await self.reader.readexactly(length)
+
+        return await aio(asyncio.wait_for(read(), timeout))  # type: ignore[no-any-return]
+
+    async def close_code(self, timeout: float = 5.0) -> int | None:
+        """Read frames until the server's close frame; its code (None if the TCP connection ended first)."""
+        try:
+            while True:
+                opcode, payload = await self.read_frame(timeout)
+                if opcode == 0x8:
+                    return int.from_bytes(payload[:2], "big") if len(payload) >= 2 else None
+        except asyncio.IncompleteReadError:
+            return None
+
+    async def at_eof(self, timeout: float = 5.0) -> bool:
+        """True once the server closed the TCP connection (reading everything that is left)."""
+        try:
+            while await aio(asyncio.wait_for(self.reader.read(65536), timeout)):
+                pass
+        except ConnectionResetError:
+            pass
+        return True
+
+    def close(self) -> None:
+        self.writer.close()

@@ -36,6 +36,18 @@ def test_options_map_to_server_options() -> None:
     assert makeService(config).getServiceNamed("roomserver") is not None
 
 
+def test_every_limit_is_a_flag() -> None:
+    config = Options()
+    config.parseOptions(["--max-fragments", "8", "--rate-limit", "5", "--rate-burst", "10", "--flood-factor", "4",
+                         "--max-send-buffer", "65536", "--allowed-origins", "https://a.example, https://*.b.example",
+                         "--max-handshake-size", "8192", "--max-rooms-per-client", "7"])
+    options = config.server_options()
+    assert (options.max_fragments, options.rate_limit, options.rate_burst, options.flood_factor) == (8, 5.0, 10, 4.0)
+    assert options.max_send_buffer == 65536 and options.max_handshake_size == 8192
+    assert options.allowed_origins == ("https://a.example", "https://*.b.example")
+    assert options.max_rooms_per_client == 7
+
+
 @pytest.mark.parametrize("argv", [["--max-clients", "0"], ["--ping-interval", "-1"], ["--path", "ws"],
                                   ["--ping-interval", "0.5"]])
 def test_bad_options_are_usage_errors(argv: list[str]) -> None:

@@ -1,0 +1,142 @@
+"""Per-connection guards below the WebSocket layer: the HTTP handshake deadline and the send-buffer watch.
+
+``HandshakeDeadlineChannel`` is the HTTP channel of the site. A connection gets ``open_handshake_timeout``
+seconds to deliver a complete request head, however slowly it trickles bytes (slowloris): Twisted's own channel
+timeout is an idle timeout that every byte resets, and Autobahn's handshake timeout only starts once
+``twisted.web`` has handed the connection over. The head is also capped at ``max_handshake_size`` bytes.
+
+``GuardedConnection`` wraps every TCP connection (see ``web.TrackingFactory``). Once the connection is a
+WebSocket, ``watch_send_buffer`` registers a push producer with the real transport: Twisted pauses it when the
+kernel stops taking our bytes and its own buffer passes its threshold, and resumes it when the buffer drained.
+Every byte written while paused (broadcasts, replies, pongs alike) is counted; once the estimate passes
+``max_send_buffer`` the client is a slow consumer and ``on_overflow`` runs once. Memory per client is thereby
+bounded whether a client stops reading or floods pings it never reads the pongs of.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import connectionDone
+from twisted.protocols.policies import ProtocolWrapper
+from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
+from zope.interface import implementer
+
+# Twisted's FileDescriptor pauses its producer once more than this many bytes wait in its own buffer.
+TWISTED_WRITE_THRESHOLD = 2**16
+
+
+@implementer(IPushProducer)
+class SendBufferWatch:
+    """Registered with the real transport; counts what is queued while Twisted says the peer is not reading."""
+
+    __slots__ = ("limit", "on_overflow", "paused", "queued", "tripped")
+
+    def __init__(self, limit: int, on_overflow: Callable[[], None]) -> None:
+        self.limit = limit
+        self.on_overflow = on_overflow
+        self.paused = False
+        self.queued = 0
+        self.tripped = False
+
+    def pauseProducing(self) -> None:
+        # Twisted calls this on every write while its buffer is over the threshold: only the first call counts.
+        if not self.paused:
+            self.paused = True
+            self.queued = TWISTED_WRITE_THRESHOLD
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self.queued = 0
+
+    def stopProducing(self) -> None:
+        self.paused = False
+
+    def wrote(self, size: int) -> None:
+        self.queued += size
+        if self.queued > self.limit and not self.tripped:
+            self.tripped = True
+            self.on_overflow()
+
+
+class GuardedConnection(ProtocolWrapper):
+    """A tracked connection that can watch how much the server has queued for a peer that does not read."""
+
+    watch: SendBufferWatch | None = None
+
+    def watch_send_buffer(self, limit: int, on_overflow: Callable[[], None]) -> None:
+        """Start counting queued bytes (called once the connection became a WebSocket).
+
+        The HTTP channel registered itself as the transport's producer before the upgrade; it no longer owns
+        the connection, so the watch takes its place.
+        """
+        transport: Any = self.transport
+        if transport is None:
+            return
+        self.watch = SendBufferWatch(limit, on_overflow)
+        transport.unregisterProducer()
+        transport.registerProducer(self.watch, True)
+
+    def write(self, data: bytes) -> None:
+        transport: Any = self.transport
+        transport.write(data)
+        watch = self.watch
+        if watch is not None and watch.paused:
+            watch.wrote(len(data))
+
+    def writeSequence(self, data: Iterable[bytes]) -> None:
+        chunks = list(data)
+        transport: Any = self.transport
+        transport.writeSequence(chunks)
+        watch = self.watch
+        if watch is not None and watch.paused:
+            watch.wrote(sum(len(chunk) for chunk in chunks))
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.watch = None
+        super().connectionLost(reason)
+
+
+class HandshakeDeadlineChannel(HTTPChannel):
+    """An HTTP channel that must receive each complete request head within ``handshake_timeout`` seconds."""
+
+    handshake_timeout: float = 5.0
+    on_timeout: Callable[[], None] | None = None
+    _deadline: Any = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._arm()
+
+    def allHeadersReceived(self) -> None:
+        self._disarm()
+        super().allHeadersReceived()
+
+    def requestDone(self, request: Any) -> None:
+        super().requestDone(request)
+        if self.transport is not None and not getattr(self.transport, "disconnecting", False):
+            self._arm()  # a kept-alive connection gets the same deadline for its next request
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._disarm()
+        super().connectionLost(reason)
+
+    def _arm(self) -> None:
+        self._disarm()
+        if self.handshake_timeout > 0:
+            self._deadline = self.callLater(self.handshake_timeout, self._expired)
+
+    def _disarm(self) -> None:
+        deadline, self._deadline = self._deadline, None
+        if deadline is not None and deadline.active():
+            deadline.cancel()
+
+    def _expired(self) -> None:
+        self._deadline = None
+        if self.on_timeout is not None:
+            self.on_timeout()
+        if self.transport is not None:
+            self.transport.abortConnection()

@@ -1,0 +1,116 @@
+"""Many clients acting at once: ordering, and nothing left behind after abrupt drops or shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+from typing import Any
+
+import pytest_twisted
+from twisted.internet import defer
+from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
+from zope.interface import provider
+
+from roomserver import Client
+
+from .support import RawClient, WSClient, aio, eventually, url_of
+
+MEMBERS = 100
+PUBLISHERS = 20
+PER_PUBLISHER = 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_twenty_publishers_one_room_everyone_sees_the_same_order(make_server: Any) -> None:
+    """20 publishers x 200 messages into a room of 100 members: every member gets all 4,000 messages, in the
+    same seq order with no gap or duplicate, and each publisher's messages keep their sending order."""
+    server = await make_server(room_protocol=True, rate_limit=0, max_clients=200)
+    members = [await WSClient.connect(url_of(server)) for _ in range(MEMBERS)]
+    ids = []
+    for ws in members:
+        ids.append((await ws.recv())["id"])
+        await ws.send({"type": "join", "room": "big"})
+    for ws in members:
+        assert (await ws.recv())["type"] == "joined"
+    publishers = members[:PUBLISHERS]
+
+    async def publish(ws: WSClient, number: int) -> None:
+        for i in range(PER_PUBLISHER):
+            await ws.send({"type": "chat", "room": "big", "text": f"{number}:{i}"})
+            if i % 20 == 0:
+                await aio(asyncio.sleep(0))  # interleave the publishers
+
+    async def collect(ws: WSClient) -> list[dict[str, Any]]:
+        return [await ws.recv(timeout=30) for _ in range(PUBLISHERS * PER_PUBLISHER)]
+
+    results: list[Any] = await defer.gatherResults(
+        [defer.ensureDeferred(publish(ws, n)) for n, ws in enumerate(publishers)]
+        + [defer.ensureDeferred(collect(ws)) for ws in members],
+        consumeErrors=True,
+    )
+    streams = results[PUBLISHERS:]
+    expected_seqs = list(range(1, PUBLISHERS * PER_PUBLISHER + 1))
+    reference = [(m["seq"], m["text"]) for m in streams[0]]
+    for stream in streams:
+        assert [m["seq"] for m in stream] == expected_seqs
+        assert [(m["seq"], m["text"]) for m in stream] == reference, "every member sees the same order"
+    for number in range(PUBLISHERS):
+        sent_by_one = [m["text"] for m in streams[0] if m["text"].startswith(f"{number}:")]
+        assert sent_by_one == [f"{number}:{i}" for i in range(PER_PUBLISHER)]
+        assert all(m["from"] == ids[number] for m in streams[0] if m["text"].startswith(f"{number}:"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_abrupt_drops_leave_no_rooms_clients_or_timers(make_server: Any) -> None:
+    """Connections reset at every stage (mid-handshake, after join, mid-message) leave no trace: no client,
+    no room, no tracked connection, no pending timer, no live protocol object."""
+    from twisted.internet import reactor
+
+    server = await make_server(room_protocol=True, ping_interval=30)
+    baseline_calls = len(reactor.getDelayedCalls())
+    for round_number in range(30):
+        # half a handshake, then reset
+        raw = await RawClient.open_tcp(server)
+        raw.send(b"GET /ws HTTP/1.1\r\nHost: x\r\n")
+        raw.writer.transport.abort()
+        # joined, then reset mid-frame
+        ws = await WSClient.connect(url_of(server))
+        await ws.recv()
+        await ws.request({"type": "join", "room": f"room-{round_number % 3}"})
+        raw_joined = await RawClient.connect(server)
+        await raw_joined.read_frame()
+        raw_joined.send(b"\x81\xfe\x01\x00")  # header of a 256-byte frame, then nothing
+        ws.abort()
+        raw_joined.writer.transport.abort()
+    await eventually(lambda: not server.connections.protocols, timeout=10)
+    stats = server.get_stats()
+    assert (stats.connections, stats.rooms) == (0, 0)
+    assert server.registry.member_count() == 0 and not server.clients
+    await eventually(lambda: len(reactor.getDelayedCalls()) <= baseline_calls, timeout=5)
+    gc.collect()
+    assert not [obj for obj in gc.get_objects() if isinstance(obj, Client) and obj._server is server]
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_logs_no_error_and_leaves_nothing(make_server: Any) -> None:
+    server = await make_server(room_protocol=True)
+    clients = [await WSClient.connect(url_of(server)) for _ in range(10)]
+    for ws in clients:
+        await ws.recv()
+        await ws.request({"type": "join", "room": "r"})
+    problems: list[dict[str, Any]] = []
+
+    @provider(ILogObserver)
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_level") in (LogLevel.error, LogLevel.critical) or event.get("isError"):
+            problems.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        await server.stop()
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert problems == []
+    for ws in clients:
+        assert (await ws.closed())[0] == 1001
+    assert server.get_stats().connections == 0 and server.get_stats().rooms == 0

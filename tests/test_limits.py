@@ -1,0 +1,264 @@
+"""Every limit of docs/limits.md over real sockets, each asserting the exact error or close code."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import resource
+from typing import Any
+
+import pytest
+import pytest_twisted
+import websockets
+
+from roomserver import CloseCode
+
+from .support import RawClient, WSClient, aio, eventually, frame, url_of
+
+
+async def joined(server: Any, room: str = "r", **connect: Any) -> WSClient:
+    ws = await WSClient.connect(url_of(server), **connect)
+    assert (await ws.recv())["type"] == "welcome"
+    assert (await ws.request({"type": "join", "room": room}))["type"] == "joined"
+    return ws
+
+
+@pytest_twisted.ensureDeferred
+async def test_oversize_message_closes_with_1009(make_server: Any) -> None:
+    server = await make_server(room_protocol=True, max_message_size=1024)
+    ws = await joined(server)
+    await ws.send({"type": "chat", "room": "r", "text": "x" * 900})
+    assert (await ws.recv())["seq"] == 1
+    await ws.send({"type": "chat", "room": "r", "text": "x" * 2000})
+    assert (await ws.closed())[0] == CloseCode.MESSAGE_TOO_BIG
+
+
+@pytest_twisted.ensureDeferred
+async def test_fragmented_message_over_the_limit_closes_with_1009(make_server: Any) -> None:
+    """Small frames cannot add up to more than max_message_size: the server never buffers past the limit."""
+    server = await make_server(room_protocol=True, max_message_size=4096)
+    raw = await RawClient.connect(server)
+    await raw.read_frame()  # welcome
+    raw.send(frame(0x1, b"a" * 64, fin=False))
+    for _ in range(100):
+        raw.send(frame(0x0, b"a" * 64, fin=False))
+    assert await raw.close_code() == CloseCode.MESSAGE_TOO_BIG
+
+
+@pytest_twisted.ensureDeferred
+async def test_too_many_fragments_closes_with_1008(make_server: Any) -> None:
+    """Zero-length continuation frames never reach a size limit; the fragment cap stops them."""
+    server = await make_server(room_protocol=True, max_fragments=16)
+    raw = await RawClient.connect(server)
+    await raw.read_frame()
+    raw.send(frame(0x1, b"{", fin=False) + frame(0x0, b"", fin=False) * 1000)
+    assert await raw.close_code() == CloseCode.POLICY_VIOLATION
+    assert server.get_stats().drops["too_many_fragments"] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_fragments_within_the_cap_are_reassembled(make_server: Any) -> None:
+    server = await make_server(room_protocol=True, max_fragments=16)
+    raw = await RawClient.connect(server)
+    await raw.read_frame()
+    message = json.dumps({"type": "join", "room": "frag"}).encode()
+    parts = [message[i:i + 4] for i in range(0, len(message), 4)]
+    assert len(parts) <= 16
+    raw.send(frame(0x1, parts[0], fin=False) + b"".join(
+        frame(0x0, part, fin=i == len(parts) - 1) for i, part in enumerate(parts[1:], start=1)))
+    opcode, payload = await raw.read_frame()
+    assert opcode == 0x1 and json.loads(payload)["type"] == "joined"
+
+
+@pytest_twisted.ensureDeferred
+async def test_room_full(make_server: Any) -> None:
+    server = await make_server(room_protocol=True, max_room_clients=2)
+    await joined(server, "small")
+    await joined(server, "small")
+    ws = await WSClient.connect(url_of(server))
+    await ws.recv()
+    reply = await ws.request({"type": "join", "room": "small", "id": 1})
+    assert reply["code"] == "room_full" and reply["id"] == 1
+    assert len(server.get_room("small").clients) == 2
+    assert (await ws.request({"type": "join", "room": "other"}))["type"] == "joined", "the connection stays usable"
+
+
+@pytest_twisted.ensureDeferred
+async def test_too_many_rooms_per_client_and_in_total(make_server: Any) -> None:
+    server = await make_server(room_protocol=True, max_rooms_per_client=3, max_rooms=4)
+    ws = await WSClient.connect(url_of(server))
+    await ws.recv()
+    for name in ("a", "b", "c"):
+        assert (await ws.request({"type": "join", "room": name}))["type"] == "joined"
+    assert (await ws.request({"type": "join", "room": "d"}))["code"] == "too_many_rooms"
+    other = await WSClient.connect(url_of(server))
+    await other.recv()
+    assert (await other.request({"type": "join", "room": "d"}))["type"] == "joined"
+    assert (await other.request({"type": "join", "room": "e"}))["code"] == "too_many_rooms"
+    assert (await other.request({"type": "join", "room": "a"}))["type"] == "joined", "existing rooms still open"
+    assert server.get_stats().rooms == 4
+
+
+@pytest_twisted.ensureDeferred
+async def test_rate_limit_drops_with_an_error_then_recovers(make_server: Any) -> None:
+    server = await make_server(room_protocol=True, rate_limit=5, rate_burst=5, flood_factor=100)
+    ws = await joined(server)  # the join took one token
+    for i in range(8):
+        await ws.send({"type": "chat", "room": "r", "text": str(i)})
+    replies = [await ws.recv() for _ in range(8)]
+    chats = [r for r in replies if r["type"] == "chat"]
+    errors = [r for r in replies if r["type"] == "error"]
+    assert [c["text"] for c in chats] == ["0", "1", "2", "3"]
+    assert {e["code"] for e in errors} == {"rate_limited"} and len(errors) == 4
+    await aio(asyncio.sleep(0.5))  # refills 2.5 tokens at 5/s
+    await ws.send({"type": "chat", "room": "r", "text": "later"})
+    assert (await ws.recv())["text"] == "later"
+    assert server.get_room("r").last_seq == 5, "dropped messages never reached the room"
+
+
+@pytest_twisted.ensureDeferred
+async def test_flooding_client_is_closed_with_1008_and_others_are_unaffected(make_server: Any) -> None:
+    server = await make_server(room_protocol=True, rate_limit=20, rate_burst=20, flood_factor=3)
+    bystander = await joined(server)
+    flooder = await joined(server)
+    for i in range(500):
+        try:
+            await flooder.send({"type": "chat", "room": "r", "text": f"flood {i}"})
+        except websockets.ConnectionClosed:
+            break
+    code, _ = await flooder.closed()
+    assert code == CloseCode.POLICY_VIOLATION
+    assert server.get_stats().drops["flood"] == 1
+    seqs = []
+    while True:
+        try:
+            message = await bystander.recv(timeout=0.5)
+        except TimeoutError:
+            break
+        seqs.append(message["seq"])
+    assert seqs == list(range(1, len(seqs) + 1))
+    assert len(seqs) <= 20 + 5, "no more than the bucket (plus its refill) reached the room"
+    await bystander.send({"type": "chat", "room": "r", "text": "still here"})
+    assert (await bystander.recv())["text"] == "still here"
+
+
+@pytest_twisted.ensureDeferred
+async def test_slowloris_is_cut_at_the_open_handshake_timeout(make_server: Any) -> None:
+    """A connection that trickles its request head never completes it: closed at the deadline."""
+    server = await make_server(open_handshake_timeout=1.0)
+    raw = await RawClient.open_tcp(server)
+    loop = asyncio.get_event_loop()
+    started = loop.time()
+    request = b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+    for byte in request:
+        if raw.reader.at_eof():
+            break
+        raw.send(bytes([byte]))
+        await aio(asyncio.sleep(0.02))
+    await raw.at_eof(timeout=3)
+    elapsed = loop.time() - started
+    assert 0.9 <= elapsed <= 1.6, elapsed
+    assert server.get_stats().drops["handshake_timeout"] == 1
+    await eventually(lambda: not server.connections.protocols)
+
+
+@pytest_twisted.ensureDeferred
+async def test_completed_handshake_is_not_cut(make_server: Any) -> None:
+    server = await make_server(open_handshake_timeout=1.0, room_protocol=True)
+    ws = await joined(server)
+    await aio(asyncio.sleep(1.5))
+    assert (await ws.request({"type": "chat", "room": "r", "text": "alive"}))["text"] == "alive"
+
+
+@pytest_twisted.ensureDeferred
+async def test_oversize_request_head_gets_400_and_is_closed(make_server: Any) -> None:
+    server = await make_server(max_handshake_size=16 * 1024)
+    raw = await RawClient.open_tcp(server)
+    raw.send(b"GET /ws HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-Pad-%d: %s\r\n" % (i, b"a" * 100) for i in range(200)))
+    response = await aio(asyncio.wait_for(raw.reader.read(100), 5))
+    assert response.startswith(b"HTTP/1.1 400")
+    assert await raw.at_eof()
+
+
+@pytest.mark.parametrize(
+    ("origin", "status"),
+    [
+        (None, 101),
+        ("https://app.example.com", 101),
+        ("https://evil.example", 403),
+        ("https://app.example.com.evil.com", 403),
+        ("null", 403),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_allowed_origins(make_server: Any, origin: str | None, status: int) -> None:
+    server = await make_server(allowed_origins=("https://app.example.com",))
+    headers = f"Origin: {origin}\r\n" if origin is not None else ""
+    raw = await RawClient.open_tcp(server)
+    raw.send(
+        f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{headers}\r\n".encode())
+    head = await aio(asyncio.wait_for(raw.reader.readuntil(b"\r\n\r\n"), 5))
+    assert head.startswith(f"HTTP/1.1 {status}".encode()), head
+
+
+@pytest_twisted.ensureDeferred
+async def test_same_origin_is_the_default(make_server: Any) -> None:
+    server = await make_server()
+    await WSClient.connect(url_of(server), origin=f"http://127.0.0.1:{server.port}")
+    with pytest.raises(websockets.InvalidStatus) as info:
+        await WSClient.connect(url_of(server), origin="http://127.0.0.1:1")
+    assert info.value.response.status_code == 403
+    assert server.get_stats().drops["origin_refused"] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_slow_consumer_is_dropped_with_4008_and_others_keep_pace(make_server: Any) -> None:
+    """A member that stops reading is dropped once its queue passes max_send_buffer; the reader keeps up."""
+    server = await make_server(room_protocol=True, max_send_buffer=256 * 1024, rate_limit=0,
+                               max_message_size=128 * 1024)
+    reader = await joined(server)
+    stalled = await RawClient.connect(server, recv_buffer=4096)
+    await stalled.read_frame()
+    stalled.send(frame(0x1, json.dumps({"type": "join", "room": "r"}).encode()))
+    await stalled.read_frame()
+    publisher = await joined(server)
+    text = "x" * 32 * 1024
+    for _ in range(400):  # up to 12.8 MiB for the stalled client: far beyond every kernel buffer on loopback
+        await publisher.send({"type": "chat", "room": "r", "text": text})
+        await publisher.recv()
+        await reader.recv()
+        if server.get_stats().drops.get("slow_consumer"):
+            break
+    assert server.get_stats().drops["slow_consumer"] == 1
+    await eventually(lambda: len(server.get_room("r").clients) == 2, timeout=5)
+    # the close frame sits behind everything queued; the connection is gone within the close timeout
+    await eventually(lambda: server.get_stats().connections == 2, timeout=5)
+    await publisher.send({"type": "chat", "room": "r", "text": "after"})
+    assert (await reader.recv())["text"] == "after"
+    stalled.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_ping_flooder_that_never_reads_is_a_slow_consumer(make_server: Any) -> None:
+    server = await make_server(max_send_buffer=128 * 1024)
+    raw = await RawClient.connect(server, recv_buffer=4096)
+    ping = frame(0x9, b"p" * 125)
+    for _ in range(200):
+        raw.send(ping * 100)
+        await aio(asyncio.sleep(0))
+        if server.get_stats().drops.get("slow_consumer"):
+            break
+    await eventually(lambda: server.get_stats().drops.get("slow_consumer") == 1, timeout=5)
+    await eventually(lambda: not server.connections.protocols, timeout=5)
+    raw.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_open_files_limit_is_raised_at_start(make_server: Any) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard))
+    await make_server()
+    new_soft, new_hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert new_soft == (new_hard if new_hard != resource.RLIM_INFINITY else new_soft)
