@@ -62,6 +62,13 @@ class ServerOptions:
     """Seconds to wait for the peer's close frame before dropping the TCP connection."""
     shutdown_timeout: float = 5.0
     """Seconds ``stop()`` waits for clients to answer the 1001 close before aborting them."""
+    http_pages: bool = True
+    """Serve the HTTP pages beside the WebSocket path (demo chat, dashboard, /metrics, /healthz, admin API,
+    roomserver.js); False serves the WebSocket path only (every other path is 404)."""
+    admin_token_file: str | None = None
+    """A file holding the admin token (dashboard and admin API). Without it, the environment variable
+    ROOMSERVER_ADMIN_TOKEN is used; with neither, the dashboard is open and the admin API is off. Never a
+    command-line value: command lines are visible to every user of the machine."""
 
     def __post_init__(self) -> None:
         if not self.path.startswith("/"):

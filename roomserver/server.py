@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable
+from time import perf_counter
 from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
@@ -31,6 +32,7 @@ from .core.rooms import Room, RoomRegistry
 from .core.session import Effect, Publish, Reply, RoomProtocol
 from .core.stats import ServerStats, StatsCounters
 from .events import EventEmitter
+from .observe import ConnectionLog, Observers
 from .options import ServerOptions
 from .system import raise_open_files_limit
 from .transport import GuardedConnection
@@ -85,10 +87,12 @@ class WebSocketServer:
         self._admitted = 0
         self._stopping = False
         self._listening: Any = None  # IListeningPort once started
+        self.observers = Observers()
+        self.observers.add(ConnectionLog(self.reactor))
         self.factory = RoomServerFactory(self, self.options)
         self.origins = OriginPolicy(self.options.allowed_origins)
         self.site = QuietSite(
-            build_root(self.options.path, WebSocketResource(self.factory)),
+            build_root(self.options.path, WebSocketResource(self.factory), self._http_pages()),
             handshake_timeout=self.options.open_handshake_timeout,
             max_handshake_size=self.options.max_handshake_size,
             on_handshake_timeout=lambda: self.counters.dropped("handshake_timeout"),
@@ -149,6 +153,14 @@ class WebSocketServer:
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
 
+    def _http_pages(self) -> dict[bytes, Any] | None:
+        """The HTTP pages beside the WebSocket path (dashboard, metrics, health, admin), unless switched off."""
+        if not self.options.http_pages:
+            return None
+        from .http import install
+
+        return install(self)
+
     def _endpoint(self) -> Any:
         port = self.options.port
         if isinstance(port, int):
@@ -172,10 +184,12 @@ class WebSocketServer:
         host = self._listening.getHost()
         self.port = getattr(host, "port", None)
         self.log.info("roomserver listening on {host} path {path}", host=host, path=self.options.path)
+        self.observers.started(self)
         return self
 
     async def _stop(self) -> None:
         self._stopping = True
+        self.observers.stopping(self)
         listening, self._listening = self._listening, None
         if listening is not None:
             await defer.maybeDeferred(listening.stopListening)
@@ -203,6 +217,13 @@ class WebSocketServer:
     # -- called by the adapter (RoomServerProtocol) ----------------------------------------------------------------
 
     def on_connect(self, protocol: RoomServerProtocol, request: Any) -> None:
+        try:
+            self._admit(protocol, request)
+        except ConnectionDeny as deny:
+            protocol.refused_status = deny.code  # for the observers' handshake-failure reason
+            raise
+
+    def _admit(self, protocol: RoomServerProtocol, request: Any) -> None:
         if self._stopping:
             raise ConnectionDeny(503, "server shutting down")
         if request.path.rstrip("/") != self.options.path.rstrip("/"):
@@ -230,7 +251,7 @@ class WebSocketServer:
             protocol.transport.watch_send_buffer(
                 self.options.max_send_buffer, lambda: self._drop_slow_consumer(protocol)
             )
-        self.log.debug("client {id} connected from {peer}", id=client.id, peer=client.peer)
+        self.observers.connection_opened(client)
         if self.room_protocol is not None:
             self._execute(client, self.room_protocol.welcome(client))
         self._events.emit("connection", client)
@@ -264,6 +285,7 @@ class WebSocketServer:
             self._admitted -= 1
         client = protocol.client
         if client is None:
+            self.observers.handshake_failed(protocol)
             return
         protocol.client = None
         self._clients.pop(client.id, None)
@@ -272,7 +294,7 @@ class WebSocketServer:
         client.close_code = code
         client.close_reason = reason
         client._detach()
-        self.log.debug("client {id} closed (code {code}, clean {clean})", id=client.id, code=code, clean=was_clean)
+        self.observers.connection_closed(client, was_clean)
         client._events.emit("close")
         client._events.clear()
 
@@ -312,6 +334,7 @@ class WebSocketServer:
             excluded = (exclude,)
         else:
             excluded = frozenset(exclude)
+        started = perf_counter()
         prepared = self.factory.prepareMessage(payload, is_binary)
         sent = 0
         for member in room.clients.snapshot():
@@ -323,6 +346,7 @@ class WebSocketServer:
             protocol.sendPreparedMessage(prepared)
             sent += 1
         self.counters.sent(len(payload), sent)
+        self.observers.broadcast_done(room, sent, perf_counter() - started)
         return sent
 
     def _execute(self, client: Client, effects: list[Effect]) -> None:

@@ -12,6 +12,8 @@ from typing import Any
 from twisted.application import service
 from twisted.python import usage
 
+from .http.auth import AdminToken
+from .logs import LOG_FORMATS, JsonLoggingService, json_log_target
 from .options import ServerOptions
 from .server import WebSocketServer
 from .service import RoomServerService
@@ -45,6 +47,12 @@ def _positive_int(value: str) -> int:
     if number <= 0:
         raise ValueError("must be > 0")
     return number
+
+
+def _log_format(value: str) -> str:
+    if value not in LOG_FORMATS:
+        raise ValueError(f"must be one of {', '.join(LOG_FORMATS)}")
+    return value
 
 
 class Options(usage.Options):
@@ -93,6 +101,14 @@ class Options(usage.Options):
          "Default: same origin only. Requests without Origin are allowed; 'null' is refused.", _origins],
         ["max-handshake-size", None, _DEFAULTS.max_handshake_size, "Bytes of HTTP request head; beyond it "
          "HTTP 400.", _positive_int],
+        ["admin-token-file", None, None, "A file holding the admin token of the dashboard and the admin API "
+         "(or set ROOMSERVER_ADMIN_TOKEN; never the token itself on the command line)."],
+        ["log-format", None, "text", "Log format: text, or json (one JSON object per line).", _log_format],
+    ]
+
+    optFlags: list[Any] = [
+        ["no-http-pages", None, "Serve the WebSocket path only: no demo page, dashboard, /metrics, /healthz or "
+         "admin API."],
     ]
 
     def server_options(self) -> ServerOptions:
@@ -111,17 +127,30 @@ class Options(usage.Options):
         if isinstance(port, str) and port.isdigit():
             values["port"] = int(port)
         values["ping_timeout"] = values["ping_timeout"] or None
+        values.pop("log_format")  # a twistd logging choice, not a server option
+        values["http_pages"] = not self["no-http-pages"]
         return ServerOptions(room_protocol=True, **values)
 
     def postOptions(self) -> None:
         try:
             self.server_options()
+            if self["admin-token-file"]:
+                AdminToken.load(self["admin-token-file"])
         except ValueError as exc:
             raise usage.UsageError(str(exc)) from exc
 
 
 def makeService(config: Options) -> service.MultiService:
-    """Build the service tree twistd runs: one ``RoomServerService`` for now."""
-    root = service.MultiService()
-    RoomServerService(WebSocketServer(config.server_options())).setServiceParent(root)
+    """Build the service tree twistd runs: one ``RoomServerService`` for now.
+
+    With ``--log-format json`` the returned service installs a JSON log observer on twistd's application
+    (see ``roomserver.logs``), which twistd then uses instead of its text log."""
+    root: service.MultiService = service.MultiService()
+    if config["log-format"] == "json":
+        root = JsonLoggingService(json_log_target(config))
+    try:
+        server = WebSocketServer(config.server_options())
+    except ValueError as exc:
+        raise usage.UsageError(str(exc)) from exc
+    RoomServerService(server).setServiceParent(root)
     return root

@@ -35,6 +35,7 @@ class RoomServerProtocol(WebSocketServerProtocol):  # type: ignore[misc]
     http_request: Any = None
     fragments: int = 0
     flood: FloodGuard | None = None
+    refused_status: int | None = None  # the HTTP status of a ConnectionDeny raised by the hub, if any
 
     @property
     def accepts_data(self) -> bool:

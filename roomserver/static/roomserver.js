@@ -1,0 +1,334 @@
+/* roomserver.js: the browser client of roomserver (docs/clients.md). No dependencies, no build step.
+ *
+ *   const client = new RoomClient("ws://localhost:8080/ws");
+ *   client.on("chat", (m) => console.log(m.room, m.from, m.text, m.seq));
+ *   await client.connect();
+ *   await client.join("lobby");
+ *   const ack = await client.send("lobby", "hello");   // resolves with {seq}
+ *
+ * Requests carry an "id"; the promise settles with the reply carrying the same id (or rejects with the error).
+ * The connection comes back by itself after a drop, with exponential backoff and full jitter; on the way back
+ * it resumes: with a server that offers sessions (its welcome carries "session") it sends
+ * {"type":"resume","session":...,"rooms":{room: last_seq}} and the server replays what was missed; with one that
+ * does not, it joins its rooms again and, if the server keeps history, asks for what came after the last seq.
+ * Chat events are delivered once each: a seq already seen in a room is not delivered again.
+ */
+(function (global) {
+  "use strict";
+
+  var DEFAULTS = {
+    reconnect: true,         // come back after a drop
+    minDelay: 250,           // ms, first retry delay (before jitter)
+    maxDelay: 10000,         // ms, the delay never grows beyond this
+    factor: 2,               // growth per failed attempt
+    requestTimeout: 10000,   // ms before a request's promise rejects with "timeout"
+    WebSocket: null,         // a WebSocket constructor (defaults to the global one)
+    random: Math.random,     // for the jitter; injectable for tests
+  };
+
+  // Close codes after which reconnecting is pointless (terminal: 4500-4999, policy violation, too big).
+  function isTerminal(code) {
+    return (code >= 4500 && code <= 4999) || code === 1008 || code === 1009 || code === 1002 || code === 1003;
+  }
+
+  function RoomClientError(code, message, reply) {
+    var error = new Error(message || code);
+    error.name = "RoomClientError";
+    error.code = code;
+    error.reply = reply || null;
+    return error;
+  }
+
+  /** The delay before retry number `attempt` (0-based): full jitter over an exponentially growing cap. */
+  function backoffDelay(attempt, options, random) {
+    var cap = Math.min(options.maxDelay, options.minDelay * Math.pow(options.factor, attempt));
+    return Math.round(options.minDelay / 2 + random() * (cap - options.minDelay / 2));
+  }
+
+  function RoomClient(url, options) {
+    this.url = url;
+    this.options = Object.assign({}, DEFAULTS, options || {});
+    this.state = "idle";          // idle | connecting | open | reconnecting | closed
+    this.id = null;               // our client id (from welcome)
+    this.session = null;          // resume token (from welcome, when the server offers it)
+    this.rooms = {};              // room -> {lastSeq, joinOptions}
+    this._handlers = {};
+    this._pending = {};           // request id -> {resolve, reject, timer, kind, room}
+    this._echoQueue = {};         // room -> [request ids of chats awaiting their echo]
+    this._acksSeen = false;       // the server answers chats with {"type":"ack"}
+    this._nextId = 1;
+    this._attempt = 0;
+    this._ws = null;
+    this._retryTimer = null;
+    this._connectWaiters = [];
+    this._resuming = false;
+  }
+
+  RoomClient.backoffDelay = backoffDelay;
+
+  RoomClient.prototype.on = function (event, handler) {
+    (this._handlers[event] = this._handlers[event] || []).push(handler);
+    return this;
+  };
+
+  RoomClient.prototype.off = function (event, handler) {
+    var list = this._handlers[event] || [];
+    var index = list.indexOf(handler);
+    if (index >= 0) list.splice(index, 1);
+    return this;
+  };
+
+  RoomClient.prototype._emit = function (event) {
+    var args = Array.prototype.slice.call(arguments, 1);
+    (this._handlers[event] || []).slice().forEach(function (handler) {
+      try { handler.apply(null, args); } catch (e) { setTimeout(function () { throw e; }); }
+    });
+  };
+
+  RoomClient.prototype._setState = function (state, detail) {
+    if (this.state === state) return;
+    this.state = state;
+    this._emit("state", state, detail || {});
+  };
+
+  /** Open the connection; resolves once the server's welcome arrived. */
+  RoomClient.prototype.connect = function () {
+    var self = this;
+    if (this.state === "open") return Promise.resolve(this);
+    var promise = new Promise(function (resolve, reject) { self._connectWaiters.push({resolve: resolve, reject: reject}); });
+    if (this.state === "idle" || this.state === "closed") {
+      this._closedByUser = false;
+      this._open();
+    }
+    return promise;
+  };
+
+  RoomClient.prototype._open = function () {
+    var self = this;
+    var WS = this.options.WebSocket || global.WebSocket;
+    this._setState(this._everOpened ? "reconnecting" : "connecting", {attempt: this._attempt});
+    var ws;
+    try {
+      ws = new WS(this.url);
+    } catch (e) {
+      this._scheduleRetry(null);
+      return;
+    }
+    this._ws = ws;
+    ws.onmessage = function (event) { if (self._ws === ws) self._receive(event.data); };
+    ws.onclose = function (event) { if (self._ws === ws) self._dropped(event.code, event.reason); };
+    ws.onerror = function () { /* onclose follows and says why */ };
+  };
+
+  RoomClient.prototype._dropped = function (code, reason) {
+    this._ws = null;
+    var wasOpen = this.state === "open";
+    this._failPending("disconnected", "the connection closed (code " + code + ")");
+    this._emit("close", {code: code, reason: reason});
+    if (this._closedByUser || !this.options.reconnect || isTerminal(code)) {
+      this._setState("closed", {code: code, reason: reason});
+      var waiters = this._connectWaiters.splice(0);
+      waiters.forEach(function (w) { w.reject(RoomClientError("closed", "connection closed (code " + code + ")")); });
+      return;
+    }
+    if (wasOpen) this._attempt = 0;
+    this._scheduleRetry(code);
+  };
+
+  RoomClient.prototype._scheduleRetry = function (code) {
+    var self = this;
+    var delay = backoffDelay(this._attempt, this.options, this.options.random);
+    this._attempt += 1;
+    this._setState("reconnecting", {attempt: this._attempt, delay: delay, code: code});
+    this._retryTimer = setTimeout(function () { self._retryTimer = null; self._open(); }, delay);
+  };
+
+  /** Close for good (no reconnect). */
+  RoomClient.prototype.close = function () {
+    this._closedByUser = true;
+    if (this._retryTimer) { clearTimeout(this._retryTimer); this._retryTimer = null; }
+    if (this._ws) this._ws.close(1000);
+    else this._setState("closed", {code: 1000});
+  };
+
+  RoomClient.prototype._failPending = function (code, message) {
+    var pending = this._pending;
+    this._pending = {};
+    this._echoQueue = {};
+    Object.keys(pending).forEach(function (id) {
+      clearTimeout(pending[id].timer);
+      pending[id].reject(RoomClientError(code, message));
+    });
+  };
+
+  RoomClient.prototype._sendRaw = function (message) {
+    if (!this._ws || this._ws.readyState !== 1) throw RoomClientError("not_connected", "not connected");
+    this._ws.send(JSON.stringify(message));
+  };
+
+  /** Send a request and get a promise of its reply (matched by "id"). */
+  RoomClient.prototype.request = function (message, extra) {
+    var self = this;
+    var id = this._nextId++;
+    message = Object.assign({}, message, {id: id});
+    return new Promise(function (resolve, reject) {
+      try { self._sendRaw(message); } catch (e) { reject(e); return; }
+      var timer = setTimeout(function () {
+        delete self._pending[id];
+        reject(RoomClientError("timeout", "no reply to " + message.type + " within " + self.options.requestTimeout + " ms"));
+      }, self.options.requestTimeout);
+      self._pending[id] = Object.assign({resolve: resolve, reject: reject, timer: timer, kind: message.type}, extra || {});
+    }).then(function (reply) { return reply; });
+  };
+
+  RoomClient.prototype._settle = function (id, reply, error) {
+    var entry = this._pending[id];
+    if (!entry) return null;
+    delete this._pending[id];
+    clearTimeout(entry.timer);
+    if (error) entry.reject(error); else entry.resolve(reply);
+    return entry;
+  };
+
+  /** Join a room; resolves with the "joined" reply. options: {presence: true, meta: {...}} where supported. */
+  RoomClient.prototype.join = function (room, options) {
+    var self = this;
+    var joinOptions = options || {};
+    return this.request(Object.assign({type: "join", room: room}, joinOptions)).then(function (reply) {
+      if (!self.rooms[room]) self.rooms[room] = {lastSeq: 0};
+      self.rooms[room].joinOptions = joinOptions;
+      return reply;
+    });
+  };
+
+  RoomClient.prototype.leave = function (room) {
+    var self = this;
+    return this.request({type: "leave", room: room}).then(function (reply) {
+      delete self.rooms[room];
+      return reply;
+    });
+  };
+
+  /** Send a chat message; resolves with {seq} once the server has it (its ack, or our own copy coming back). */
+  RoomClient.prototype.send = function (room, text) {
+    var self = this;
+    var id = this._nextId;
+    var promise = this.request({type: "chat", room: room, text: text}, {room: room});
+    if (this._pending[id]) (this._echoQueue[room] = this._echoQueue[room] || []).push(id);
+    return promise;
+  };
+
+  /** Ask for a room's history: {since, limit}; resolves with the "history" reply (servers with history). */
+  RoomClient.prototype.history = function (room, options) {
+    return this.request(Object.assign({type: "history", room: room}, options || {}));
+  };
+
+  /** Ask who is in a room; resolves with the "presence" reply (servers with presence). */
+  RoomClient.prototype.presence = function (room) {
+    return this.request({type: "presence", room: room});
+  };
+
+  RoomClient.prototype.lastSeq = function (room) {
+    return this.rooms[room] ? this.rooms[room].lastSeq : 0;
+  };
+
+  RoomClient.prototype._receive = function (data) {
+    var message;
+    try { message = JSON.parse(data); } catch (e) { return; }
+    if (!message || typeof message !== "object") return;
+    switch (message.type) {
+      case "welcome": return this._welcome(message);
+      case "chat": return this._chat(message);
+      case "ack":
+        this._acksSeen = true;
+        this._dequeueEcho(message.id);
+        this._settle(message.id, message);
+        return;
+      case "error":
+        if (message.id !== undefined && this._settle(message.id, null, RoomClientError(message.code, message.message, message))) {
+          this._dequeueEcho(message.id);
+          return;
+        }
+        this._emit("error", message);
+        return;
+      case "resumed":
+        if (message.room && this.rooms[message.room]) this._emit("resumed", message);
+        this._settle(message.id, message);
+        return;
+      case "history":
+        if (message.id !== undefined) this._settle(message.id, message);
+        return;
+      default:
+        if (message.type === "presence" && message.id === undefined) this._emit("presence", message);
+        if (message.id !== undefined && this._settle(message.id, message)) return;
+        this._emit("message", message);
+    }
+  };
+
+  RoomClient.prototype._dequeueEcho = function (id) {
+    var queue, index;
+    for (var room in this._echoQueue) {
+      queue = this._echoQueue[room];
+      index = queue.indexOf(id);
+      if (index >= 0) { queue.splice(index, 1); return; }
+    }
+  };
+
+  RoomClient.prototype._chat = function (message) {
+    var room = this.rooms[message.room];
+    if (room && typeof message.seq === "number") {
+      if (message.seq <= room.lastSeq) return;   // already delivered (replay overlap)
+      room.lastSeq = message.seq;
+    }
+    if (message.from === this.id && !this._acksSeen) {
+      // Without server acks, our own copy coming back is the ack: the server handles one connection's
+      // requests in order, so echoes come back in the order the chats were sent.
+      var queue = this._echoQueue[message.room];
+      if (queue && queue.length) this._settle(queue.shift(), {type: "ack", room: message.room, seq: message.seq});
+    }
+    this._emit("chat", message);
+    this._emit("message", message);
+  };
+
+  RoomClient.prototype._welcome = function (message) {
+    var self = this;
+    var previousSession = this.session;
+    var wasReconnect = !!this._everOpened;
+    this.id = message.id;
+    this.session = message.session || null;
+    this._everOpened = true;
+    this._attempt = 0;
+    this._setState("open", {resumed: wasReconnect});
+    this._emit("welcome", message);
+    var waiters = this._connectWaiters.splice(0);
+    waiters.forEach(function (w) { w.resolve(self); });
+    var names = Object.keys(this.rooms);
+    if (!wasReconnect || !names.length) return;
+    if (previousSession && message.session) {
+      var rooms = {};
+      names.forEach(function (name) { rooms[name] = self.rooms[name].lastSeq; });
+      this._sendRaw({type: "resume", session: previousSession, rooms: rooms});
+      return;
+    }
+    // No sessions on this server: join again, and fill the gap from history where the server keeps it.
+    names.forEach(function (name) {
+      var state = self.rooms[name];
+      self.request(Object.assign({type: "join", room: name}, state.joinOptions || {})).then(function () {
+        var since = state.lastSeq;
+        return self.history(name, {since: since}).then(function (reply) {
+          (reply.messages || []).forEach(function (m) { self._chat(m); });
+          self._emit("resumed", {type: "resumed", room: name, recovered: true, via: "history"});
+        }, function () {
+          state.lastSeq = 0;  // no history here: sequence numbers may restart, accept what comes
+          self._emit("resumed", {type: "resumed", room: name, recovered: false, via: "rejoin"});
+        });
+      }, function (error) {
+        self._emit("error", {type: "error", code: error.code, message: "could not rejoin " + name + ": " + error.message});
+      });
+    });
+  };
+
+  global.RoomClient = RoomClient;
+  global.RoomClientError = RoomClientError;
+  if (typeof module !== "undefined" && module.exports) module.exports = {RoomClient: RoomClient, RoomClientError: RoomClientError};
+})(typeof window !== "undefined" ? window : globalThis);

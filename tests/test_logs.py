@@ -1,0 +1,98 @@
+"""Structured logs: one event per connection open and close, JSON lines, and never a token."""
+
+from __future__ import annotations
+
+import json
+from io import StringIO
+from typing import Any
+
+import pytest
+import pytest_twisted
+import websockets
+from twisted.logger import Logger
+
+from roomserver.logs import JsonLoggingService, event_as_json_line, json_lines_observer
+from roomserver.observe import Observers, ServerObserver
+
+from .support import WSClient, eventually, url_of
+from .web_support import captured_log
+
+SECRET = "super-secret-token-value-123"
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_event_per_open_and_close_with_reason_and_duration(make_server: Any) -> None:
+    server = await make_server(room_protocol=True)
+    with captured_log() as events:
+        ws = await WSClient.connect(url_of(server) + f"?token={SECRET}",
+                                    additional_headers={"Authorization": f"Bearer {SECRET}"})
+        client_id = (await ws.recv())["id"]
+        await ws.close()
+        await eventually(lambda: any(e.get("event") == "connection_closed" for e in events))
+    mine = [e for e in events if e.get("client") == client_id]
+    assert [e["event"] for e in mine] == ["connection_opened", "connection_closed"]
+    closed = mine[1]
+    assert closed["code"] == 1000 and closed["clean"] is True and closed["duration"] >= 0
+    assert closed["peer"].startswith("tcp4:127.0.0.1:")
+    text = "".join(event_as_json_line(e) for e in events)
+    assert SECRET not in text, "tokens in the query string or headers must never be logged"
+
+
+@pytest_twisted.ensureDeferred
+async def test_refused_handshakes_are_logged_with_a_reason(make_server: Any) -> None:
+    server = await make_server(room_protocol=True, max_clients=0)
+    with captured_log() as events:
+        with pytest.raises(websockets.InvalidStatus):
+            await WSClient.connect(url_of(server))
+        await eventually(lambda: any(e.get("event") == "handshake_failed" for e in events))
+    failed = next(e for e in events if e.get("event") == "handshake_failed")
+    assert failed["reason"] == "unavailable"
+
+
+def test_json_lines_are_flat_and_keep_the_fields() -> None:
+    out = StringIO()
+    observer = json_lines_observer(out)
+    log = Logger(namespace="roomserver.test", observer=observer)
+    log.info("connection {client} closed", event="connection_closed", client="abc", code=1000, duration=1.5,
+             obj=object())
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        log.failure("it failed")
+    first, second = (json.loads(line) for line in out.getvalue().splitlines())
+    assert first["message"] == "connection abc closed" and first["level"] == "info"
+    assert first["namespace"] == "roomserver.test" and first["time"].endswith("+00:00")
+    assert (first["event"], first["client"], first["code"], first["duration"]) == ("connection_closed", "abc",
+                                                                                  1000, 1.5)
+    assert "obj" not in first, "values JSON cannot carry are left out rather than stringified"
+    assert second["level"] == "critical" and "ValueError: boom" in second["traceback"]
+
+
+def test_json_logging_service_sets_the_application_observer() -> None:
+    from twisted.application import service
+    from twisted.logger import ILogObserver
+
+    application = service.Application("roomserver")
+    root = JsonLoggingService(StringIO())
+    root.setServiceParent(application)
+    assert ILogObserver(application) is root.observer
+
+
+def test_a_failing_observer_never_breaks_the_others() -> None:
+    seen: list[str] = []
+
+    class Broken(ServerObserver):
+        def stopping(self, server: Any) -> None:
+            raise RuntimeError("observer bug")
+
+    class Fine(ServerObserver):
+        def stopping(self, server: Any) -> None:
+            seen.append("stopping")
+
+    observers = Observers()
+    observers.add(Broken())
+    observers.add(Fine())
+    with captured_log() as events:
+        observers.stopping(None)  # type: ignore[arg-type]
+    assert seen == ["stopping"]
+    assert any("observer bug" in str(e.get("log_failure", "")) for e in events)

@@ -1,0 +1,92 @@
+"""twistd flags of the HTTP side and the JSON log format, down to a real ``twistd roomserver`` process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+from twisted.python import usage
+
+from roomserver.tap import Options, makeService
+
+from .test_tap import ROOT, free_port, wait_for_port
+
+TOKEN = "a-long-enough-admin-token-0001"
+
+
+def test_http_flags_map_to_server_options(tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    config = Options()
+    config.parseOptions(["--no-http-pages", "--admin-token-file", str(token_file), "--log-format", "json"])
+    options = config.server_options()
+    assert options.http_pages is False and options.admin_token_file == str(token_file)
+    assert config["log-format"] == "json"
+    defaults = Options()
+    defaults.parseOptions([])
+    assert defaults.server_options().http_pages is True and defaults["log-format"] == "text"
+    assert makeService(defaults).getServiceNamed("roomserver") is not None
+
+
+@pytest.mark.parametrize("argv", [["--log-format", "xml"], ["--admin-token-file", "/nonexistent/token"]])
+def test_bad_http_flags_are_usage_errors(argv: list[str]) -> None:
+    with pytest.raises(usage.UsageError):
+        Options().parseOptions(argv)
+
+
+def test_a_too_short_token_file_is_a_usage_error(tmp_path: Path) -> None:
+    short = tmp_path / "short"
+    short.write_text("abc")
+    with pytest.raises(usage.UsageError, match="at least 16"):
+        Options().parseOptions(["--admin-token-file", str(short)])
+
+
+def test_help_documents_the_http_flags() -> None:
+    text = str(Options())
+    for option in ("--no-http-pages", "--admin-token-file", "--log-format"):
+        assert option in text
+    assert "ROOMSERVER_ADMIN_TOKEN" in text
+
+
+def test_twistd_json_logs_one_line_per_event_and_no_token(tmp_path: Path) -> None:
+    """``twistd -n roomserver --log-format json``: stdout is JSON lines with the connection events; the token
+    given through the environment is accepted by the admin API and appears nowhere in the log."""
+    from websockets.sync.client import connect
+
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "ROOMSERVER_ADMIN_TOKEN": TOKEN}
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "twistd"), "--nodaemon", "--pidfile=", "roomserver",
+         "--port", f"tcp:{port}:interface=127.0.0.1", "--log-format", "json"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for_port(port, process)
+        with connect(f"ws://127.0.0.1:{port}/ws?token={TOKEN}", open_timeout=5) as ws:
+            assert '"welcome"' in ws.recv(timeout=5)
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/admin/rooms",
+                                         headers={"Authorization": f"Bearer {TOKEN}"})
+        with urllib.request.urlopen(request, timeout=5) as response:
+            assert json.loads(response.read()) == {"rooms": []}
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
+            assert json.loads(response.read())["status"] == "ok"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(15) in (0, -signal.SIGTERM)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(5)
+    output = process.stdout.read().decode() if process.stdout else ""
+    lines = [json.loads(line) for line in output.splitlines() if line.strip()]
+    assert lines, output
+    events = [line.get("event") for line in lines]
+    assert events.count("connection_opened") == 1 and events.count("connection_closed") == 1
+    closed = next(line for line in lines if line.get("event") == "connection_closed")
+    assert closed["code"] == 1000 and isinstance(closed["duration"], float)
+    assert TOKEN not in output
