@@ -131,7 +131,7 @@ class ConnectionLog(ServerObserver):
     per open connection, and forgotten at close.
     """
 
-    log = Logger(namespace="roomserver.connections")
+    log = Logger()
 
     def __init__(self, reactor: Any) -> None:
         self._reactor = reactor
