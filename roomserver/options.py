@@ -69,6 +69,12 @@ class ServerOptions:
     """A file holding the admin token (dashboard and admin API). Without it, the environment variable
     ROOMSERVER_ADMIN_TOKEN is used; with neither, the dashboard is open and the admin API is off. Never a
     command-line value: command lines are visible to every user of the machine."""
+    compression: bool = False
+    """Negotiate permessage-deflate (RFC 7692) with clients that offer it (roomserver/compression.py says how
+    and docs/compliance.md why it is off by default)."""
+    testee: bool = False
+    """Echo every message back instead of serving rooms: the Autobahn TestSuite testee (roomserver/testee.py;
+    the limits it lifts are listed in docs/compliance.md)."""
 
     def __post_init__(self) -> None:
         if not self.path.startswith("/"):

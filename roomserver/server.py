@@ -35,6 +35,7 @@ from .events import EventEmitter
 from .observe import ConnectionLog, Observers
 from .options import ServerOptions
 from .system import raise_open_files_limit
+from .testee import as_testee, install_echo
 from .transport import GuardedConnection
 from .web import QuietSite, TrackingFactory, build_root
 from .websocket import RoomServerFactory, RoomServerProtocol
@@ -68,6 +69,8 @@ class WebSocketServer:
             self.options = dataclasses.replace(port, **explicit)
         else:
             self.options = ServerOptions(port=port, **explicit)
+        if self.options.testee:
+            self.options = as_testee(self.options)
         if reactor is None:
             from twisted.internet import reactor as global_reactor
 
@@ -83,6 +86,8 @@ class WebSocketServer:
         if self.options.room_protocol:
             self.use_room_protocol()
         self._events = EventEmitter(SERVER_EVENTS)
+        if self.options.testee:
+            install_echo(self)
         self._clients: dict[str, Client] = {}
         self._admitted = 0
         self._stopping = False

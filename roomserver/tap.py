@@ -17,6 +17,7 @@ from .logs import LOG_FORMATS, JsonLoggingService, json_log_target
 from .options import ServerOptions
 from .server import WebSocketServer
 from .service import RoomServerService
+from .testee import as_testee
 
 _DEFAULTS = ServerOptions()
 
@@ -65,6 +66,15 @@ class Options(usage.Options):
         "message, in order."
     )
 
+    optFlags: list[Any] = [
+        ["compression", None, "Negotiate permessage-deflate (RFC 7692) with clients that offer it."],
+        ["no-compression", None, "Never negotiate permessage-deflate (the default)."],
+        ["testee", None, "Echo every message instead of serving rooms: the Autobahn TestSuite testee "
+         "(see docs/compliance.md for the limits it lifts)."],
+        ["no-http-pages", None, "Serve the WebSocket path only: no demo page, dashboard, /metrics, /healthz or "
+         "admin API."],
+    ]
+
     optParameters: list[Any] = [
         ["port", "p", "8080", "TCP port number, or a Twisted endpoint description "
          "(tcp:8080:interface=127.0.0.1, ssl:8443:privateKey=key.pem:certKey=cert.pem)."],
@@ -106,13 +116,10 @@ class Options(usage.Options):
         ["log-format", None, "text", "Log format: text, or json (one JSON object per line).", _log_format],
     ]
 
-    optFlags: list[Any] = [
-        ["no-http-pages", None, "Serve the WebSocket path only: no demo page, dashboard, /metrics, /healthz or "
-         "admin API."],
-    ]
 
     def server_options(self) -> ServerOptions:
-        """The ``ServerOptions`` these command-line options describe (the room protocol switched on).
+        """The ``ServerOptions`` these command-line options describe (the room protocol switched on, unless
+        ``--testee`` replaces it with the echo handler).
 
         Each ``--some-option`` maps to the ``some_option`` field; flags given as strings (``--allowed-origins``)
         are converted by their coercers, defaults by ``ServerOptions`` itself."""
@@ -129,9 +136,14 @@ class Options(usage.Options):
         values["ping_timeout"] = values["ping_timeout"] or None
         values.pop("log_format")  # a twistd logging choice, not a server option
         values["http_pages"] = not self["no-http-pages"]
-        return ServerOptions(room_protocol=True, **values)
+        values["compression"] = bool(self["compression"])
+        values["testee"] = bool(self["testee"])
+        options = ServerOptions(room_protocol=True, **values)
+        return as_testee(options) if options.testee else options
 
     def postOptions(self) -> None:
+        if self["compression"] and self["no-compression"]:
+            raise usage.UsageError("--compression and --no-compression contradict each other")
         try:
             self.server_options()
             if self["admin-token-file"]:

@@ -5,7 +5,8 @@ handshake, ``onOpen`` once it completed, ``onMessage`` per complete message and 
 connection, including connections that never opened (so the hub's cleanup must be idempotent).
 
 The factory is configured explicitly for every Autobahn default that would be wrong for a public server:
-observable close codes (``failByDrop=False``), size limits, timeouts and heartbeats.
+observable close codes (``failByDrop=False``), size limits, timeouts, heartbeats and whether permessage-deflate
+is negotiated (``compression.py``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
 
+from .closing import GracefulCloseMixin
+from .compression import compression_hook
 from .core.ratelimit import FloodGuard
 from .options import ServerOptions
 
@@ -26,8 +29,10 @@ if TYPE_CHECKING:
 _PROTOCOL_LEVEL_CODES = frozenset({1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014})
 
 
-class RoomServerProtocol(WebSocketServerProtocol):  # type: ignore[misc]
-    """One WebSocket connection; ``client`` is the application's handle once the connection is open."""
+class RoomServerProtocol(GracefulCloseMixin, WebSocketServerProtocol):  # type: ignore[misc]
+    """One WebSocket connection; ``client`` is the application's handle once the connection is open.
+
+    ``GracefulCloseMixin`` makes sure the peer receives our close frame when its own close frame was invalid."""
 
     factory: RoomServerFactory
     client: Client | None = None
@@ -131,4 +136,5 @@ class RoomServerFactory(WebSocketServerFactory):  # type: ignore[misc]
             allowedOrigins=["*"],
             allowNullOrigin=True,
             maxConnections=0,
+            perMessageCompressionAccept=compression_hook(options.compression, options.max_message_size),
         )
