@@ -223,6 +223,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--outdir", type=Path, help="report directory (default: the spec's outdir)")
     parser.add_argument("--url", help="test this already running server instead of starting the testee")
     args = parser.parse_args(argv)
+    # SIGTERM (CI cancelling the job, a timeout) must still stop the testee: turn it into SystemExit so the
+    # ``testee`` context manager's cleanup runs.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         spec = load_spec(args.spec)
     except SpecError as exc:
