@@ -18,15 +18,14 @@ from roomserver.websocket import RoomServerFactory, RoomServerProtocol
 
 from .support import WSClient, url_of
 
-# The Autobahn protocol options RoomServerFactory.configure sets (the same list in docs/compliance.md).
-PROTOCOL_OPTIONS = (
-    "webStatus", "utf8validateIncoming", "requireMaskedClientFrames", "maskServerFrames", "applyMask",
-    "maxFramePayloadSize", "maxMessagePayloadSize", "autoFragmentSize", "failByDrop", "echoCloseCodeReason",
-    "openHandshakeTimeout", "closeHandshakeTimeout", "tcpNoDelay", "autoPingInterval", "autoPingTimeout",
-    "autoPingSize", "allowNullOrigin", "maxConnections", "perMessageCompressionAccept",
-)
-# What the testee may change, and nothing else (docs/compliance.md, "What the testee changes").
-TESTEE_DIFFERENCES = {"maxFramePayloadSize", "maxMessagePayloadSize", "autoPingInterval", "autoPingTimeout"}
+# Every Autobahn protocol option of a server factory, plus our own per-factory limit.
+PROTOCOL_OPTIONS = (*RoomServerProtocol.CONFIG_ATTRS_COMMON, *RoomServerProtocol.CONFIG_ATTRS_SERVER, "max_fragments")
+# What the testee may change in the factory, and nothing else (docs/compliance.md, "What the testee changes").
+TESTEE_DIFFERENCES = {"maxFramePayloadSize", "maxMessagePayloadSize", "autoPingInterval", "autoPingTimeout",
+                      "max_fragments"}
+# The ServerOptions fields the testee changes (the rest must be exactly what was given).
+TESTEE_FIELDS = {"testee", "room_protocol", "max_message_size", "max_frame_size", "ping_interval", "ping_timeout",
+                 "max_fragments", "max_send_buffer", "rate_limit"}
 
 
 def configured(options: ServerOptions) -> dict[str, Any]:
@@ -54,9 +53,10 @@ def test_testee_differs_from_the_room_endpoint_only_in_the_listed_limits(compres
     assert testee_values["maxMessagePayloadSize"] == testee_values["maxFramePayloadSize"] == 16 * MIB
     assert testee_values["autoPingInterval"] == 0
     assert (testee.room_protocol, room.room_protocol) == (False, True)
-    unchanged = {f.name for f in dataclasses.fields(ServerOptions)} - {
-        "testee", "room_protocol", "max_message_size", "max_frame_size", "ping_interval", "ping_timeout"}
-    assert all(getattr(room, name) == getattr(testee, name) for name in unchanged)
+    assert testee_values["max_fragments"] == 65536
+    assert (testee.rate_limit, testee.max_send_buffer) == (0, 32 * MIB)
+    unchanged = {f.name for f in dataclasses.fields(ServerOptions)} - TESTEE_FIELDS
+    assert {name for name in unchanged if getattr(room, name) != getattr(testee, name)} == set()
 
 
 def test_as_testee_never_lower_a_limit_and_are_idempotent() -> None:
