@@ -262,3 +262,21 @@ async def test_open_files_limit_is_raised_at_start(make_server: Any) -> None:
     await make_server()
     new_soft, new_hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     assert new_soft == (new_hard if new_hard != resource.RLIM_INFINITY else new_soft)
+
+
+@pytest_twisted.ensureDeferred
+async def test_peer_that_never_answers_the_close_is_dropped_after_the_close_timeout(make_server: Any) -> None:
+    server = await make_server(close_handshake_timeout=1.0)
+    clients: list[Any] = []
+    server.on("connection", clients.append)
+    raw = await RawClient.connect(server)
+    await eventually(lambda: clients)
+    loop = asyncio.get_event_loop()
+    started = loop.time()
+    clients[0].close(4000, "bye")
+    opcode, payload = await raw.read_frame()
+    assert opcode == 0x8 and int.from_bytes(payload[:2], "big") == 4000
+    assert await raw.at_eof(timeout=3)  # we never answered: the server drops the TCP connection
+    # txaio's timers round the deadline down to the whole second: at most the timeout, never more
+    assert loop.time() - started <= 1.0 + 0.3
+    await eventually(lambda: server.get_stats().connections == 0)

@@ -1,0 +1,324 @@
+"""Soak and isolation runs for the hardening limits (run by hand; figures go to docs/limits.md).
+
+    python bench/soak.py leak  --cycles 100000 --concurrency 500 --workers 2
+    python bench/soak.py flood --clients 50 --rounds 300
+    python bench/soak.py idle  --connections 10000
+
+The server runs in this process (so its RSS, garbage-collector census and pending timers can be read); the
+clients run in worker subprocesses (asyncio + the ``websockets`` library) so they do not share its interpreter.
+Every loop is bounded: each worker does a fixed number of cycles or connections and exits.
+
+- leak: cycles of connect, join, chat, leave, disconnect. Samples RSS, live roomserver objects and pending
+  DelayedCalls every 10,000 cycles; at the end expects 0 clients, 0 rooms, the start's number of roomserver
+  objects and DelayedCalls, and RSS within 10% of its value after the first 10,000 cycles.
+- flood: chat round-trip latency (p50/p99) of N clients, first unloaded, then while one client floods at 50x
+  its rate limit.
+- idle: N idle connections, each joined to a room; reports RSS per connection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def rss_kib() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def roomserver_census() -> dict[str, int]:
+    """Live objects of roomserver's own classes, by class name."""
+    gc.collect()
+    census: dict[str, int] = {}
+    for obj in gc.get_objects():
+        kind = type(obj)
+        if str(getattr(kind, "__module__", "")).startswith("roomserver"):
+            census[kind.__qualname__] = census.get(kind.__qualname__, 0) + 1
+    return census
+
+
+def roomserver_objects() -> int:
+    return sum(roomserver_census().values())
+
+
+def raise_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+# -- client side (worker subprocesses, plain asyncio) -----------------------------------------------------------
+
+async def one_cycle(url: str, room: str) -> None:
+    """connect, join, chat (and get it back), leave, disconnect."""
+    import websockets
+
+    async with websockets.connect(url, ping_interval=None, open_timeout=30, close_timeout=10) as ws:
+        json.loads(await ws.recv())  # welcome
+        await ws.send(json.dumps({"type": "join", "room": room}))
+        json.loads(await ws.recv())
+        await ws.send(json.dumps({"type": "chat", "room": room, "text": "soak"}))
+        json.loads(await ws.recv())
+        await ws.send(json.dumps({"type": "leave", "room": room}))
+        json.loads(await ws.recv())
+
+
+async def run_cycles(url: str, cycles: int, concurrency: int, name: str = "w") -> int:
+    """``cycles`` cycles spread over ``concurrency`` concurrent clients; returns the number of failures."""
+    failures = 0
+    per_task = [cycles // concurrency + (1 if i < cycles % concurrency else 0) for i in range(concurrency)]
+
+    async def task(number: int, count: int) -> None:
+        nonlocal failures
+        for _ in range(count):
+            try:
+                await one_cycle(url, f"soak-{name}-{number}")
+            except Exception:
+                failures += 1
+
+    await asyncio.gather(*(task(i, n) for i, n in enumerate(per_task)))
+    return failures
+
+
+async def hold_idle(url: str, connections: int, hold_seconds: float) -> None:
+    import websockets
+
+    sockets = []
+    for i in range(connections):
+        ws = await websockets.connect(url, ping_interval=None, open_timeout=30)
+        await ws.recv()
+        await ws.send(json.dumps({"type": "join", "room": f"idle-{i % 1000}"}))
+        await ws.recv()
+        sockets.append(ws)
+    print("ready", flush=True)
+    await asyncio.sleep(hold_seconds)
+    for ws in sockets:
+        await ws.close()
+
+
+async def latency_probe(url: str, clients: int, rounds: int) -> list[float]:
+    """Each client chats into its own room ``rounds`` times, one at a time; returns round-trip times in ms."""
+    import websockets
+
+    samples: list[float] = []
+
+    async def client(number: int) -> None:
+        async with websockets.connect(url, ping_interval=None) as ws:
+            await ws.recv()
+            await ws.send(json.dumps({"type": "join", "room": f"probe-{number}"}))
+            await ws.recv()
+            for _ in range(rounds):
+                started = time.perf_counter()
+                await ws.send(json.dumps({"type": "chat", "room": f"probe-{number}", "text": "ping"}))
+                await ws.recv()
+                samples.append((time.perf_counter() - started) * 1000)
+                await asyncio.sleep(0.01)
+
+    await asyncio.gather(*(client(i) for i in range(clients)))
+    return samples
+
+
+async def flood(url: str, rate: float, seconds: float) -> int:
+    """Send chats at ``rate`` messages/s for ``seconds`` (or until closed); returns how many were sent."""
+    import websockets
+
+    sent = 0
+    async with websockets.connect(url, ping_interval=None, max_queue=None) as ws:
+        await ws.recv()
+        await ws.send(json.dumps({"type": "join", "room": "flood"}))
+        deadline = time.monotonic() + seconds
+        try:
+            while time.monotonic() < deadline:
+                for _ in range(int(rate / 100)):
+                    await ws.send(json.dumps({"type": "chat", "room": "flood", "text": "x" * 100}))
+                    sent += 1
+                await asyncio.sleep(0.01)
+        except websockets.ConnectionClosed as closed:
+            print(f"flooder closed by the server with {closed.rcvd.code if closed.rcvd else None}", flush=True)
+    return sent
+
+
+def worker_main(argv: list[str]) -> None:
+    kind, url = argv[0], argv[1]
+    if kind == "cycles":
+        failures = asyncio.run(run_cycles(url, int(argv[2]), int(argv[3]), argv[4]))
+        print(json.dumps({"failures": failures}), flush=True)
+    elif kind == "idle":
+        raise_nofile()
+        asyncio.run(hold_idle(url, int(argv[2]), float(argv[3])))
+    elif kind == "probe":
+        samples = asyncio.run(latency_probe(url, int(argv[2]), int(argv[3])))
+        print(json.dumps(samples), flush=True)
+    elif kind == "flood":
+        print(json.dumps({"sent": asyncio.run(flood(url, float(argv[2]), float(argv[3])))}), flush=True)
+
+
+def spawn(*args: Any) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, __file__, "worker", *map(str, args)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+# -- server side (this process) --------------------------------------------------------------------------------
+
+def percentile(samples: list[float], fraction: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+async def leak(args: argparse.Namespace, reactor: Any) -> None:
+    from twisted.internet import task
+
+    from roomserver import ServerOptions, WebSocketServer
+
+    server = WebSocketServer(ServerOptions(
+        port=0, host="127.0.0.1", room_protocol=True, max_clients=args.concurrency * 2, rate_limit=0))
+    closed = 0
+
+    def on_connection(client: Any) -> None:
+        def on_close() -> None:
+            nonlocal closed
+            closed += 1
+
+        client.on("close", on_close)
+
+    server.on("connection", on_connection)
+    await server.start()
+    url = f"ws://127.0.0.1:{server.port}/ws"
+    base_census = roomserver_census()
+    base_objects, base_calls, base_rss = sum(base_census.values()), len(reactor.getDelayedCalls()), rss_kib()
+    print(f"start: rss {base_rss} KiB, roomserver objects {base_objects}, delayed calls {base_calls}")
+    share = args.cycles // args.workers
+    workers = [spawn("cycles", url, share, args.concurrency // args.workers, n) for n in range(args.workers)]
+    samples: list[tuple[int, int, int, int]] = []
+    next_mark = 10_000
+    started = time.monotonic()
+    while any(worker.poll() is None for worker in workers):
+        await task.deferLater(reactor, 0.5, lambda: None)
+        if closed >= next_mark:
+            samples.append((closed, rss_kib(), roomserver_objects(), len(reactor.getDelayedCalls())))
+            print(f"{closed:>7} cycles  rss {samples[-1][1]} KiB  live clients {server.get_stats().connections}"
+                  f"  objects {samples[-1][2]}  delayed calls {samples[-1][3]}  ({time.monotonic() - started:.0f} s)",
+                  flush=True)
+            next_mark += 10_000
+    outputs = [worker.stdout.read() if worker.stdout else "" for worker in workers]
+    failures = sum(json.loads(output or '{"failures": -1}')["failures"] for output in outputs)
+    await task.deferLater(reactor, 1.0, lambda: None)
+    end_census = roomserver_census()
+    stats = server.get_stats()
+    end_rss, end_objects, end_calls = rss_kib(), sum(end_census.values()), len(reactor.getDelayedCalls())
+    if end_census != base_census:
+        print(f"census changed: {base_census} -> {end_census}")
+    reference = samples[0][1] if samples else base_rss
+    print(f"end: {closed} cycles in {time.monotonic() - started:.0f} s, {failures} failed cycles")
+    print(f"end: clients {stats.connections}, rooms {stats.rooms}, roomserver objects {end_objects} (start "
+          f"{base_objects}), delayed calls {end_calls} (start {base_calls})")
+    print(f"end: rss {end_rss} KiB vs {reference} KiB after the first 10,000 cycles "
+          f"({(end_rss - reference) / reference * 100:+.1f}%)")
+    ok = (stats.connections == 0 and stats.rooms == 0 and end_objects <= base_objects and end_calls <= base_calls
+          and end_rss <= reference * 1.10)
+    print("PASS" if ok else "FAIL")
+    await server.stop()
+
+
+async def flood_isolation(args: argparse.Namespace, reactor: Any) -> None:
+    from roomserver import ServerOptions, WebSocketServer
+
+    rate_limit = 100.0
+    server = WebSocketServer(ServerOptions(port=0, host="127.0.0.1", room_protocol=True, rate_limit=rate_limit,
+                                           rate_burst=200))
+    await server.start()
+    url = f"ws://127.0.0.1:{server.port}/ws"
+
+    async def probe() -> list[float]:
+        from twisted.internet import threads
+
+        worker = spawn("probe", url, args.clients, args.rounds)
+        output = await threads.deferToThread(worker.communicate)
+        return json.loads(output[0].strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+    unloaded = await probe()
+    flooder = spawn("flood", url, rate_limit * 50, 3600)
+    loaded = await probe()
+    flooder.kill()
+    flooder.wait()
+    stats = server.get_stats()
+    for name, samples in (("unloaded", unloaded), ("flooded", loaded)):
+        print(f"{name:>9}: p50 {percentile(samples, 0.5):.2f} ms  p99 {percentile(samples, 0.99):.2f} ms  "
+              f"({len(samples)} round trips)")
+    ratio = percentile(loaded, 0.99) / percentile(unloaded, 0.99)
+    print(f"p99 ratio flooded/unloaded: {ratio:.2f} (target <= 2); drops {dict(stats.drops)}, "
+          f"rate_limited errors {stats.errors.get('rate_limited', 0)}")
+    await server.stop()
+
+
+async def idle(args: argparse.Namespace, reactor: Any) -> None:
+    from twisted.internet import threads
+
+    from roomserver import ServerOptions, WebSocketServer
+
+    raise_nofile()
+    server = WebSocketServer(ServerOptions(port=0, host="127.0.0.1", room_protocol=True,
+                                           max_clients=args.connections + 10, rate_limit=0, ping_interval=0))
+    await server.start()
+    url = f"ws://127.0.0.1:{server.port}/ws"
+    gc.collect()
+    before = rss_kib()
+    per_worker = args.connections // args.workers
+    workers = [spawn("idle", url, per_worker, 3600) for _ in range(args.workers)]
+    for worker in workers:
+        assert worker.stdout is not None
+        await threads.deferToThread(worker.stdout.readline)
+    gc.collect()
+    after = rss_kib()
+    held = server.get_stats().connections
+    print(f"{held} idle connections in {server.get_stats().rooms} rooms: rss {before} -> {after} KiB, "
+          f"{(after - before) / max(held, 1):.1f} KiB per connection")
+    for worker in workers:
+        worker.kill()
+        worker.wait()
+    await server.stop()
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "worker":
+        worker_main(sys.argv[2:])
+        return
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="scenario", required=True)
+    leak_parser = sub.add_parser("leak")
+    leak_parser.add_argument("--cycles", type=int, default=100_000)
+    leak_parser.add_argument("--concurrency", type=int, default=500)
+    leak_parser.add_argument("--workers", type=int, default=2)
+    flood_parser = sub.add_parser("flood")
+    flood_parser.add_argument("--clients", type=int, default=50)
+    flood_parser.add_argument("--rounds", type=int, default=300)
+    idle_parser = sub.add_parser("idle")
+    idle_parser.add_argument("--connections", type=int, default=10_000)
+    idle_parser.add_argument("--workers", type=int, default=4)
+    args = parser.parse_args()
+    scenario = {"leak": leak, "flood": flood_isolation, "idle": idle}[args.scenario]
+
+    from twisted.internet import defer, task
+
+    task.react(lambda reactor: defer.ensureDeferred(scenario(args, reactor)))
+
+
+if __name__ == "__main__":
+    main()
