@@ -280,3 +280,41 @@ async def test_peer_that_never_answers_the_close_is_dropped_after_the_close_time
     # txaio's timers round the deadline down to the whole second: at most the timeout, never more
     assert loop.time() - started <= 1.0 + 0.3
     await eventually(lambda: server.get_stats().connections == 0)
+
+
+@pytest.mark.parametrize(
+    "probe",
+    [
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(range(32)) + b"\r\n\r\n",  # a TLS ClientHello
+        bytes(range(256)) * 4 + b"\r\n\r\n",  # garbage
+        b"GET /ws HTTP/1.1\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(2000)) + b"\r\n",  # 2,000 headers
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",  # no key, no version
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_malformed_requests_are_refused_without_errors_or_leaks(make_server: Any, probe: bytes) -> None:
+    """Protocol garbage gets an HTTP 4xx (or the connection closed) and logs no unhandled error."""
+    from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
+    from zope.interface import provider
+
+    server = await make_server(room_protocol=True)
+    problems: list[Any] = []
+
+    @provider(ILogObserver)
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_level") in (LogLevel.error, LogLevel.critical) or event.get("isError"):
+            problems.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        for _ in range(20):
+            raw = await RawClient.open_tcp(server)
+            raw.send(probe)
+            response = await aio(asyncio.wait_for(raw.reader.read(64), 5))
+            assert response == b"" or response.startswith(b"HTTP/1.1 4"), response
+            raw.close()
+        await eventually(lambda: not server.connections.protocols, timeout=5)
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert problems == []
+    assert server.get_stats().connections == 0
