@@ -8,7 +8,7 @@ PORT ?= 8080
 # The checkout goes first on sys.path: `roomserver` and the twistd dropin in twisted/plugins are found there.
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
-.PHONY: install run test lint typecheck unit compliance clean
+.PHONY: install run test lint typecheck unit compliance clean browser screenshots
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +27,20 @@ lint: install
 	$(BIN)/ruff check roomserver tests twisted $(wildcard autobahn-testsuite bench)
 	$(BIN)/mypy
 
-test: lint
+# The browser tests drive Debian's Chromium through Playwright (never a downloaded browser): install it when
+# missing (about a minute; needs root, as on CI and the developers' machines).
+CHROMIUM ?= /usr/bin/chromium
+browser:
+	@command -v $(CHROMIUM) >/dev/null 2>&1 || { \
+	  echo "installing Debian's chromium for the browser tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+test: lint browser
 	$(BIN)/python -m pytest -q
+
+# Regenerate docs/chat.png and docs/dashboard.png from a live server and Chromium.
+screenshots: install browser
+	$(BIN)/python -m tests.browser --screenshots docs
 
 compliance: install
 	$(BIN)/python autobahn-testsuite/run.py

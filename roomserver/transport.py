@@ -106,6 +106,12 @@ class HandshakeDeadlineChannel(HTTPChannel):
     handshake_timeout: float = 5.0
     on_timeout: Callable[[], None] | None = None
     _deadline: Any = None
+    _served = False  # a request was answered: an idle keep-alive connection is closed, but is no attack
+    _head_started = False  # bytes of the next request head arrived since the deadline was armed
+
+    def dataReceived(self, data: bytes) -> None:
+        self._head_started = True
+        super().dataReceived(data)
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -116,6 +122,7 @@ class HandshakeDeadlineChannel(HTTPChannel):
         super().allHeadersReceived()
 
     def requestDone(self, request: Any) -> None:
+        self._served = True
         super().requestDone(request)
         if self.transport is not None and not getattr(self.transport, "disconnecting", False):
             self._arm()  # a kept-alive connection gets the same deadline for its next request
@@ -126,6 +133,7 @@ class HandshakeDeadlineChannel(HTTPChannel):
 
     def _arm(self) -> None:
         self._disarm()
+        self._head_started = False
         if self.handshake_timeout > 0:
             self._deadline = self.callLater(self.handshake_timeout, self._expired)
 
@@ -136,7 +144,7 @@ class HandshakeDeadlineChannel(HTTPChannel):
 
     def _expired(self) -> None:
         self._deadline = None
-        if self.on_timeout is not None:
+        if self.on_timeout is not None and (self._head_started or not self._served):
             self.on_timeout()
         if self.transport is not None:
             self.transport.abortConnection()

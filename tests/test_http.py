@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -278,11 +279,13 @@ async def test_dashboard_pushes_samples_matching_get_stats(make_server: Any, mon
     monkeypatch.delenv("ROOMSERVER_ADMIN_TOKEN", raising=False)
     server = await make_server(room_protocol=True)
     await chat_traffic(server, room="busy", clients=3, chats=4)
+    for _ in range(40):  # a history of 40 samples is far bigger than the 4 KiB a viewer may send
+        server.http.feed.tick()
     viewer = await WSClient.connect(url_of(server, "/dashboard/ws"))
     snapshot = await viewer.recv()
     assert snapshot["type"] == "snapshot" and snapshot["interval"] == 1.0 and snapshot["window"] == 300
     assert snapshot["node"].endswith(f":{server.port}")
-    assert len(snapshot["history"]) >= 1
+    assert len(snapshot["history"]) >= 41
     sample = (await viewer.recv(timeout=3))["sample"]
     stats = server.get_stats()
     assert (sample["connections"], sample["rooms"]) == (stats.connections, stats.rooms) == (3, 1)
@@ -305,3 +308,24 @@ async def test_dashboard_requires_the_token_when_configured(make_server: Any, to
     assert await right.recv() == {"type": "authenticated"}
     assert (await right.recv())["type"] == "snapshot"
     await right.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_idle_keep_alive_after_a_page_is_closed_but_not_counted_as_an_attack(make_server: Any) -> None:
+    """Browsers keep page connections open: the handshake deadline closes them, yet only a connection that never
+    completed a request head counts as a ``handshake_timeout`` drop."""
+    server = await make_server(room_protocol=True, open_handshake_timeout=1.0)
+    reader, writer = await aio(asyncio.open_connection("127.0.0.1", server.port))
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (await aio(asyncio.wait_for(reader.readline(), 5))).startswith(b"HTTP/1.1 200")
+    silent_reader, silent_writer = await aio(asyncio.open_connection("127.0.0.1", server.port))
+
+    async def until_closed(stream: asyncio.StreamReader) -> None:
+        with contextlib.suppress(ConnectionResetError):  # aborted: a reset, or an EOF
+            await asyncio.wait_for(stream.read(), 5)
+
+    await aio(until_closed(reader))  # the server closes the idle keep-alive connection
+    await aio(until_closed(silent_reader))
+    assert server.get_stats().drops.get("handshake_timeout") == 1, "only the connection that sent nothing counts"
+    writer.close()
+    silent_writer.close()

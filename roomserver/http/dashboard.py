@@ -92,8 +92,11 @@ class DashboardFeed(ServerObserver):
         if not self.viewers:
             return
         payload = orjson.dumps({"type": "sample", "node": self.node, "sample": sample.as_json()})
+        prepared = None
         for viewer in list(self.viewers):
-            viewer.sendMessage(payload, False)
+            if prepared is None:
+                prepared = viewer.factory.prepareMessage(payload, False)  # framed once for every viewer
+            viewer.sendPreparedMessage(prepared)
 
     def snapshot(self) -> bytes:
         """What a new viewer gets first: the node, the sampling interval and the recent samples."""
@@ -109,7 +112,8 @@ class DashboardFeed(ServerObserver):
 
     def add_viewer(self, viewer: DashboardProtocol) -> None:
         self.viewers.add(viewer)
-        viewer.sendMessage(self.snapshot(), False)
+        # Prepared messages skip Autobahn's outgoing size check: the 4 KiB limit is for what viewers send.
+        viewer.sendPreparedMessage(viewer.factory.prepareMessage(self.snapshot(), False))
 
     def remove_viewer(self, viewer: DashboardProtocol) -> None:
         self.viewers.discard(viewer)

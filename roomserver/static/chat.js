@@ -172,6 +172,8 @@
       if (event.room === current) renderMembers();
     });
     client.on("resumed", function (event) {
+      // Not recovered: the server may have started its sequence numbers again, so forget the ones seen.
+      if (!event.recovered) roomState(event.room).seen = new Set();
       system(event.room, event.recovered ? "resumed: nothing was lost" : "rejoined: messages sent while offline may be missing");
     });
     client.on("message", function (message) {

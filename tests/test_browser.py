@@ -1,0 +1,125 @@
+"""The demo page, roomserver.js and the dashboard in a real browser (Debian's Chromium through Playwright)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from playwright.async_api import expect
+
+from roomserver import ServerOptions, WebSocketServer
+
+from .browser import CHROMIUM, chromium, dashboard_totals, open_dashboard, two_pages_chat
+from .support import WSClient, aio, url_of
+
+
+@pytest.fixture(autouse=True)
+def _chromium_installed() -> None:
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: `make browser` (part of `make test`) installs Debian's chromium")
+
+
+def base_url(server: WebSocketServer) -> str:
+    return f"http://127.0.0.1:{server.port}"
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_pages_chat_and_see_each_other(make_server: Any) -> None:
+    """Two tabs chat through the server; each shows both messages with their seq, and both names as present."""
+    server = await make_server(room_protocol=True)
+
+    async def scenario() -> None:
+        async with chromium() as browser:
+            ada, bob = await two_pages_chat(browser, base_url(server))
+            for page in (ada, bob):
+                assert await page.chat_lines() == ["ada: hello bob", "bob: hi ada, all good here"]
+                assert await page.seqs() == [1, 2]
+            # Presence: the member list shows both (from presence when the server has it, else from activity).
+            assert sorted(await ada.members()) == ["ada (you)", "bob"]
+            assert sorted(await bob.members()) == ["ada", "bob (you)"]
+            assert ada.errors == [] and bob.errors == []
+            assert server.get_stats().connections == 2 and server.get_stats().rooms == 1
+
+    await aio(scenario())
+
+
+@pytest_twisted.ensureDeferred
+async def test_pages_reconnect_after_a_server_restart_and_keep_their_messages(make_server: Any) -> None:
+    """The server stops (1001) and comes back on the same port: both pages show "reconnecting", come back by
+    themselves, rejoin their room, keep every message they had and go on chatting."""
+    server = await make_server(room_protocol=True)
+    port = server.port
+    restarted: list[WebSocketServer] = []
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        async with chromium() as browser:
+            ada, bob = await two_pages_chat(browser, base_url(server))
+            await server.stop().asFuture(loop)
+            await ada.wait_state("reconnecting")
+            await bob.wait_state("reconnecting")
+            again = WebSocketServer(ServerOptions(port=port, host="127.0.0.1", room_protocol=True))
+            restarted.append(again)
+            await again.start().asFuture(loop)
+            await ada.wait_state("open", timeout_ms=15_000)
+            await bob.wait_state("open", timeout_ms=15_000)
+            await expect(ada.page.locator("#messages li.system", has_text="rejoined").first).to_be_visible()
+            await expect(bob.page.locator("#messages li.system", has_text="rejoined").first).to_be_visible()
+            await bob.say("still there?")
+            await ada.wait_message("bob", "still there?")
+            await ada.say("yes")
+            await bob.wait_message("ada", "yes")
+            for page in (ada, bob):
+                assert await page.chat_lines() == [
+                    "ada: hello bob", "bob: hi ada, all good here", "bob: still there?", "ada: yes",
+                ]
+            assert ada.errors == [] and bob.errors == []
+            assert again.get_stats().connections == 2 and again.get_stats().rooms == 1
+
+    try:
+        await aio(scenario())
+    finally:
+        for again in restarted:
+            await again.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_dashboard_counters_match_get_stats(make_server: Any, tmp_path: Path) -> None:
+    """The dashboard (behind an admin token) shows exactly ``get_stats()`` once traffic has settled."""
+    token = "dashboard-token-for-the-browser-test"
+    (tmp_path / "token").write_text(token)
+    server = await make_server(room_protocol=True, admin_token_file=str(tmp_path / "token"))
+    members = []
+    for _ in range(3):
+        ws = await WSClient.connect(url_of(server))
+        await ws.recv()
+        await ws.request({"type": "join", "room": "metrics-room"})
+        members.append(ws)
+    for i in range(5):
+        await members[i % 3].send({"type": "chat", "room": "metrics-room", "text": f"n{i}"})
+    for ws in members:
+        for _ in range(5):
+            await ws.recv()
+    stats = server.get_stats()
+
+    async def scenario() -> dict[str, int]:
+        async with chromium() as browser:
+            page = await open_dashboard(browser, base_url(server), token=token)
+            expected = str(stats.messages_sent)
+            await expect(page.locator("#messages-sent")).to_have_text(expected)
+            await expect(page.locator("#top-members tr[data-key='metrics-room'] td.n")).to_have_text("3")
+            return await dashboard_totals(page)
+
+    shown = await aio(scenario())
+    assert shown == {
+        "connections": stats.connections, "rooms": stats.rooms, "messages-sent": stats.messages_sent,
+        "messages-received": stats.messages_received, "bytes-sent": stats.bytes_sent,
+        "bytes-received": stats.bytes_received,
+    }
+    # 3 welcomes + 3 joined replies + 5 chats x 3 members delivered; 3 joins + 5 chats received
+    assert (shown["connections"], shown["messages-sent"], shown["messages-received"]) == (3, 21, 8)
+    for ws in members:
+        await ws.close()
