@@ -79,3 +79,13 @@ class Client:
 
     def _detach(self) -> None:
         self._protocol = None
+
+
+def __getattr__(name: str) -> Any:
+    """``from roomserver.client import RoomClient`` also finds the Python *client* (``roomserver.roomclient``):
+    this module already names the server's handle on a connection, so the client lives next door."""
+    if name in ("RoomClient", "RoomClientError"):
+        from . import roomclient
+
+        return getattr(roomclient, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -39,9 +39,10 @@
     return error;
   }
 
-  /** The delay before retry number `attempt` (0-based): full jitter over an exponentially growing cap. */
+  /** The delay before retry number `attempt` (0-based): random between minDelay/2 and an exponentially
+   *  growing cap (the same formula as roomserver/core/backoff.py). */
   function backoffDelay(attempt, options, random) {
-    var cap = Math.min(options.maxDelay, options.minDelay * Math.pow(options.factor, attempt));
+    var cap = Math.min(options.maxDelay, options.minDelay * Math.pow(options.factor, Math.min(attempt, 64)));
     return Math.round(options.minDelay / 2 + random() * (cap - options.minDelay / 2));
   }
 

@@ -1,0 +1,444 @@
+"""``RoomClient``: the Python client of the room protocol, on Twisted and Autobahn (docs/clients.md).
+
+It is roomserver.js for Python, with Deferreds instead of promises::
+
+    client = RoomClient("ws://127.0.0.1:8080/ws")
+    client.on("chat", lambda event: print(event["room"], event["text"], event["seq"]))
+    await client.connect()                 # fires once the server's welcome arrived
+    await client.join("lobby")             # the "joined" reply
+    ack = await client.send("lobby", "hi") # {"type": "ack", "seq": S, ...}
+    await client.close()
+
+Requests carry an ``id``; the Deferred fires with the reply carrying the same id, or fails with
+``RoomClientError`` (its ``code`` is the wire error code, ``timeout`` or ``disconnected``). A chat is confirmed
+by the server's ``ack`` where it sends one, else by the client's own copy of the chat coming back (the server
+handles one connection's requests in order, so those echoes come back in the order the chats were sent).
+
+After a drop the client reconnects by itself with exponential backoff and jitter (``core/backoff.py``) unless
+the close code says not to (1002, 1003, 1008, 1009, 4500-4999) or ``close()`` was called. Coming back it resumes:
+with a server that gives sessions (its welcome carries ``session``) it sends ``{"type":"resume","session":...,
+"rooms":{room: last_seq}}`` and the server replays what was missed; otherwise it joins its rooms again and asks
+for the history after the last seq it saw (servers with history), or starts afresh (``recovered: false``).
+A chat whose seq it has already delivered in a room is never delivered twice.
+
+The reactor is injectable (``reactor=``): timers (backoff, request timeouts) use it, so tests drive them with
+``twisted.internet.task.Clock``.
+"""
+
+from __future__ import annotations
+
+import random as random_module
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlparse
+
+import orjson
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from twisted.internet import defer, endpoints
+from twisted.logger import Logger
+
+from .core.backoff import backoff_delay
+from .events import EventEmitter
+
+CLIENT_EVENTS = frozenset({"state", "welcome", "chat", "message", "presence", "resumed", "error", "close"})
+TERMINAL_CODES = frozenset({1002, 1003, 1008, 1009})
+
+
+def is_terminal(code: int | None) -> bool:
+    """Close codes after which reconnecting cannot help."""
+    return code is not None and (code in TERMINAL_CODES or 4500 <= code <= 4999)
+
+
+class RoomClientError(Exception):
+    """A request failed: ``code`` is the server's error code, or ``timeout`` / ``disconnected`` / ``closed``."""
+
+    def __init__(self, code: str, message: str, reply: dict[str, Any] | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.reply = reply
+
+
+@dataclass
+class RoomState:
+    """What the client remembers of a joined room across reconnects."""
+
+    last_seq: int = 0
+    join_options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Pending:
+    deferred: defer.Deferred[dict[str, Any]]
+    timer: Any
+    room: str | None = None
+
+
+class RoomClientProtocol(WebSocketClientProtocol):  # type: ignore[misc]
+    """One connection of a ``RoomClient``; it forwards everything to the client."""
+
+    factory: _RoomClientFactory
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        """Called from Autobahn per complete message."""
+        if not isBinary:
+            self.factory.client._receive(self, payload)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        """Called from Autobahn exactly once per connection."""
+        self.factory.client._dropped(self, code, reason)
+
+
+class _RoomClientFactory(WebSocketClientFactory):  # type: ignore[misc]
+    protocol = RoomClientProtocol  # type: ignore[assignment]
+    noisy = False
+
+    def __init__(self, client: RoomClient, url: str, reactor: Any) -> None:
+        super().__init__(url, reactor=reactor)
+        self.client = client
+        self.setProtocolOptions(failByDrop=False, openHandshakeTimeout=10, closeHandshakeTimeout=2,
+                                autoPingInterval=0, maxMessagePayloadSize=0, maxFramePayloadSize=0)
+
+
+class RoomClient:
+    """A room-protocol client with Deferred-returning requests, reconnect with backoff, and resume."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        reactor: Any = None,
+        reconnect: bool = True,
+        min_delay: float = 0.25,
+        max_delay: float = 10.0,
+        factor: float = 2.0,
+        request_timeout: float = 10.0,
+        random: Callable[[], float] = random_module.random,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as global_reactor
+
+            reactor = global_reactor
+        parsed = urlparse(url)
+        if parsed.scheme not in ("ws", "wss") or not parsed.hostname:
+            raise ValueError(f"not a ws:// or wss:// URL: {url!r}")
+        self.url = url
+        self.reactor = reactor
+        self.reconnect = reconnect
+        self.min_delay, self.max_delay, self.factor = min_delay, max_delay, factor
+        self.request_timeout = request_timeout
+        self._random = random
+        self.state = "idle"  # idle | connecting | open | reconnecting | closed
+        self.id: str | None = None
+        self.session: str | None = None
+        self.rooms: dict[str, RoomState] = {}
+        self.attempt = 0
+        self._events = EventEmitter(CLIENT_EVENTS)
+        self._factory = _RoomClientFactory(self, url, reactor)
+        self._protocol: RoomClientProtocol | None = None
+        self._pending: dict[int, _Pending] = {}
+        self._echo_queue: dict[str, list[int]] = {}
+        self._acks_seen = False
+        self._next_id = 1
+        self._retry: Any = None
+        self._connect_waiters: list[defer.Deferred[RoomClient]] = []
+        self._close_waiters: list[defer.Deferred[None]] = []
+        self._closed_by_user = False
+        self._ever_opened = False
+
+    # -- events ----------------------------------------------------------------------------------------------
+
+    def on(self, event: str, handler: Callable[..., Any] | None = None) -> Any:
+        """Register a handler: ``chat``/``message``/``presence``/``resumed``/``error``/``welcome`` get the
+        event dict; ``state`` gets (state, detail); ``close`` gets (code, reason)."""
+        return self._events.on(event, handler) if handler is not None else self._events.on(event)
+
+    def _set_state(self, state: str, **detail: Any) -> None:
+        if self.state != state:
+            self.state = state
+            self._events.emit("state", state, detail)
+
+    # -- connection ------------------------------------------------------------------------------------------
+
+    def connect(self) -> defer.Deferred[RoomClient]:
+        """Connect (and keep reconnecting); fires with the client once the server's welcome arrived."""
+        if self.state == "open":
+            return defer.succeed(self)
+        waiter: defer.Deferred[RoomClient] = defer.Deferred()
+        self._connect_waiters.append(waiter)
+        if self.state in ("idle", "closed"):
+            self._closed_by_user = False
+            self._open()
+        return waiter
+
+    def close(self) -> defer.Deferred[None]:
+        """Close for good (no reconnect); fires once the connection is closed."""
+        self._closed_by_user = True
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+        if self._protocol is None:
+            self._set_state("closed", code=1000)
+            self._fail_connect_waiters(RoomClientError("closed", "closed by the application"))
+            return defer.succeed(None)
+        waiter: defer.Deferred[None] = defer.Deferred()
+        self._close_waiters.append(waiter)
+        self._protocol.sendClose(1000)
+        return waiter
+
+    def _endpoint(self) -> Any:
+        parsed = urlparse(self.url)
+        host = parsed.hostname or ""
+        secure = parsed.scheme == "wss"
+        port = parsed.port or (443 if secure else 80)
+        endpoint: Any = endpoints.HostnameEndpoint(self.reactor, host, port)
+        if secure:
+            from twisted.internet.ssl import optionsForClientTLS
+
+            endpoint = endpoints.wrapClientTLS(optionsForClientTLS(host), endpoint)
+        return endpoint
+
+    def _connect_once(self) -> defer.Deferred[Any]:
+        """One TCP connection attempt carrying the WebSocket handshake (overridable for timing tests)."""
+        return self._endpoint().connect(self._factory)  # type: ignore[no-any-return]
+
+    def _open(self) -> None:
+        self._set_state("reconnecting" if self._ever_opened else "connecting", attempt=self.attempt)
+        attempt = self._connect_once()
+        attempt.addCallback(self._connected)
+        attempt.addErrback(self._connect_failed)
+
+    def _connected(self, protocol: RoomClientProtocol) -> None:
+        self._protocol = protocol
+
+    def _connect_failed(self, failure: Any) -> None:
+        self._schedule_retry(None)
+
+    def _schedule_retry(self, code: int | None) -> None:
+        if self._closed_by_user or not self.reconnect:
+            self._set_state("closed", code=code)
+            self._fail_connect_waiters(RoomClientError("closed", f"could not connect (code {code})"))
+            return
+        delay = backoff_delay(self.attempt, self._random, self.min_delay, self.max_delay, self.factor)
+        self.attempt += 1
+        self._set_state("reconnecting", attempt=self.attempt, delay=delay, code=code)
+        self._retry = self.reactor.callLater(delay, self._retry_now)
+
+    def _retry_now(self) -> None:
+        self._retry = None
+        self._open()
+
+    def _dropped(self, protocol: RoomClientProtocol, code: int | None, reason: str | None) -> None:
+        if protocol is not self._protocol and self._protocol is not None:
+            return
+        self._protocol = None
+        was_open = self.state == "open"
+        self._fail_pending("disconnected", f"the connection closed (code {code})")
+        self._events.emit("close", code, reason)
+        waiters, self._close_waiters = self._close_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+        if self._closed_by_user or not self.reconnect or is_terminal(code):
+            self._set_state("closed", code=code, reason=reason)
+            self._fail_connect_waiters(RoomClientError("closed", f"connection closed (code {code})"))
+            return
+        if was_open:
+            self.attempt = 0
+        self._schedule_retry(code)
+
+    def _fail_connect_waiters(self, error: RoomClientError) -> None:
+        waiters, self._connect_waiters = self._connect_waiters, []
+        for waiter in waiters:
+            waiter.errback(error)
+
+    # -- requests --------------------------------------------------------------------------------------------
+
+    def _send_raw(self, message: dict[str, Any]) -> None:
+        if self._protocol is None or self.state != "open":
+            raise RoomClientError("not_connected", "not connected")
+        self._protocol.sendMessage(orjson.dumps(message), False)
+
+    def request(self, message: dict[str, Any], room: str | None = None) -> defer.Deferred[dict[str, Any]]:
+        """Send ``message`` with a fresh ``id``; fires with the reply carrying that id."""
+        request_id = self._next_id
+        self._next_id += 1
+        try:
+            self._send_raw({**message, "id": request_id})
+        except RoomClientError as error:
+            return defer.fail(error)
+        deferred: defer.Deferred[dict[str, Any]] = defer.Deferred()
+        timer = self.reactor.callLater(self.request_timeout, self._timed_out, request_id, message.get("type"))
+        self._pending[request_id] = _Pending(deferred, timer, room)
+        return deferred
+
+    def _timed_out(self, request_id: int, kind: Any) -> None:
+        pending = self._pending.pop(request_id, None)
+        if pending is not None:
+            self._dequeue_echo(request_id)
+            pending.deferred.errback(
+                RoomClientError("timeout", f"no reply to {kind} within {self.request_timeout} s"))
+
+    def _settle(self, request_id: Any, reply: dict[str, Any] | None, error: RoomClientError | None = None) -> bool:
+        pending = self._pending.pop(request_id, None) if isinstance(request_id, int) else None
+        if pending is None:
+            return False
+        if pending.timer.active():
+            pending.timer.cancel()
+        if error is not None or reply is None:
+            pending.deferred.errback(error or RoomClientError("internal", "no reply"))
+        else:
+            pending.deferred.callback(reply)
+        return True
+
+    def _fail_pending(self, code: str, message: str) -> None:
+        pending, self._pending = self._pending, {}
+        self._echo_queue = {}
+        for entry in pending.values():
+            if entry.timer.active():
+                entry.timer.cancel()
+            entry.deferred.errback(RoomClientError(code, message))
+
+    def join(self, room: str, **options: Any) -> defer.Deferred[dict[str, Any]]:
+        """Join ``room`` (``options`` such as ``presence=True`` go into the request); fires with ``joined``."""
+        def joined(reply: dict[str, Any]) -> dict[str, Any]:
+            self.rooms.setdefault(room, RoomState()).join_options = dict(options)
+            return reply
+
+        return self.request({"type": "join", "room": room, **options}).addCallback(joined)
+
+    def leave(self, room: str) -> defer.Deferred[dict[str, Any]]:
+        def left(reply: dict[str, Any]) -> dict[str, Any]:
+            self.rooms.pop(room, None)
+            return reply
+
+        return self.request({"type": "leave", "room": room}).addCallback(left)
+
+    def send(self, room: str, text: str) -> defer.Deferred[dict[str, Any]]:
+        """Send a chat; fires with ``{"type": "ack", "seq": S, ...}`` once the server has it."""
+        request_id = self._next_id
+        deferred = self.request({"type": "chat", "room": room, "text": text}, room=room)
+        if request_id in self._pending:
+            self._echo_queue.setdefault(room, []).append(request_id)
+        return deferred
+
+    def history(self, room: str, since: int | None = None, limit: int | None = None) -> defer.Deferred[dict[str, Any]]:
+        """The room's history (servers with history): chat events after ``since``, or the latest ``limit``."""
+        message: dict[str, Any] = {"type": "history", "room": room}
+        if since is not None:
+            message["since"] = since
+        if limit is not None:
+            message["limit"] = limit
+        return self.request(message)
+
+    def presence(self, room: str) -> defer.Deferred[dict[str, Any]]:
+        """Who is in the room (servers with presence)."""
+        return self.request({"type": "presence", "room": room})
+
+    def last_seq(self, room: str) -> int:
+        state = self.rooms.get(room)
+        return state.last_seq if state is not None else 0
+
+    # -- incoming --------------------------------------------------------------------------------------------
+
+    def _receive(self, protocol: RoomClientProtocol, payload: bytes) -> None:
+        try:
+            message = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            self.log.warn("ignoring a message that is not JSON")
+            return
+        if not isinstance(message, dict):
+            return
+        kind = message.get("type")
+        request_id = message.get("id")
+        if kind == "welcome":
+            self._welcome(message)
+        elif kind == "chat":
+            self._chat(message)
+        elif kind == "ack":
+            self._acks_seen = True
+            self._dequeue_echo(request_id)
+            self._settle(request_id, message)
+        elif kind == "error":
+            error = RoomClientError(str(message.get("code")), str(message.get("message")), message)
+            if self._settle(request_id, None, error):
+                self._dequeue_echo(request_id)
+            else:
+                self._events.emit("error", message)
+        elif kind == "resumed":
+            self._events.emit("resumed", message)
+            self._settle(request_id, message)
+        else:
+            if kind == "presence" and request_id is None:
+                self._events.emit("presence", message)
+            if not self._settle(request_id, message):
+                self._events.emit("message", message)
+
+    def _dequeue_echo(self, request_id: Any) -> None:
+        for queue in self._echo_queue.values():
+            if request_id in queue:
+                queue.remove(request_id)
+                return
+
+    def _chat(self, message: dict[str, Any]) -> None:
+        room = message.get("room")
+        seq = message.get("seq")
+        state = self.rooms.get(room) if isinstance(room, str) else None
+        if state is not None and isinstance(seq, int):
+            if seq <= state.last_seq:
+                return  # already delivered (a replay overlapping what we had)
+            state.last_seq = seq
+        if message.get("from") == self.id and not self._acks_seen and isinstance(room, str):
+            queue = self._echo_queue.get(room)
+            if queue:
+                self._settle(queue.pop(0), {"type": "ack", "room": room, "seq": seq})
+        self._events.emit("chat", message)
+        self._events.emit("message", message)
+
+    def _welcome(self, message: dict[str, Any]) -> None:
+        previous_session = self.session
+        was_reconnect = self._ever_opened
+        self.id = message.get("id")
+        session = message.get("session")
+        self.session = session if isinstance(session, str) else None
+        self._ever_opened = True
+        self.attempt = 0
+        self._set_state("open", resumed=was_reconnect)
+        self._events.emit("welcome", message)
+        waiters, self._connect_waiters = self._connect_waiters, []
+        for waiter in waiters:
+            waiter.callback(self)
+        if not was_reconnect or not self.rooms:
+            return
+        if previous_session is not None and self.session is not None:
+            self._send_raw({"type": "resume", "session": previous_session,
+                            "rooms": {name: state.last_seq for name, state in self.rooms.items()}})
+            return
+        for name, state in list(self.rooms.items()):
+            self._rejoin(name, state)
+
+    def _rejoin(self, name: str, state: RoomState) -> None:
+        """Without sessions: join again, then fill the gap from history where the server keeps one."""
+        def fill_gap(_: dict[str, Any]) -> defer.Deferred[Any]:
+            return self.history(name, since=state.last_seq).addCallbacks(replayed, no_history)
+
+        def replayed(reply: dict[str, Any]) -> None:
+            for event in reply.get("messages") or []:
+                if isinstance(event, dict):
+                    self._chat(event)
+            self._events.emit("resumed", {"type": "resumed", "room": name, "recovered": True, "via": "history"})
+
+        def no_history(failure: Any) -> None:
+            failure.trap(RoomClientError)
+            state.last_seq = 0  # sequence numbers may have started again: accept what comes
+            self._events.emit("resumed", {"type": "resumed", "room": name, "recovered": False, "via": "rejoin"})
+
+        def rejoin_failed(failure: Any) -> None:
+            failure.trap(RoomClientError)
+            self._events.emit("error", {"type": "error", "code": failure.value.code,
+                                        "message": f"could not rejoin {name}: {failure.value.message}"})
+
+        self.request({"type": "join", "room": name, **state.join_options}).addCallback(fill_gap).addErrback(
+            rejoin_failed)

@@ -1,0 +1,178 @@
+"""``roomserver.roomclient.RoomClient`` against a real server on loopback, and its timers on a fake clock."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, task
+
+from roomserver import ServerOptions, WebSocketServer
+from roomserver.core.backoff import backoff_delay
+from roomserver.roomclient import RoomClient, RoomClientError, is_terminal
+
+from .support import eventually, url_of
+
+# -- backoff (pure) ------------------------------------------------------------------------------------------
+
+
+def test_backoff_grows_exponentially_to_the_cap_with_jitter_above_half_the_minimum() -> None:
+    def top() -> float:
+        return 0.999999
+
+    def bottom() -> float:
+        return 0.0
+
+    assert [round(backoff_delay(n, top, 0.25, 10.0, 2.0), 3) for n in range(8)] == [
+        0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
+    assert {backoff_delay(n, bottom, 0.25, 10.0) for n in range(8)} == {0.125}
+    assert backoff_delay(10_000, top) <= 10.0, "huge attempt numbers do not overflow"
+    with pytest.raises(ValueError):
+        backoff_delay(-1, top)
+    with pytest.raises(ValueError):
+        backoff_delay(0, top, min_delay=5, max_delay=1)
+
+
+def test_terminal_close_codes() -> None:
+    assert [code for code in (1000, 1001, 1006, 1008, 1009, 1011, 4008, 4501, None) if is_terminal(code)] == [
+        1008, 1009, 4501]
+
+
+def test_bad_urls_are_refused() -> None:
+    with pytest.raises(ValueError):
+        RoomClient("http://example.com/ws")
+
+
+# -- reconnect schedule on a fake clock ----------------------------------------------------------------------
+
+
+class UnreachableClient(RoomClient):
+    """A client whose every connection attempt fails at once (a server that is down)."""
+
+    attempts: list[float]
+
+    def _connect_once(self) -> defer.Deferred[Any]:
+        self.attempts.append(self.reactor.seconds())
+        return defer.fail(ConnectionRefusedError())
+
+
+def test_retries_follow_the_backoff_schedule_on_the_injected_clock() -> None:
+    clock = task.Clock()
+    client = UnreachableClient("ws://127.0.0.1:9/ws", reactor=clock, random=lambda: 0.5, min_delay=1.0,
+                               max_delay=4.0)
+    client.attempts = []
+    states: list[tuple[str, dict[str, Any]]] = []
+    client.on("state", lambda state, detail: states.append((state, detail)))
+    connected = client.connect()
+    connected.addErrback(lambda failure: None)
+    assert client.attempts == [0.0] and client.state == "reconnecting"
+    # delays with random()=0.5: 0.5 + 0.5 * (cap - 0.5) for caps 1, 2, 4, 4
+    for expected in (0.75, 1.25, 2.25, 2.25):
+        before = len(client.attempts)
+        clock.advance(expected - 0.001)
+        assert len(client.attempts) == before, "no retry before its delay"
+        clock.advance(0.001)
+        assert len(client.attempts) == before + 1
+    retries = [detail for state, detail in states if state == "reconnecting"]
+    assert [(r["attempt"], r["delay"]) for r in retries] == [(1, 0.75), (2, 1.25), (3, 2.25), (4, 2.25), (5, 2.25)]
+    assert [round(b - a, 3) for a, b in zip(client.attempts, client.attempts[1:], strict=False)] == [
+        0.75, 1.25, 2.25, 2.25]
+    client.close()
+    assert client.state == "closed" and not clock.getDelayedCalls(), "close() cancels the pending retry"
+    assert connected.called
+
+
+def test_request_timeout_uses_the_clock() -> None:
+    clock = task.Clock()
+    client = RoomClient("ws://127.0.0.1:9/ws", reactor=clock, request_timeout=3.0)
+    failed = client.request({"type": "join", "room": "r"})
+    errors: list[RoomClientError] = []
+    failed.addErrback(lambda failure: errors.append(failure.value))
+    assert errors and errors[0].code == "not_connected", "a request while not connected fails at once"
+
+
+# -- against a real server -----------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_clients_chat_with_acks_errors_and_leave(make_server: Any) -> None:
+    server = await make_server(room_protocol=True)
+    ada = RoomClient(url_of(server))
+    bob = RoomClient(url_of(server))
+    try:
+        await ada.connect()
+        await bob.connect()
+        assert ada.id in server.clients and ada.state == "open"
+        received: list[dict[str, Any]] = []
+        bob.on("chat", received.append)
+        assert (await ada.join("lobby"))["type"] == "joined"
+        assert (await bob.join("lobby"))["size"] == 2
+        acks = [await ada.send("lobby", f"hello {i}") for i in range(3)]
+        assert [ack["seq"] for ack in acks] == [1, 2, 3]
+        await eventually(lambda: len(received) == 3)
+        assert [event["text"] for event in received] == ["hello 0", "hello 1", "hello 2"]
+        assert bob.last_seq("lobby") == 3
+        with pytest.raises(RoomClientError) as caught:
+            await bob.send("elsewhere", "nope")
+        assert caught.value.code == "not_in_room"
+        with pytest.raises(RoomClientError) as bad:
+            await bob.join("bad room name!")
+        assert bad.value.code == "invalid_message"
+        assert (await bob.leave("lobby"))["type"] == "left" and "lobby" not in bob.rooms
+    finally:
+        await ada.close()
+        await bob.close()
+    await eventually(lambda: server.get_stats().connections == 0)
+    assert ada.state == "closed"
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_reconnects_after_a_restart_and_rejoins(make_server: Any) -> None:
+    """The server stops and starts again on the same port: the client comes back by itself, rejoins its room
+    and its chats work again; the resumed event says whether anything could be recovered."""
+    server = await make_server(room_protocol=True)
+    port = server.port
+    client = RoomClient(url_of(server), min_delay=0.05, max_delay=0.2)
+    states: list[str] = []
+    resumed: list[dict[str, Any]] = []
+    client.on("state", lambda state, detail: states.append(state))
+    client.on("resumed", resumed.append)
+    again = WebSocketServer(ServerOptions(port=port, host="127.0.0.1", room_protocol=True))
+    try:
+        await client.connect()
+        await client.join("lobby")
+        await client.send("lobby", "before")
+        await server.stop()
+        await eventually(lambda: client.state == "reconnecting")
+        await again.start()
+        await eventually(lambda: bool(resumed), timeout=10)
+        assert client.state == "open" and again.get_room("lobby") is not None
+        assert resumed[0]["room"] == "lobby"
+        if not resumed[0]["recovered"]:
+            assert client.last_seq("lobby") == 0, "without history, seq may restart: nothing is filtered out"
+        assert (await client.send("lobby", "after"))["type"] == "ack"
+        assert states[:2] == ["connecting", "open"] and "reconnecting" in states and states[-1] == "open"
+    finally:
+        await client.close()
+        await again.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_terminal_close_stops_reconnecting(make_server: Any) -> None:
+    server = await make_server(room_protocol=True)
+    client = RoomClient(url_of(server), min_delay=0.05)
+    await client.connect()
+    closes: list[Any] = []
+    client.on("close", lambda code, reason: closes.append(code))
+    server.get_client(client.id).close(4501, "go away")  # type: ignore[union-attr]
+    await eventually(lambda: client.state == "closed")
+    assert closes == [4501]
+    with pytest.raises(RoomClientError):
+        await client.join("lobby")
+
+
+def test_roomserver_client_module_also_exports_the_python_client() -> None:
+    from roomserver.client import RoomClient as Exported
+
+    assert Exported is RoomClient
