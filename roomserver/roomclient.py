@@ -368,7 +368,13 @@ class RoomClient:
             else:
                 self._events.emit("error", message)
         elif kind == "resumed":
-            self._events.emit("resumed", message)
+            state = self.rooms.get(message.get("room"))  # type: ignore[arg-type]
+            if state is not None:
+                if message.get("recovered") is False:
+                    # The gap is older than the server's history (or its seq started again): the sequence goes
+                    # on from wherever the replay starts.
+                    state.last_seq = 0
+                self._events.emit("resumed", message)
             self._settle(request_id, message)
         else:
             if kind == "presence" and request_id is None:
@@ -413,11 +419,18 @@ class RoomClient:
         if not was_reconnect or not self.rooms:
             return
         if previous_session is not None and self.session is not None:
-            self._send_raw({"type": "resume", "session": previous_session,
-                            "rooms": {name: state.last_seq for name, state in self.rooms.items()}})
+            resume = self.request({"type": "resume", "session": previous_session,
+                                   "rooms": {name: state.last_seq for name, state in self.rooms.items()}})
+            resume.addErrback(self._resume_refused)
             return
         for name, state in list(self.rooms.items()):
             self._rejoin(name, state)
+
+    def _resume_refused(self, failure: Any) -> None:
+        failure.trap(RoomClientError)
+        if failure.value.code not in ("disconnected", "timeout"):
+            for name, state in list(self.rooms.items()):
+                self._rejoin(name, state)
 
     def _rejoin(self, name: str, state: RoomState) -> None:
         """Without sessions: join again, then fill the gap from history where the server keeps one."""

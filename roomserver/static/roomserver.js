@@ -253,7 +253,12 @@
         this._emit("error", message);
         return;
       case "resumed":
-        if (message.room && this.rooms[message.room]) this._emit("resumed", message);
+        if (message.room && this.rooms[message.room]) {
+          // Not recovered: the gap is older than the server's history (or its seq started again), so the
+          // sequence goes on from wherever the replay starts.
+          if (message.recovered === false) this.rooms[message.room].lastSeq = 0;
+          this._emit("resumed", message);
+        }
         this._settle(message.id, message);
         return;
       case "history":
@@ -308,10 +313,18 @@
     if (previousSession && message.session) {
       var rooms = {};
       names.forEach(function (name) { rooms[name] = self.rooms[name].lastSeq; });
-      this._sendRaw({type: "resume", session: previousSession, rooms: rooms});
+      this.request({type: "resume", session: previousSession, rooms: rooms}).catch(function (error) {
+        if (error.code !== "disconnected" && error.code !== "timeout") self._rejoin(names);
+      });
       return;
     }
-    // No sessions on this server: join again, and fill the gap from history where the server keeps it.
+    this._rejoin(names);
+  };
+
+  // No sessions on this server (or the resume was refused): join again, and fill the gap from history where
+  // the server keeps it.
+  RoomClient.prototype._rejoin = function (names) {
+    var self = this;
     names.forEach(function (name) {
       var state = self.rooms[name];
       self.request(Object.assign({type: "join", room: name}, state.joinOptions || {})).then(function () {
