@@ -75,6 +75,17 @@ class ServerOptions:
     testee: bool = False
     """Echo every message back instead of serving rooms: the Autobahn TestSuite testee (roomserver/testee.py;
     the limits it lifts are listed in docs/compliance.md)."""
+    store: str = "memory"
+    """Where rooms and history live: ``memory`` (this process) or ``sqlite:PATH`` (``twistd roomserver``'s
+    default is ``sqlite:roomserver.db``). See docs/persistence.md."""
+    history_size: int = 1000
+    """Chat messages kept per room for ``history`` and resume."""
+    history_ttl: float | None = None
+    """Seconds a chat message stays in history (None = until ``history_size`` pushes it out)."""
+    resume_ttl: float = 120.0
+    """Seconds a closed connection's session can still be resumed (0 = sessions are never continued)."""
+    dedupe_window: float = 300.0
+    """Seconds a chat's ``msg_id`` is remembered: a retry within it is acknowledged, not sent again."""
 
     def __post_init__(self) -> None:
         if not self.path.startswith("/"):
@@ -96,6 +107,17 @@ class ServerOptions:
         if isinstance(self.allowed_origins, str):
             object.__setattr__(self, "allowed_origins", tuple(
                 origin.strip() for origin in self.allowed_origins.split(",") if origin.strip()))
+        from .store import parse_store_spec
+
+        parse_store_spec(self.store)
+        if self.history_size < 1:
+            raise ValueError("history_size must be >= 1")
+        if self.history_ttl is not None and self.history_ttl <= 0:
+            raise ValueError("history_ttl must be > 0 (or None for no ttl)")
+        if self.resume_ttl < 0:
+            raise ValueError("resume_ttl must be >= 0")
+        if self.dedupe_window < 0:
+            raise ValueError("dedupe_window must be >= 0")
 
     @property
     def effective_ping_timeout(self) -> float:

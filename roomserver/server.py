@@ -29,8 +29,10 @@ from .core.messages import encode
 from .core.origins import OriginPolicy
 from .core.ratelimit import FloodGuard, Verdict
 from .core.rooms import Room, RoomRegistry
-from .core.session import Effect, Publish, Reply, RoomProtocol
+from .core.session import Append, Effect, ReadHistory, Replay, Reply, RoomProtocol, TakeOver
+from .core.sessions import SessionTable
 from .core.stats import ServerStats, StatsCounters
+from .durable import DurableRooms, History
 from .events import EventEmitter
 from .observe import ConnectionLog, Observers
 from .options import ServerOptions
@@ -86,6 +88,7 @@ class WebSocketServer:
         if self.options.room_protocol:
             self.use_room_protocol()
         self._events = EventEmitter(SERVER_EVENTS)
+        self.durable = DurableRooms(self)
         if self.options.testee:
             install_echo(self)
         self._clients: dict[str, Client] = {}
@@ -115,12 +118,36 @@ class WebSocketServer:
     def use_room_protocol(self) -> WebSocketServer:
         """Serve the built-in JSON room protocol (welcome, join, leave, chat; docs/protocol.md)."""
         if self.room_protocol is None:
-            self.room_protocol = RoomProtocol(self.registry)
+            sessions = SessionTable(self.options.resume_ttl)
+            self.room_protocol = RoomProtocol(self.registry, sessions, clock=self.reactor.seconds)  # type: ignore[attr-defined]
         return self
 
-    def create_room(self, name: str, keep: bool = False) -> Room:
-        """The room called ``name``, created if needed; ``keep=True`` keeps it when it becomes empty."""
-        return self.registry.create(name, keep=keep)
+    def create_room(self, name: str, keep: bool = False, meta: dict[str, Any] | None = None) -> Room:
+        """The room called ``name``, created if needed.
+
+        ``keep=True`` keeps it when it becomes empty and stores it (with ``meta``, any JSON-serializable dict)
+        so a persistent store recreates it at the next start, with its history and seq.
+        """
+        room = self.registry.create(name, keep=keep)
+        if meta is not None:
+            room.meta = dict(meta)
+        if keep:
+            self.durable.room_kept(room).addErrback(
+                lambda failure: self.log.failure("could not store room {name}", failure, name=name))
+        return room
+
+    def delete_room(self, name: str) -> defer.Deferred[None]:
+        """Forget a room, kept or not: its members leave it, its record and history are deleted from the store.
+        Its seq counter survives, so seqs are never reused."""
+        self.registry.discard_room(name)
+        return self.durable.room_deleted(name)
+
+    def history(
+        self, room: str, since: int | None = None, limit: int = 100, before: int | None = None
+    ) -> defer.Deferred[History]:
+        """A page of ``room``'s chat history (events exactly as broadcast, oldest first): the first ``limit``
+        after ``since``, or the latest ``limit`` (before ``before``, if given)."""
+        return defer.ensureDeferred(self.durable.history(room, since, limit, before))
 
     def get_room(self, name: str) -> Room | None:
         return self.registry.get(name)
@@ -185,7 +212,12 @@ class WebSocketServer:
                     "max_clients {max_clients} is close to the open-files limit {soft} (hard limit {hard})",
                     max_clients=self.options.max_clients, soft=soft, hard=hard,
                 )
-        self._listening = await self._endpoint().listen(self.connections)
+        await self.durable.start()
+        try:
+            self._listening = await self._endpoint().listen(self.connections)
+        except BaseException:
+            await self.durable.stop()
+            raise
         host = self._listening.getHost()
         self.port = getattr(host, "port", None)
         self.log.info("roomserver listening on {host} path {path}", host=host, path=self.options.path)
@@ -209,6 +241,7 @@ class WebSocketServer:
             await everything_closed
             if deadline.active():
                 deadline.cancel()
+        await self.durable.stop()
         self.log.info("roomserver stopped")
 
     @staticmethod
@@ -296,6 +329,9 @@ class WebSocketServer:
         self._clients.pop(client.id, None)
         self.counters.disconnected()
         self.registry.remove_member(client)
+        self.durable.forget(client)
+        if self.room_protocol is not None:
+            self.room_protocol.disconnected(client)
         client.close_code = code
         client.close_reason = reason
         client._detach()
@@ -331,7 +367,12 @@ class WebSocketServer:
         return True
 
     def _fan_out(
-        self, room: Room, payload: bytes, is_binary: bool, exclude: Client | Iterable[Client] | None = None
+        self,
+        room: Room,
+        payload: bytes,
+        is_binary: bool,
+        exclude: Client | Iterable[Client] | None = None,
+        seq: int | None = None,
     ) -> int:
         if exclude is None:
             excluded: frozenset[Any] | tuple[Any, ...] = ()
@@ -340,6 +381,13 @@ class WebSocketServer:
         else:
             excluded = frozenset(exclude)
         started = perf_counter()
+        replaying = self.durable.replaying.get(room.name)
+        if replaying:
+            # Members still receiving a history replay get live messages after it (durable.py explains why).
+            for member, state in replaying.items():
+                if member in room.clients and member not in excluded:
+                    state.pending.append((seq, payload, is_binary))
+            excluded = frozenset(excluded) | replaying.keys()
         prepared = self.factory.prepareMessage(payload, is_binary)
         sent = 0
         for member in room.clients.snapshot():
@@ -354,13 +402,20 @@ class WebSocketServer:
         self.observers.broadcast_done(room, sent, perf_counter() - started)
         return sent
 
+    def _reply(self, client: Client, event: dict[str, Any]) -> None:
+        if event.get("type") == "error":
+            self.counters.error(event["code"])
+        self.send_payload(client, encode(event), False)
+
     def _execute(self, client: Client, effects: list[Effect]) -> None:
         for effect in effects:
             if isinstance(effect, Reply):
-                if effect.event.get("type") == "error":
-                    self.counters.error(effect.event["code"])
-                self.send_payload(client, encode(effect.event), False)
-            elif isinstance(effect, Publish):
-                room = self.registry.get(effect.room)
-                if room is not None:
-                    self._fan_out(room, encode(effect.event), False)
+                self._reply(client, effect.event)
+            elif isinstance(effect, Append):
+                self.durable.append(client, effect)
+            elif isinstance(effect, Replay):
+                self.durable.replay(client, effect)
+            elif isinstance(effect, ReadHistory):
+                self.durable.read_history(client, effect)
+            elif isinstance(effect, TakeOver):
+                self.durable.take_over(client, effect)

@@ -30,7 +30,13 @@ class RoomServerService(service.Service):
     def _failed_to_start(self, failure: Any) -> None:
         from twisted.logger import Logger
 
-        Logger().failure("roomserver could not start", failure)
+        from .interfaces import StoreError
+
+        if failure.check(StoreError):
+            # An operator's problem (a path, a permission), not a bug: one clear line, no traceback.
+            Logger().critical("roomserver could not start: {error}", error=failure.value)
+        else:
+            Logger().failure("roomserver could not start", failure)
         reactor: Any = self.server.reactor
         if reactor.running:
             reactor.stop()

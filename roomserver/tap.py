@@ -20,6 +20,7 @@ from .service import RoomServerService
 from .testee import as_testee
 
 _DEFAULTS = ServerOptions()
+DEFAULT_STORE = "sqlite:roomserver.db"
 
 
 def _optional_int(value: str) -> int | None:
@@ -114,6 +115,17 @@ class Options(usage.Options):
         ["admin-token-file", None, None, "A file holding the admin token of the dashboard and the admin API "
          "(or set ROOMSERVER_ADMIN_TOKEN; never the token itself on the command line)."],
         ["log-format", None, "text", "Log format: text, or json (one JSON object per line).", _log_format],
+        ["store", None, DEFAULT_STORE, "Where rooms and history live: sqlite:PATH (a SQLite file, created if "
+         "missing) or memory (lost at exit)."],
+        ["history-size", None, _DEFAULTS.history_size, "Chat messages kept per room for history and resume.",
+         _positive_int],
+        ["history-ttl", None, None, "Seconds a chat message stays in history (default: no limit).",
+         _non_negative_float],
+        ["resume-ttl", None, _DEFAULTS.resume_ttl, "Seconds a closed connection's session can be resumed.",
+         _non_negative_float],
+        ["dedupe-window", None, _DEFAULTS.dedupe_window,
+         "Seconds a chat's msg_id is remembered to acknowledge retries instead of sending them again.",
+         _non_negative_float],
     ]
 
 
@@ -136,6 +148,7 @@ class Options(usage.Options):
         values["ping_timeout"] = values["ping_timeout"] or None
         values.pop("log_format")  # a twistd logging choice, not a server option
         values["http_pages"] = not self["no-http-pages"]
+        values["history_ttl"] = values["history_ttl"] or None
         values["compression"] = bool(self["compression"])
         values["testee"] = bool(self["testee"])
         options = ServerOptions(room_protocol=True, **values)

@@ -109,14 +109,6 @@ def test_room_limits() -> None:
     assert registry.rooms_of(c) == {"r3"}
 
 
-def test_sequence_numbers_are_gap_free_per_room() -> None:
-    registry = RoomRegistry()
-    r1 = registry.create("one")
-    r2 = registry.create("two")
-    assert [r1.next_seq() for _ in range(3)] == [1, 2, 3]
-    assert r2.next_seq() == 1
-
-
 def test_discard_room_forgets_a_kept_room_and_its_members() -> None:
     registry = RoomRegistry()
     a = Member("a")

@@ -10,7 +10,8 @@ import pytest
 from roomserver.core import messages
 from roomserver.core.errors import ErrorCode, ProtocolViolation
 from roomserver.core.rooms import RoomRegistry
-from roomserver.core.session import Publish, Reply, RoomProtocol
+from roomserver.core.session import Append, ReadHistory, Replay, Reply, RoomProtocol, TakeOver
+from roomserver.core.sessions import SessionTable
 from roomserver.core.stats import ServerStats, StatsCounters
 
 
@@ -63,7 +64,7 @@ def test_binary_frames_are_unsupported() -> None:
     assert error_code(protocol.handle(Member("a"), b"\x00", is_binary=True)) == ErrorCode.UNSUPPORTED
 
 
-def test_join_chat_leave_flow_with_sequence_numbers_and_ids() -> None:
+def test_join_chat_leave_flow_with_ids() -> None:
     registry = RoomRegistry()
     protocol = RoomProtocol(registry)
     a, b = Member("a"), Member("b")
@@ -71,11 +72,10 @@ def test_join_chat_leave_flow_with_sequence_numbers_and_ids() -> None:
         Reply({"type": "joined", "room": "r", "size": 1, "id": 7})
     ]
     assert handle(protocol, b, {"type": "join", "room": "r"}) == [Reply({"type": "joined", "room": "r", "size": 2})]
-    for expected_seq in (1, 2):
-        effects = handle(protocol, a, {"type": "chat", "room": "r", "text": "hi", "id": "m"})
-        assert effects == [
-            Publish("r", {"type": "chat", "room": "r", "from": "a", "text": "hi", "seq": expected_seq})
-        ]
+    effects = handle(protocol, a, {"type": "chat", "room": "r", "text": "hi", "id": "m", "msg_id": "u1"})
+    assert effects == [
+        Append("r", b'{"type":"chat","room":"r","from":"a","text":"hi","msg_id":"u1"}', "u1", "m")
+    ], "the chat goes to the store first, encoded without seq (the store assigns it)"
     assert handle(protocol, b, {"type": "leave", "room": "r", "id": "x"}) == [
         Reply({"type": "left", "room": "r", "id": "x"})
     ]
@@ -106,3 +106,106 @@ def test_stats_snapshot_compares_on_the_seed_fields() -> None:
     snapshot = counters.snapshot(rooms=1)
     assert snapshot == ServerStats(connections=1, rooms=1, messages_sent=1, messages_received=2)
     assert snapshot.bytes_received == 20 and snapshot.drops == {"slow_consumer": 1}
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"type": "chat", "room": "r", "text": "x", "msg_id": ""},
+        {"type": "chat", "room": "r", "text": "x", "msg_id": 5},
+        {"type": "chat", "room": "r", "text": "x", "msg_id": "m" * 129},
+        {"type": "join", "room": "r", "since": -1},
+        {"type": "join", "room": "r", "since": "3"},
+        {"type": "join", "room": "r", "since": True},
+        {"type": "history", "room": "r", "limit": 0},
+        {"type": "history", "room": "r", "limit": 1.5},
+        {"type": "history", "room": "r", "since": 2**60},
+        {"type": "history", "room": "bad name"},
+        {"type": "resume"},
+        {"type": "resume", "session": 5},
+        {"type": "resume", "session": "s", "rooms": []},
+        {"type": "resume", "session": "s", "rooms": {"r": -1}},
+        {"type": "resume", "session": "s", "rooms": {"bad name": 1}},
+    ],
+)
+def test_invalid_durable_requests_are_invalid_message(message: Any) -> None:
+    protocol = RoomProtocol(RoomRegistry())
+    assert error_code(handle(protocol, Member("a"), message)) == ErrorCode.INVALID_MESSAGE
+
+
+def test_history_requests_need_no_membership_and_cap_the_limit() -> None:
+    protocol = RoomProtocol(RoomRegistry())
+    assert handle(protocol, Member("a"), {"type": "history", "room": "r", "since": 3, "limit": 10**6, "id": 1}) == [
+        ReadHistory("r", 3, None, messages.MAX_HISTORY_LIMIT, 1)]
+    assert handle(protocol, Member("a"), {"type": "history", "room": "r", "before": 9}) == [
+        ReadHistory("r", None, 9, messages.DEFAULT_HISTORY_LIMIT, None)]
+
+
+def test_join_with_since_asks_for_a_replay() -> None:
+    protocol = RoomProtocol(RoomRegistry())
+    assert handle(protocol, Member("a"), {"type": "join", "room": "r", "since": 4, "id": "j"}) == [
+        Replay("r", 4, {"type": "joined", "room": "r", "size": 1, "id": "j"})]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_resume_continues_a_detached_session_once_and_within_its_ttl() -> None:
+    clock = Clock()
+    registry = RoomRegistry()
+    protocol = RoomProtocol(registry, SessionTable(ttl=120), clock=clock)
+    old, new, late = Member("old"), Member("new"), Member("late")
+    token = protocol.welcome(old)[0].event["session"]  # type: ignore[union-attr]
+    assert len(token) >= 32, "the session token must be unguessable"
+    protocol.welcome(new)
+    protocol.disconnected(old)
+    clock.now += 119
+    effects = handle(protocol, new, {"type": "resume", "session": token, "rooms": {"r": 7, "s": 0}, "id": 1})
+    assert effects == [
+        TakeOver("old"),
+        Replay("r", 7, {"type": "resumed", "room": "r", "continued": True, "id": 1}),
+        Replay("s", 0, {"type": "resumed", "room": "s", "continued": True, "id": 1}),
+    ]
+    assert registry.rooms_of(new) == {"r", "s"}
+    protocol.welcome(late)
+    again = handle(protocol, late, {"type": "resume", "session": token, "rooms": {}})
+    assert again == [Reply({"type": "resumed", "continued": False})], "a session is continued at most once"
+
+
+def test_an_expired_or_unknown_session_still_rejoins_and_replays_but_is_not_continued() -> None:
+    clock = Clock()
+    protocol = RoomProtocol(RoomRegistry(), SessionTable(ttl=120), clock=clock)
+    old, new = Member("old"), Member("new")
+    token = protocol.welcome(old)[0].event["session"]  # type: ignore[union-attr]
+    protocol.disconnected(old)
+    clock.now += 121
+    protocol.welcome(new)
+    assert handle(protocol, new, {"type": "resume", "session": token, "rooms": {"r": 1}}) == [
+        Replay("r", 1, {"type": "resumed", "room": "r", "continued": False})]
+    assert len(protocol.sessions) == 1, "the expired session is forgotten, only the live one remains"
+
+
+def test_resume_of_a_session_still_attached_takes_it_over() -> None:
+    protocol = RoomProtocol(RoomRegistry(), SessionTable(ttl=120), clock=Clock())
+    old, new = Member("old"), Member("new")
+    token = protocol.welcome(old)[0].event["session"]  # type: ignore[union-attr]
+    protocol.welcome(new)
+    assert handle(protocol, new, {"type": "resume", "session": token, "rooms": {}})[0] == TakeOver("old")
+    protocol.disconnected(old)  # the taken-over connection closing later must not bring the session back
+    assert handle(protocol, Member("x"), {"type": "resume", "session": token, "rooms": {}}) == [
+        Reply({"type": "resumed", "continued": False})]
+
+
+def test_a_resume_beyond_the_room_limit_reports_that_room_and_rejoins_the_others() -> None:
+    protocol = RoomProtocol(RoomRegistry(max_rooms_per_client=1), SessionTable(ttl=120), clock=Clock())
+    member = Member("m")
+    protocol.welcome(member)
+    effects = handle(protocol, member, {"type": "resume", "session": "unknown", "rooms": {"a": 0, "b": 0}})
+    assert effects[0] == Replay("a", 0, {"type": "resumed", "room": "a", "continued": False})
+    assert isinstance(effects[1], Reply) and effects[1].event["code"] == ErrorCode.TOO_MANY_ROOMS
+    assert effects[1].event["room"] == "b"

@@ -107,3 +107,21 @@ def test_twistd_plugin_serves_clients_and_sigterm_sends_1001(tmp_path: Path) -> 
             process.wait(5)
     output = process.stdout.read().decode() if process.stdout else ""
     assert "Traceback" not in output, output
+
+
+def test_durable_options_map_to_server_options() -> None:
+    config = Options()
+    config.parseOptions([])
+    assert config.server_options().store == "sqlite:roomserver.db", "twistd keeps rooms on disk by default"
+    config = Options()
+    config.parseOptions(["--store", "memory", "--history-size", "50", "--history-ttl", "3600", "--resume-ttl", "30",
+                         "--dedupe-window", "60"])
+    options = config.server_options()
+    assert (options.store, options.history_size, options.history_ttl, options.resume_ttl, options.dedupe_window) \
+        == ("memory", 50, 3600.0, 30.0, 60.0)
+
+
+@pytest.mark.parametrize("argv", [["--store", "postgres://x"], ["--store", "sqlite:"], ["--history-size", "0"]])
+def test_bad_durable_options_are_usage_errors(argv: list[str]) -> None:
+    with pytest.raises(usage.UsageError):
+        Options().parseOptions(argv)

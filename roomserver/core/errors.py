@@ -24,6 +24,7 @@ class CloseCode:
     INTERNAL_ERROR = 1011
     SERVICE_RESTART = 1012
     SLOW_CONSUMER = 4008  # reconnect-class: the client did not read fast enough
+    SESSION_TAKEN_OVER = 4509  # terminal: another connection resumed this connection's session
 
 
 class ErrorCode:
@@ -37,6 +38,7 @@ class ErrorCode:
     ROOM_FULL = "room_full"
     TOO_MANY_ROOMS = "too_many_rooms"
     RATE_LIMITED = "rate_limited"
+    UNAVAILABLE = "unavailable"  # the store failed: the message was not stored and not sent
     INTERNAL = "internal_error"
 
 

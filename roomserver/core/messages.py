@@ -20,6 +20,12 @@ from .errors import ErrorCode, ProtocolViolation
 
 ROOM_NAME = re.compile(r"[A-Za-z0-9_.:\-]{1,64}")
 MAX_REQUEST_ID_LENGTH = 128
+MAX_MSG_ID_LENGTH = 128
+MAX_SESSION_LENGTH = 128
+DEFAULT_HISTORY_LIMIT = 100
+MAX_HISTORY_LIMIT = 1000
+MAX_RESUME_ROOMS = 1000
+MAX_SEQ = 2**53
 RequestId = str | int | None
 
 
@@ -27,6 +33,8 @@ RequestId = str | int | None
 class Join:
     room: str
     id: RequestId = None
+    since: int | None = None
+    """Replay the room's history after this seq before live messages (docs/protocol.md, resume)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,9 +48,27 @@ class Chat:
     room: str
     text: str
     id: RequestId = None
+    msg_id: str | None = None
+    """The client's idempotency key: a retry with the same msg_id is acknowledged, not broadcast again."""
 
 
-Command = Join | Leave | Chat
+@dataclass(frozen=True, slots=True)
+class History:
+    room: str
+    since: int | None = None
+    before: int | None = None
+    limit: int = DEFAULT_HISTORY_LIMIT
+    id: RequestId = None
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    session: str
+    rooms: tuple[tuple[str, int], ...]
+    id: RequestId = None
+
+
+Command = Join | Leave | Chat | History | Resume
 
 
 def encode(event: Any) -> bytes:
@@ -85,14 +111,19 @@ def parse(payload: bytes | str) -> Command:
         raise ProtocolViolation('"id" must be a string of at most 128 characters or an integer')
     request_id = request_id_of(message)
     if kind == "join":
-        return Join(room=_room_of(message), id=request_id)
+        return Join(room=_room_of(message), id=request_id, since=_seq_of(message, "since"))
     if kind == "leave":
         return Leave(room=_room_of(message), id=request_id)
     if kind == "chat":
         text = message.get("text")
         if not isinstance(text, str):
             raise ProtocolViolation('a chat message needs a string field "text"')
-        return Chat(room=_room_of(message), text=text, id=request_id)
+        return Chat(room=_room_of(message), text=text, id=request_id, msg_id=_msg_id_of(message))
+    if kind == "history":
+        return History(room=_room_of(message), since=_seq_of(message, "since"), before=_seq_of(message, "before"),
+                       limit=_limit_of(message), id=request_id)
+    if kind == "resume":
+        return Resume(session=_session_of(message), rooms=_resume_rooms_of(message), id=request_id)
     raise ProtocolViolation(f"unknown message type {kind[:64]!r}", code=ErrorCode.UNKNOWN_TYPE)
 
 
@@ -105,27 +136,118 @@ def _room_of(message: dict[str, Any]) -> str:
     return room
 
 
+def _is_seq(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_SEQ
+
+
+def _seq_of(message: dict[str, Any], field: str) -> int | None:
+    value = message.get(field)
+    if value is None:
+        return None
+    if not _is_seq(value):
+        raise ProtocolViolation(f'field "{field}" must be a sequence number (an integer >= 0)')
+    return int(value)
+
+
+def _limit_of(message: dict[str, Any]) -> int:
+    """The page size: default 100; larger requests are capped at ``MAX_HISTORY_LIMIT``."""
+    value = message.get("limit")
+    if value is None:
+        return DEFAULT_HISTORY_LIMIT
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ProtocolViolation('field "limit" must be an integer >= 1')
+    return min(value, MAX_HISTORY_LIMIT)
+
+
+def _msg_id_of(message: dict[str, Any]) -> str | None:
+    value = message.get("msg_id")
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_MSG_ID_LENGTH:
+        raise ProtocolViolation(f'"msg_id" must be a string of 1 to {MAX_MSG_ID_LENGTH} characters')
+    return value
+
+
+def _session_of(message: dict[str, Any]) -> str:
+    value = message.get("session")
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_SESSION_LENGTH:
+        raise ProtocolViolation('a resume needs the string field "session" from the welcome message')
+    return value
+
+
+def _resume_rooms_of(message: dict[str, Any]) -> tuple[tuple[str, int], ...]:
+    rooms = message.get("rooms", {})
+    if not isinstance(rooms, dict) or len(rooms) > MAX_RESUME_ROOMS:
+        raise ProtocolViolation(
+            f'field "rooms" must be an object of at most {MAX_RESUME_ROOMS} rooms: {{"room": last_seq}}')
+    for name, seq in rooms.items():
+        if ROOM_NAME.fullmatch(name) is None:
+            raise ProtocolViolation(f'room names in "rooms" must be 1 to 64 characters of letters, digits '
+                                    f'and _.:- (got {name[:70]!r})')
+        if not _is_seq(seq):
+            raise ProtocolViolation(f'the last seq of room {name!r} in "rooms" must be an integer >= 0')
+    return tuple(rooms.items())
+
+
 def with_id(event: dict[str, Any], request_id: RequestId) -> dict[str, Any]:
     if request_id is not None:
         event["id"] = request_id
     return event
 
 
-def welcome(client_id: str) -> dict[str, Any]:
-    return {"type": "welcome", "id": client_id}
+def welcome(client_id: str, session: str | None = None) -> dict[str, Any]:
+    event: dict[str, Any] = {"type": "welcome", "id": client_id}
+    if session is not None:
+        event["session"] = session
+    return event
 
 
 def joined(room: str, size: int, request_id: RequestId = None) -> dict[str, Any]:
     return with_id({"type": "joined", "room": room, "size": size}, request_id)
 
 
+def recovery(event: dict[str, Any], recovered: bool, first_seq: int) -> dict[str, Any]:
+    """Add the outcome of a replay to a ``joined``/``resumed`` reply (``first_seq`` only when not recovered)."""
+    event["recovered"] = recovered
+    if not recovered:
+        event["first_seq"] = first_seq
+    return event
+
+
+def resumed(room: str | None, continued: bool, request_id: RequestId = None) -> dict[str, Any]:
+    """One room's ``resumed`` reply (a resume listing no rooms gets one without ``room``)."""
+    event: dict[str, Any] = {"type": "resumed"}
+    if room is not None:
+        event["room"] = room
+    event["continued"] = continued
+    return with_id(event, request_id)
+
+
+def chat_body(room: str, sender: str, text: str, msg_id: str | None = None) -> bytes:
+    """A chat event encoded without its seq (the store adds it: ``history.with_seq``)."""
+    event: dict[str, Any] = {"type": "chat", "room": room, "from": sender, "text": text}
+    if msg_id is not None:
+        event["msg_id"] = msg_id
+    return encode(event)
+
+
+def ack(seq: int, request_id: RequestId = None, msg_id: str | None = None, duplicate: bool = False) -> dict[str, Any]:
+    event: dict[str, Any] = {"type": "ack"}
+    with_id(event, request_id)
+    event["seq"] = seq
+    if msg_id is not None:
+        event["msg_id"] = msg_id
+    if duplicate:
+        event["duplicate"] = True
+    return event
+
+
 def left(room: str, request_id: RequestId = None) -> dict[str, Any]:
     return with_id({"type": "left", "room": room}, request_id)
 
 
-def chat(room: str, sender: str, text: str, seq: int) -> dict[str, Any]:
-    return {"type": "chat", "room": room, "from": sender, "text": text, "seq": seq}
-
-
-def error(code: str, message: str, request_id: RequestId = None) -> dict[str, Any]:
-    return with_id({"type": "error", "code": code, "message": message}, request_id)
+def error(code: str, message: str, request_id: RequestId = None, room: str | None = None) -> dict[str, Any]:
+    event: dict[str, Any] = {"type": "error", "code": code, "message": message}
+    if room is not None:
+        event["room"] = room
+    return with_id(event, request_id)

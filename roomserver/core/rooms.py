@@ -59,21 +59,21 @@ class MemberSet(MutableSet[Any]):
 
 
 class Room:
-    """A named room: its members, whether it outlives its members, and its last assigned sequence number."""
+    """A named room: its members, whether it outlives its members, its metadata and its last stored seq.
 
-    __slots__ = ("__weakref__", "_registry", "clients", "keep", "last_seq", "name")
+    Seqs are assigned by the store (so they survive restarts and are shared by every node); ``last_seq`` is
+    the last one this server saw stored.
+    """
+
+    __slots__ = ("__weakref__", "_registry", "clients", "keep", "last_seq", "meta", "name")
 
     def __init__(self, name: str, registry: RoomRegistry, *, keep: bool = False, last_seq: int = 0) -> None:
         self.name = name
         self.keep = keep
         self.last_seq = last_seq
+        self.meta: dict[str, Any] = {}
         self._registry = registry
         self.clients = MemberSet(self)
-
-    def next_seq(self) -> int:
-        """Assign the next sequence number: gap-free and strictly increasing per room."""
-        self.last_seq += 1
-        return self.last_seq
 
     def __repr__(self) -> str:
         return f"Room({self.name!r}, members={len(self.clients)}, keep={self.keep})"

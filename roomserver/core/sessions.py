@@ -1,0 +1,74 @@
+"""Resume sessions, without I/O: which token belongs to which connection, and until when it can be resumed.
+
+Every connection gets a session token in its ``welcome``. While the connection is open the session cannot
+expire; when it closes, the session is kept for ``ttl`` seconds so a reconnecting client can present the token
+in a ``resume`` and be treated as the same member (its old identity is handed to whoever resumes it, once).
+
+The table is told the time (``now=``) and owns no clock. Because every detached session gets the same ``ttl``,
+detaching in time order keeps the detached sessions ordered by expiry, so ``expire`` only ever looks at the
+oldest ones: its cost is the number of sessions it drops, and nothing needs a timer per connection.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class Session:
+    """A session: the client id it was issued to and, once detached, when it stops being resumable."""
+
+    token: str
+    client_id: str
+    expires: float | None = None  # None while a connection holds it
+
+
+class SessionTable:
+    """Sessions by token; attached ones never expire, detached ones expire ``ttl`` seconds after detaching."""
+
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        self._attached: dict[str, Session] = {}
+        self._detached: OrderedDict[str, Session] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._attached) + len(self._detached)
+
+    def attach(self, token: str, client_id: str) -> Session:
+        """A new connection's session."""
+        session = Session(token, client_id)
+        self._attached[token] = session
+        return session
+
+    def detach(self, token: str, now: float) -> None:
+        """The connection holding ``token`` closed: keep the session resumable until ``now + ttl``."""
+        self.expire(now)
+        session = self._attached.pop(token, None)
+        if session is None or self.ttl <= 0:
+            return
+        session.expires = now + self.ttl
+        self._detached[token] = session
+
+    def take(self, token: str, now: float) -> Session | None:
+        """Claim the session ``token`` for a resume: it is returned at most once, and only before it expires.
+
+        A session whose connection is still attached (a half-open connection the server has not noticed yet)
+        can be taken too; the caller then closes that old connection.
+        """
+        self.expire(now)
+        session = self._detached.pop(token, None)
+        if session is None:
+            session = self._attached.pop(token, None)
+        return session
+
+    def expire(self, now: float) -> int:
+        """Forget detached sessions whose time is up; returns how many."""
+        dropped = 0
+        while self._detached:
+            token, session = next(iter(self._detached.items()))
+            if session.expires is not None and session.expires > now:
+                break
+            del self._detached[token]
+            dropped += 1
+        return dropped

@@ -1,0 +1,297 @@
+"""The hub's durable side: store appends in seq order, history replies, replays that switch to live cleanly.
+
+``WebSocketServer`` hands the core's durable effects to ``DurableRooms``:
+
+- ``Append``: the chat goes through ``AppendPipeline`` to the store, which assigns its seq; only once it is
+  stored is it broadcast (and acknowledged to its sender). A store failure becomes error ``unavailable`` to the
+  sender: the message was neither stored nor sent, and the sender may retry (with the same ``msg_id``).
+- ``ReadHistory``: a page from the store, sent as one ``history`` reply around the stored payloads.
+- ``Replay``: a (re)joining member first gets the room's history after the seq it names, then live messages,
+  with no gap and no duplicate. Live broadcasts reaching the room while the history read is in flight are
+  queued for that member (``replaying``), then flushed after the replay, skipping any seq already replayed.
+
+Why that is gap-free: a chat is broadcast only after the store confirmed it, and reads see every confirmed
+append. So a message broadcast before the member was registered as replaying is in the history read (issued
+after the registration), and one broadcast after it is in the queue; a message in both is skipped by seq.
+
+Why broadcast order equals seq order although a SQLite append is asynchronous: ``AppendPipeline`` keeps at most
+one append batch per room in flight, and the store assigns seqs in call order. Chats that arrive meanwhile wait
+and go to the store together as the next batch (a group commit): fewer transactions under load, and with the
+memory store, whose Deferreds have already fired, no waiting at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from .core import messages
+from .core.errors import CloseCode, ErrorCode
+from .core.history import Appended, HistoryPage, NewMessage, StoredMessage, history_payload, replay_plan
+from .core.rooms import Room
+from .core.session import Append, ReadHistory, Replay, TakeOver
+from .interfaces import RoomRecord, Store
+from .store import create_store
+
+if TYPE_CHECKING:
+    from .client import Client
+    from .server import WebSocketServer
+
+MAX_BATCH = 256
+MAX_REPLAY_PAGES = 64
+
+
+@dataclass(frozen=True)
+class History:
+    """A page of a room's history for the library (``server.history``): chat events as dicts, oldest first."""
+
+    room: str
+    messages: list[dict[str, Any]]
+    more: bool
+    first_seq: int
+    last_seq: int
+
+
+@dataclass(eq=False)
+class ReplayState:
+    """Live payloads (seq, payload, is_binary) that reached a replaying member's room during its replay."""
+
+    pending: list[tuple[int | None, bytes, bool]] = field(default_factory=list)
+
+
+class AppendPipeline:
+    """Per room: at most one append batch in flight; chats arriving meanwhile go together as the next batch.
+
+    ``submit`` returns a Deferred per message that fires, in submission order per room, with its ``Appended``
+    (or fails with the store's error). Callbacks run right when the store answers, so whatever they do (the
+    broadcast) happens in seq order.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._waiting: dict[str, list[tuple[NewMessage, defer.Deferred[Appended]]]] = {}
+        self._busy: set[str] = set()
+        self._idle_waiters: list[defer.Deferred[None]] = []
+
+    def submit(self, room: str, message: NewMessage) -> defer.Deferred[Appended]:
+        done: defer.Deferred[Appended] = defer.Deferred()
+        self._waiting.setdefault(room, []).append((message, done))
+        if room not in self._busy:
+            self._next(room)
+        return done
+
+    def idle(self) -> defer.Deferred[None]:
+        """Fires once no append is in flight or waiting (used before closing the store)."""
+        if not self._busy:
+            return defer.succeed(None)
+        waiter: defer.Deferred[None] = defer.Deferred()
+        self._idle_waiters.append(waiter)
+        return waiter
+
+    def _next(self, room: str) -> None:
+        waiting = self._waiting.get(room)
+        if not waiting:
+            self._waiting.pop(room, None)
+            self._busy.discard(room)
+            if not self._busy:
+                waiters, self._idle_waiters = self._idle_waiters, []
+                for waiter in waiters:
+                    waiter.callback(None)
+            return
+        batch = waiting[:MAX_BATCH]
+        del waiting[:MAX_BATCH]
+        self._busy.add(room)
+        try:
+            stored = self.store.append(room, [message for message, _ in batch])
+        except Exception:
+            stored = defer.fail()
+        stored.addCallbacks(self._stored, self._failed, callbackArgs=(room, batch), errbackArgs=(room, batch))
+
+    def _stored(self, results: list[Appended], room: str, batch: Sequence[tuple[Any, defer.Deferred[Appended]]]
+                ) -> None:
+        for (_, done), result in zip(batch, results, strict=True):
+            done.callback(result)
+        self._next(room)
+
+    def _failed(self, failure: Failure, room: str, batch: Sequence[tuple[Any, defer.Deferred[Appended]]]) -> None:
+        for _, done in batch:
+            done.errback(failure)
+        self._next(room)
+
+
+class DurableRooms:
+    """Runs the core's durable effects for one ``WebSocketServer`` against its store."""
+
+    log = Logger()
+
+    def __init__(self, server: WebSocketServer, store: Store | None = None, clock: Any = None) -> None:
+        self.server = server
+        self.clock = clock if clock is not None else server.reactor
+        self.store: Store = store if store is not None else create_store(server.options, server.reactor, clock)
+        self.pipeline = AppendPipeline(self.store)
+        self.replaying: dict[str, dict[Any, ReplayState]] = {}
+        self._open = False
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the store and bring back the kept rooms (and their last seq); save rooms kept before start."""
+        await self.store.open()
+        self._open = True
+        registry = self.server.registry
+        stored = await self.store.load_rooms()
+        stored_names = set()
+        for record in stored:
+            room = registry.get(record.name)
+            if room is None:
+                room = registry.create(record.name, keep=True)
+                room.meta = dict(record.meta)
+            room.keep = True
+            room.last_seq = max(room.last_seq, record.last_seq)
+            stored_names.add(record.name)
+        for room in registry:
+            if room.keep and room.name not in stored_names:
+                await self.store.save_room(RoomRecord(room.name, True, dict(room.meta)))
+        if stored:
+            self.log.info("restored {count} kept rooms from {store}", count=len(stored), store=self.store)
+
+    async def stop(self) -> None:
+        """Let in-flight appends finish, then close the store."""
+        if not self._open:
+            return
+        await self.pipeline.idle()
+        self._open = False
+        await self.store.close()
+
+    # -- room records ----------------------------------------------------------------------------------------
+
+    def room_kept(self, room: Room) -> defer.Deferred[None]:
+        """Store a kept room's record (after start; rooms kept before start are saved by ``start``)."""
+        if not self._open:
+            return defer.succeed(None)
+        return self.store.save_room(RoomRecord(room.name, True, dict(room.meta)))
+
+    def room_deleted(self, name: str) -> defer.Deferred[None]:
+        return self.store.delete_room(name) if self._open else defer.succeed(None)
+
+    # -- effects ---------------------------------------------------------------------------------------------
+
+    def append(self, client: Client, effect: Append) -> None:
+        message = NewMessage(effect.body, effect.msg_id, self.clock.seconds())
+        stored = self.pipeline.submit(effect.room, message)
+        stored.addCallbacks(self._appended, self._append_failed, callbackArgs=(client, effect),
+                            errbackArgs=(client, effect))
+
+    def _appended(self, result: Appended, client: Client, effect: Append) -> None:
+        room = self.server.registry.get(effect.room)
+        if not result.duplicate:
+            if room is not None:
+                room.last_seq = max(room.last_seq, result.seq)
+                self.server._fan_out(room, result.payload, False, seq=result.seq)
+            if effect.request_id is None:
+                return
+        self.server._reply(client, messages.ack(result.seq, effect.request_id, effect.msg_id, result.duplicate))
+
+    def _append_failed(self, failure: Failure, client: Client, effect: Append) -> None:
+        self.log.failure("could not store a message for room {room}", failure, room=effect.room)
+        event = messages.error(ErrorCode.UNAVAILABLE, "the message could not be stored, so it was not sent; "
+                               "retry later (with the same msg_id)", effect.request_id, room=effect.room)
+        if effect.msg_id is not None:
+            event["msg_id"] = effect.msg_id
+        self.server._reply(client, event)
+
+    def read_history(self, client: Client, effect: ReadHistory) -> None:
+        page = self.store.read(effect.room, effect.since, effect.before, effect.limit)
+        page.addCallbacks(self._history_read, self._history_failed, callbackArgs=(client, effect),
+                          errbackArgs=(client, effect))
+
+    def _history_read(self, page: HistoryPage, client: Client, effect: ReadHistory) -> None:
+        payload = history_payload(effect.room, [m.payload for m in page.messages], page.more, effect.request_id)
+        self.server.send_payload(client, payload, False)
+
+    def _history_failed(self, failure: Failure, client: Client, effect: ReadHistory) -> None:
+        self.log.failure("could not read the history of room {room}", failure, room=effect.room)
+        self.server._reply(client, messages.error(ErrorCode.UNAVAILABLE, "the history is unavailable right now",
+                                                  effect.request_id, room=effect.room))
+
+    def take_over(self, client: Client, effect: TakeOver) -> None:
+        previous = self.server.get_client(effect.client_id)
+        if previous is not None and previous is not client:
+            previous.close(CloseCode.SESSION_TAKEN_OVER, "session resumed by another connection")
+
+    def replay(self, client: Client, effect: Replay) -> None:
+        state = ReplayState()
+        self.replaying.setdefault(effect.room, {})[client] = state
+        read = defer.ensureDeferred(self._read_after(effect.room, effect.since))
+        read.addCallbacks(self._replay_read, self._replay_failed, callbackArgs=(client, effect, state),
+                          errbackArgs=(client, effect, state))
+
+    async def _read_after(self, room: str, since: int) -> tuple[HistoryPage, list[StoredMessage]]:
+        """Everything the history holds after ``since`` (one page unless the window is larger than a page)."""
+        size = self.server.options.history_size
+        first = await self.store.read(room, since=since, limit=size)
+        collected = list(first.messages)
+        page = first
+        for _ in range(MAX_REPLAY_PAGES):
+            if not page.more or not page.messages:
+                break
+            page = await self.store.read(room, since=page.messages[-1].seq, limit=size)
+            collected.extend(page.messages)
+        return first, collected
+
+    def _end_replay(self, client: Client, room: str, state: ReplayState) -> bool:
+        """Unregister the replay; True if it is still current (not superseded, client still in the room)."""
+        states = self.replaying.get(room)
+        if states is None or states.get(client) is not state:
+            return False
+        del states[client]
+        if not states:
+            del self.replaying[room]
+        return client.open and self.server.registry.is_member(client, room)
+
+    def _replay_read(
+        self, result: tuple[HistoryPage, list[StoredMessage]], client: Client, effect: Replay, state: ReplayState
+    ) -> None:
+        if not self._end_replay(client, effect.room, state):
+            return
+        first, stored = result
+        plan = replay_plan(effect.since, first)
+        self.server._reply(client, messages.recovery(dict(effect.reply), plan.recovered, plan.first_seq))
+        last = plan.first_seq - 1
+        for message in stored:
+            if message.seq > last:
+                self.server.send_payload(client, message.payload, False)
+                last = message.seq
+        for seq, payload, is_binary in state.pending:
+            if seq is None or seq > last:
+                self.server.send_payload(client, payload, is_binary)
+                last = seq if seq is not None else last
+
+    def _replay_failed(self, failure: Failure, client: Client, effect: Replay, state: ReplayState) -> None:
+        self.log.failure("could not replay the history of room {room}", failure, room=effect.room)
+        if not self._end_replay(client, effect.room, state):
+            return
+        # The member could not be brought up to date: take it out again so it can retry, rather than leave it
+        # joined with a hole in its sequence.
+        self.server.registry.leave(client, effect.room)
+        self.server._reply(client, messages.error(
+            ErrorCode.UNAVAILABLE, "the history is unavailable right now; the room was not joined, retry later",
+            effect.reply.get("id"), room=effect.room))
+
+    def forget(self, client: Client) -> None:
+        """A closed connection: drop its replay queues."""
+        for room in [room for room, states in self.replaying.items() if client in states]:
+            self._end_replay(client, room, self.replaying[room][client])
+
+    # -- library ---------------------------------------------------------------------------------------------
+
+    async def history(self, room: str, since: int | None, limit: int, before: int | None) -> History:
+        page = await self.store.read(room, since=since, before=before, limit=limit)
+        return History(room, [orjson.loads(m.payload) for m in page.messages], page.more, page.first_seq,
+                       page.last_seq)

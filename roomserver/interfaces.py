@@ -1,0 +1,84 @@
+"""The seams between the hub and its backends, each with the guarantees every implementation must keep.
+
+A backend is chosen by option (``--store memory``, ``--store sqlite:PATH``; a Redis store will join them) and
+the hub only ever talks to this interface. tests/test_store_contract.py runs the same contract suite against
+every implementation, so a new backend proves these guarantees by joining its parametrization.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from twisted.internet import defer
+
+from .core.history import Appended, HistoryPage, NewMessage
+
+
+class StoreError(Exception):
+    """A store could not do what was asked (I/O error, locked or read-only database, unreachable server).
+
+    Its message is meant for operators (logs, start-up errors); clients only ever see error code
+    ``unavailable``.
+    """
+
+
+@dataclass(frozen=True)
+class RoomRecord:
+    """A room the store keeps: created with ``keep=True`` (recreated at start) and/or holding history."""
+
+    name: str
+    keep: bool = False
+    meta: dict[str, Any] = field(default_factory=dict)
+    last_seq: int = 0
+
+
+class Store(Protocol):
+    """Message history and room records.
+
+    Guarantees every implementation keeps:
+
+    - **Seq.** ``append`` assigns each room's seqs: 1, 2, 3... with no gap and no reuse, even across restarts of
+      a persistent store and after every message of the room expired. A failed append assigns nothing.
+    - **Order.** Appends to one room take effect in call order, and their Deferreds fire in that order. (The hub
+      also keeps at most one append per room in flight, so a backend needs no per-room locking of its own.)
+    - **Atomic batches.** ``append(room, batch)`` stores the whole batch or nothing; its Deferred fails with
+      ``StoreError`` in the latter case.
+    - **Read-your-writes.** A read started after an append's Deferred fired sees that append.
+    - **Window.** A read returns only messages among the room's last ``history_size`` and younger than
+      ``history_ttl`` seconds (if set). Older ones may linger on disk until pruned, but are never returned.
+    - **Dedupe.** A message whose ``msg_id`` the room stored within the last ``dedupe_window`` seconds is not
+      stored again: its ``Appended`` carries the original seq and ``duplicate=True``.
+    - **Payloads are opaque and exact.** The stored payload is ``history.with_seq(body, seq)``, returned
+      byte for byte by reads.
+    - **Never blocks the reactor.** Every method returns a Deferred; blocking I/O happens in threads or over
+      non-blocking sockets. An in-memory store returns Deferreds that have already fired.
+    """
+
+    def open(self) -> defer.Deferred[None]:
+        """Connect, create or migrate the schema and prove the store is writable; fails with a ``StoreError``
+        whose message says what is wrong (the server then refuses to start)."""
+
+    def close(self) -> defer.Deferred[None]:
+        """Release connections and threads; pending operations finish first."""
+
+    def append(self, room: str, batch: Sequence[NewMessage]) -> defer.Deferred[list[Appended]]:
+        """Assign seqs to ``batch`` (in order) and store it; one ``Appended`` per message, in order."""
+
+    def read(
+        self, room: str, since: int | None = None, before: int | None = None, limit: int = 100
+    ) -> defer.Deferred[HistoryPage]:
+        """Up to ``limit`` stored messages with ``since < seq < before``, oldest first: the oldest such when
+        ``since`` is given (paging forward), else the newest (paging backward). An unknown room reads as an
+        empty page with ``last_seq`` 0."""
+
+    def save_room(self, record: RoomRecord) -> defer.Deferred[None]:
+        """Create or update a room's record (``keep`` and ``meta``; ``last_seq`` is the store's own)."""
+
+    def delete_room(self, name: str) -> defer.Deferred[None]:
+        """Forget a room's record, history and msg_ids; only its seq counter survives, so seqs are never
+        reused."""
+
+    def load_rooms(self) -> defer.Deferred[list[RoomRecord]]:
+        """The records of every kept room (``keep=True``), with their ``last_seq``."""

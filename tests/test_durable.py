@@ -1,0 +1,254 @@
+"""Durable rooms over real sockets: acks, history, idempotent publish, replay on join, resume, store failures
+and kept rooms surviving a restart, on both the memory and the SQLite store."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+
+from roomserver import WebSocketServer
+
+from .support import WSClient, eventually, start_server, url_of
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    return "memory" if request.param == "memory" else f"sqlite:{tmp_path / 'rooms.db'}"
+
+
+async def connect(server: Any) -> tuple[WSClient, dict[str, Any]]:
+    ws = await WSClient.connect(url_of(server))
+    welcome = await ws.recv()
+    assert welcome["type"] == "welcome"
+    return ws, welcome
+
+
+async def joined(server: Any, room: str = "r") -> tuple[WSClient, dict[str, Any]]:
+    ws, welcome = await connect(server)
+    reply = await ws.request({"type": "join", "room": room})
+    assert reply["type"] == "joined"
+    return ws, welcome
+
+
+async def chat(ws: WSClient, text: str, room: str = "r", **extra: Any) -> None:
+    await ws.send({"type": "chat", "room": room, "text": text, **extra})
+
+
+@pytest_twisted.ensureDeferred
+async def test_welcome_carries_an_unguessable_session(make_server: Any) -> None:
+    server = await make_server(room_protocol=True)
+    (_, first), (_, second) = await connect(server), await connect(server)
+    assert isinstance(first["session"], str) and len(first["session"]) >= 32
+    assert first["session"] != second["session"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_chat_with_id_is_broadcast_without_id_then_acknowledged_with_its_seq(make_server: Any,
+                                                                                   store: str) -> None:
+    server = await make_server(room_protocol=True, store=store)
+    (a, welcome), (b, _) = await joined(server), await joined(server)
+    await chat(a, "hello", id="c1")
+    event = {"type": "chat", "room": "r", "from": welcome["id"], "text": "hello", "seq": 1}
+    assert await a.recv() == event, "the sender's broadcast copy carries no request id"
+    assert await a.recv() == {"type": "ack", "id": "c1", "seq": 1}
+    assert await b.recv() == event
+    await chat(a, "no id")
+    assert (await a.recv())["seq"] == 2, "without an id there is no ack, only the broadcast"
+    assert (await b.recv())["seq"] == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_history_pages_return_the_events_exactly_as_broadcast(make_server: Any, store: str) -> None:
+    server: WebSocketServer = await make_server(room_protocol=True, store=store, history_size=20)
+    a, _ = await joined(server)
+    broadcast = []
+    for i in range(1, 26):
+        await chat(a, f"m{i}")
+        broadcast.append(await a.recv_raw())
+    outsider, _ = await connect(server)  # history needs no membership
+    page = await outsider.request({"type": "history", "room": "r", "since": 10, "limit": 5, "id": "h"})
+    assert page == {"type": "history", "room": "r", "messages": [
+        {"type": "chat", "room": "r", "from": page["messages"][0]["from"], "text": f"m{i}", "seq": i}
+        for i in range(11, 16)], "more": True, "id": "h"}
+    latest = await outsider.request({"type": "history", "room": "r", "limit": 3})
+    assert [m["seq"] for m in latest["messages"]] == [23, 24, 25] and latest["more"]
+    older = await outsider.request({"type": "history", "room": "r", "before": 23, "limit": 100})
+    assert [m["seq"] for m in older["messages"]] == list(range(6, 23)) and not older["more"], \
+        "history_size=20 keeps seqs 6..25"
+    everything = await outsider.request({"type": "history", "room": "r", "since": 0, "limit": 1000})
+    assert not everything["more"]
+    raw = await outsider.request({"type": "history", "room": "r", "since": 24})
+    assert raw["messages"] == [json.loads(broadcast[-1])]
+    empty = await outsider.request({"type": "history", "room": "never-used"})
+    assert empty == {"type": "history", "room": "never-used", "messages": [], "more": False}
+    library = await server.history("r", since=23)
+    assert [m["text"] for m in library.messages] == ["m24", "m25"] and not library.more
+    assert library.last_seq == 25
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_retried_msg_id_is_acknowledged_with_the_original_seq_and_not_broadcast(
+        make_server: Any, store: str) -> None:
+    server = await make_server(room_protocol=True, store=store)
+    (a, _), (b, _) = await joined(server), await joined(server)
+    await chat(a, "once", id=1, msg_id="uuid-1")
+    first = await a.recv()
+    assert first["seq"] == 1 and first["msg_id"] == "uuid-1"
+    assert await a.recv() == {"type": "ack", "id": 1, "seq": 1, "msg_id": "uuid-1"}
+    await chat(a, "once", id=2, msg_id="uuid-1")
+    assert await a.recv() == {"type": "ack", "id": 2, "seq": 1, "msg_id": "uuid-1", "duplicate": True}
+    await chat(a, "once", msg_id="uuid-1")
+    assert await a.recv() == {"type": "ack", "seq": 1, "msg_id": "uuid-1", "duplicate": True}, \
+        "a duplicate is always acknowledged, even without a request id"
+    await chat(a, "twice", msg_id="uuid-2")
+    assert [(await b.recv())["seq"], (await b.recv())["seq"]] == [1, 2], "b never saw the retries"
+
+
+@pytest_twisted.ensureDeferred
+async def test_join_with_since_replays_then_goes_live_and_reports_lost_gaps(make_server: Any, store: str) -> None:
+    server = await make_server(room_protocol=True, store=store, history_size=5)
+    a, _ = await joined(server)
+    for i in range(1, 8):
+        await chat(a, f"m{i}")
+        await a.recv()
+    late, _ = await connect(server)
+    reply = await late.request({"type": "join", "room": "r", "since": 4, "id": "j"})
+    assert reply == {"type": "joined", "room": "r", "size": 2, "id": "j", "recovered": True}
+    assert [(await late.recv())["seq"] for _ in range(3)] == [5, 6, 7]
+    await chat(a, "live")
+    assert (await late.recv())["seq"] == 8
+    gap, _ = await connect(server)
+    reply = await gap.request({"type": "join", "room": "r", "since": 1})
+    assert reply["recovered"] is False and reply["first_seq"] == 4, "history_size=5 keeps 4..8"
+    assert [(await gap.recv())["seq"] for _ in range(5)] == [4, 5, 6, 7, 8]
+    ahead, _ = await connect(server)
+    reply = await ahead.request({"type": "join", "room": "r", "since": 50})
+    assert reply["recovered"] is False and reply["first_seq"] == 4, "a seq from another stream is not recovered"
+
+
+@pytest_twisted.ensureDeferred
+async def test_resume_after_a_dropped_connection_recovers_everything_once(make_server: Any, store: str) -> None:
+    server = await make_server(room_protocol=True, store=store)
+    (a, welcome), (b, _) = await joined(server), await joined(server)
+    await chat(b, "m1")
+    assert (await a.recv())["seq"] == 1
+    a.abort()
+    await eventually(lambda: server.get_stats().connections == 1)
+    for i in range(2, 5):
+        await chat(b, f"m{i}")
+    again, _ = await connect(server)
+    await again.send({"type": "resume", "session": welcome["session"], "rooms": {"r": 1}, "id": "res"})
+    assert await again.recv() == {"type": "resumed", "room": "r", "continued": True, "id": "res",
+                                  "recovered": True}
+    assert [(await again.recv())["text"] for _ in range(3)] == ["m2", "m3", "m4"]
+    await chat(b, "m5")
+    assert (await again.recv())["seq"] == 5
+    third, _ = await connect(server)
+    reply = await third.request({"type": "resume", "session": welcome["session"], "rooms": {"r": 5}})
+    assert reply == {"type": "resumed", "room": "r", "continued": False, "recovered": True}, \
+        "a session continues once; a second resume still rejoins, as a new member"
+
+
+@pytest_twisted.ensureDeferred
+async def test_resuming_a_session_whose_connection_looks_open_closes_that_connection(make_server: Any) -> None:
+    server = await make_server(room_protocol=True)
+    old, welcome = await joined(server)
+    new, _ = await connect(server)
+    await new.send({"type": "resume", "session": welcome["session"], "rooms": {"r": 0}})
+    assert (await new.recv())["continued"] is True
+    assert (await old.closed())[0] == 4509
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_resume_past_resume_ttl_is_not_continued(make_server: Any) -> None:
+    server = await make_server(room_protocol=True, resume_ttl=0)
+    old, welcome = await joined(server)
+    await old.close()
+    await eventually(lambda: server.get_stats().connections == 0)
+    new, _ = await connect(server)
+    reply = await new.request({"type": "resume", "session": welcome["session"], "rooms": {}})
+    assert reply == {"type": "resumed", "continued": False}
+
+
+@pytest_twisted.ensureDeferred
+async def test_broadcast_order_is_seq_order_with_many_senders_on_sqlite(make_server: Any, tmp_path: Path) -> None:
+    """Appends to SQLite are asynchronous; concurrent senders must still produce one gap-free, ordered stream."""
+    server = await make_server(room_protocol=True, store=f"sqlite:{tmp_path / 'order.db'}")
+    clients = [(await joined(server))[0] for _ in range(4)]
+    for round_ in range(50):
+        for index, ws in enumerate(clients):
+            await chat(ws, f"{index}-{round_}")
+    for ws in clients:
+        received = [(await ws.recv())["seq"] for _ in range(200)]
+        assert received == list(range(1, 201))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_store_failure_is_an_error_to_the_sender_never_a_silent_drop(make_server: Any,
+                                                                             tmp_path: Path) -> None:
+    path = tmp_path / "failing.db"
+    server = await make_server(room_protocol=True, store=f"sqlite:{path}")
+    (a, _), (b, _) = await joined(server), await joined(server)
+    await chat(a, "stored")
+    assert (await a.recv())["seq"] == 1 and (await b.recv())["seq"] == 1
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TRIGGER fail BEFORE INSERT ON messages BEGIN SELECT RAISE(ABORT, 'disk I/O error'); END")
+    await chat(a, "lost?", id="x", msg_id="m-2")
+    error = await a.recv()
+    assert error["type"] == "error" and error["code"] == "unavailable"
+    assert (error["id"], error["room"], error["msg_id"]) == ("x", "r", "m-2")
+    assert "disk" not in error["message"], "internals stay in the server's log"
+    history = await a.request({"type": "history", "room": "r"})
+    assert [m["text"] for m in history["messages"]] == ["stored"]
+    with sqlite3.connect(path) as db:
+        db.execute("DROP TRIGGER fail")
+    await chat(a, "retried", id="y", msg_id="m-2")
+    assert (await a.recv())["seq"] == 2, "the failed message used no seq: the stream stays gap-free"
+    assert (await b.recv()) == {"type": "chat", "room": "r", "from": history["messages"][0]["from"],
+                                "text": "retried", "msg_id": "m-2", "seq": 2}
+    assert server.get_stats().errors["unavailable"] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_kept_rooms_history_and_seq_survive_a_restart_on_sqlite(tmp_path: Path) -> None:
+    store = f"sqlite:{tmp_path / 'restart.db'}"
+    server = await start_server(room_protocol=True, store=store)
+    try:
+        server.create_room("kept", keep=True, meta={"title": "Kept"})
+        server.create_room("plain")
+        ws, _ = await joined(server, "kept")
+        for i in range(3):
+            await chat(ws, f"m{i}", room="kept")
+            await ws.recv()
+    finally:
+        await server.stop()
+    server = await start_server(room_protocol=True, store=store)
+    try:
+        room = server.get_room("kept")
+        assert room is not None and room.keep and room.meta == {"title": "Kept"} and room.last_seq == 3
+        assert server.get_room("plain") is None, "rooms that were not kept are not recreated"
+        ws, _ = await joined(server, "kept")
+        await chat(ws, "after", room="kept")
+        assert (await ws.recv())["seq"] == 4
+        assert [m["text"] for m in (await server.history("kept", since=0)).messages] == ["m0", "m1", "m2", "after"]
+        await server.delete_room("kept")
+    finally:
+        await server.stop()
+    server = await start_server(room_protocol=True, store=store)
+    try:
+        assert server.get_room("kept") is None
+    finally:
+        await server.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unusable_database_fails_start(tmp_path: Path) -> None:
+    from roomserver.interfaces import StoreError
+
+    with pytest.raises(StoreError, match="directory"):
+        await start_server(room_protocol=True, store=f"sqlite:{tmp_path}")
