@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from roomserver.core.errors import ErrorCode
 from roomserver.core.rooms import RoomRegistry
-from roomserver.core.session import Publish, Reply, RoomProtocol
+from roomserver.core.session import Append, ReadHistory, Replay, Reply, RoomProtocol, TakeOver
 
 ERROR_CODES = {value for name, value in vars(ErrorCode).items() if name.isupper()}
 ROOM_CHARS = "abcXYZ019_.:-"
@@ -77,17 +77,23 @@ class Member:
 def check_effects(effects: list[Any], member: Member, registry: RoomRegistry) -> None:
     assert effects, "every request gets an answer"
     for effect in effects:
-        json.dumps(effect.event)  # serializable
         if isinstance(effect, Reply):
+            json.dumps(effect.event)  # serializable
             event = effect.event
-            assert event["type"] in {"joined", "left", "error", "welcome"}
+            assert event["type"] in {"joined", "left", "error", "welcome", "resumed"}
             if event["type"] == "error":
                 assert event["code"] in ERROR_CODES and isinstance(event["message"], str)
-        else:
-            assert isinstance(effect, Publish)
+        elif isinstance(effect, Append):
             room = registry.get(effect.room)
             assert room is not None and member in room.clients
-            assert effect.event["seq"] == room.last_seq and effect.event["from"] == member.id
+            event = json.loads(effect.body)
+            assert event["from"] == member.id and "seq" not in event, "the store assigns the seq"
+        elif isinstance(effect, Replay):
+            room = registry.get(effect.room)
+            assert room is not None and member in room.clients and effect.since >= 0
+            json.dumps(effect.reply)
+        else:
+            assert isinstance(effect, (ReadHistory, TakeOver))
 
 
 def check_invariants(registry: RoomRegistry, members: list[Member]) -> None:

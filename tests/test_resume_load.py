@@ -5,6 +5,8 @@ random moments (seeded) and come back with ``resume``. Every member must end wit
 order, and the texts in the publisher's order. The second test does the same against a real
 ``twistd roomserver`` on SQLite that is stopped (SIGTERM) and started again mid-run: the publisher retries what
 was not acknowledged with the same ``msg_id``, and every member resumes into the new process.
+
+The publisher's rate limit is switched off: these tests are about delivery, not flood control.
 """
 
 from __future__ import annotations
@@ -163,7 +165,7 @@ def check(members: list[Member], publisher: Publisher) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_resume_under_load_loses_and_duplicates_nothing(make_server: Any) -> None:
-    server = await make_server(room_protocol=True, max_clients=MEMBERS + 20)
+    server = await make_server(room_protocol=True, max_clients=MEMBERS + 20, rate_limit=0)
     members, publisher = await aio(run_load(url_of(server)))
     check(members, publisher)
     assert len([member for member in members if member.resumes]) == VICTIMS
@@ -176,7 +178,7 @@ def start_twistd(port: int, database: Path, cwd: Path) -> subprocess.Popen[bytes
     log = (cwd / "twistd.out").open("ab")  # a file, not a pipe nobody reads while the load runs
     process = subprocess.Popen(
         [str(Path(sys.executable).parent / "twistd"), "--nodaemon", "--pidfile=", "roomserver",
-         "--port", f"tcp:{port}:interface=127.0.0.1", "--store", f"sqlite:{database}", "--max-clients", "100",
+         "--port", f"tcp:{port}:interface=127.0.0.1", "--store", f"sqlite:{database}", "--max-clients", "100", "--rate-limit", "0",
          "--shutdown-timeout", "2"],
         cwd=cwd, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log, stderr=subprocess.STDOUT,
     )
