@@ -178,7 +178,8 @@ def start_twistd(port: int, database: Path, cwd: Path) -> subprocess.Popen[bytes
     log = (cwd / "twistd.out").open("ab")  # a file, not a pipe nobody reads while the load runs
     process = subprocess.Popen(
         [str(Path(sys.executable).parent / "twistd"), "--nodaemon", "--pidfile=", "roomserver",
-         "--port", f"tcp:{port}:interface=127.0.0.1", "--store", f"sqlite:{database}", "--max-clients", "100", "--rate-limit", "0",
+         "--port", f"tcp:{port}:interface=127.0.0.1", "--store", f"sqlite:{database}", "--max-clients", "100",
+         "--rate-limit", "0",
          "--shutdown-timeout", "2"],
         cwd=cwd, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log, stderr=subprocess.STDOUT,
     )
