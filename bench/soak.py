@@ -45,8 +45,10 @@ def rss_kib() -> int:
 
 
 # Rolling windows of a fixed length (the dashboard's per-second samples): they grow with time up to their bound,
-# not with connections, so they say nothing about leaks.
-TIME_BOUNDED = frozenset({"Sample"})
+# not with connections, so they say nothing about leaks. Likewise what resume keeps on purpose for a while:
+# a closed connection's resume Session (dropped resume_ttl after the close) and, in the memory store, the
+# history (RoomHistory + its DedupeWindow) of a room that emptied (dropped resume_ttl after it emptied).
+TIME_BOUNDED = frozenset({"Sample", "Session", "RoomHistory", "DedupeWindow"})
 
 
 def roomserver_census() -> dict[str, int]:

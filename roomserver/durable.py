@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 
 MAX_BATCH = 256
 MAX_REPLAY_PAGES = 64
+SESSION_SWEEP_INTERVAL = 30.0
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,12 @@ class DurableRooms:
         self.pipeline = AppendPipeline(self.store)
         self.replaying: dict[str, dict[Any, ReplayState]] = {}
         self._open = False
+        self._session_sweeper: task.LoopingCall | None = None
+
+    def _expire_sessions(self) -> None:
+        """Forget resume sessions past their ttl even when no connection closes to trigger it."""
+        if self.server.room_protocol is not None:
+            self.server.room_protocol.sessions.expire(self.clock.seconds())
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
@@ -144,6 +151,10 @@ class DurableRooms:
         """Open the store and bring back the kept rooms (and their last seq); save rooms kept before start."""
         await self.store.open()
         self._open = True
+        if self._session_sweeper is None:
+            self._session_sweeper = task.LoopingCall(self._expire_sessions)
+            self._session_sweeper.clock = self.clock
+            self._session_sweeper.start(SESSION_SWEEP_INTERVAL, now=False)
         registry = self.server.registry
         stored = await self.store.load_rooms()
         stored_names = set()
@@ -163,6 +174,9 @@ class DurableRooms:
 
     async def stop(self) -> None:
         """Let in-flight appends finish, then close the store."""
+        if self._session_sweeper is not None and self._session_sweeper.running:
+            self._session_sweeper.stop()
+        self._session_sweeper = None
         if not self._open:
             return
         await self.pipeline.idle()

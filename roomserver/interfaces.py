@@ -82,3 +82,12 @@ class Store(Protocol):
 
     def load_rooms(self) -> defer.Deferred[list[RoomRecord]]:
         """The records of every kept room (``keep=True``), with their ``last_seq``."""
+
+    def room_idle(self, name: str) -> None:
+        """A room that is not kept has no member left on this server.
+
+        A store holding history in process memory may drop that history once the room stays unused for its
+        ``idle_grace`` (the resume ttl: long enough for its members to resume), so churning room names cannot
+        grow memory without bound; its seq counter stays. Persistent and shared stores ignore it: their history
+        lasts as long as ``history_size``/``history_ttl`` say. Any later append makes the room used again.
+        """

@@ -82,6 +82,7 @@ class WebSocketServer:
             max_rooms=self.options.max_rooms,
             max_room_clients=self.options.max_room_clients,
             max_rooms_per_client=self.options.max_rooms_per_client,
+            on_removed=lambda room: self.durable.store.room_idle(room.name),
         )
         self.counters = StatsCounters()
         self.room_protocol: RoomProtocol | None = None

@@ -219,3 +219,31 @@ async def test_sqlite_refuses_a_read_only_database_at_open(tmp_path: Path) -> No
     with pytest.raises(StoreError, match=r"readonly|read-only"):
         await store.open()
     await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_idle_room_keeps_its_seq_and_only_a_memory_store_lets_its_history_go(
+        make_store: Any, backend: str) -> None:
+    store = await make_store(idle_grace=120) if backend == "memory" else await make_store()
+    clock = make_store.clock
+    await store.append("r", [msg("a", clock.seconds())])
+    store.room_idle("r")
+    clock.advance(60)
+    assert texts(await store.read("r", since=0)) == ["a"], "within the grace a resume still finds everything"
+    clock.advance(121)
+    page = await store.read("r", since=0)
+    assert texts(page) == ([] if backend == "memory" else ["a"])
+    assert page.last_seq == 1
+    assert (await store.append("r", [msg("b", clock.seconds())]))[0].seq == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_room_used_again_within_the_grace_keeps_its_history(make_store: Any, backend: str) -> None:
+    store = await make_store(idle_grace=120) if backend == "memory" else await make_store()
+    clock = make_store.clock
+    await store.append("r", [msg("a", clock.seconds())])
+    store.room_idle("r")
+    clock.advance(100)
+    await store.append("r", [msg("b", clock.seconds())])
+    clock.advance(200)
+    assert texts(await store.read("r", since=0)) == ["a", "b"]

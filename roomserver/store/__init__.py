@@ -43,4 +43,4 @@ def create_store(options: ServerOptions, reactor: Any, clock: Any = None) -> Sto
         return SQLiteStore(argument, reactor, clock=clock, **settings)
     from .memory import MemoryStore
 
-    return MemoryStore(clock if clock is not None else reactor, **settings)
+    return MemoryStore(clock if clock is not None else reactor, idle_grace=options.resume_ttl, **settings)

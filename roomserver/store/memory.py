@@ -3,8 +3,10 @@
 What ``--store memory`` and the library's default use. Every method does its work synchronously and returns a
 Deferred that has already fired, so the hub's append-then-broadcast path costs no reactor turn.
 
-Rooms whose messages and msg_ids have all expired are dropped by a periodic sweep; only their seq counter (one
-integer per room name) stays, so a seq is never reused while the process lives.
+A periodic sweep drops the history of rooms whose messages and msg_ids have all expired, and of rooms that have
+had no member for ``idle_grace`` seconds (``room_idle``; the resume ttl, so members can still resume), so
+churning room names cannot grow memory without bound. Only their seq counter (one integer per room name)
+stays, so a seq is never reused while the process lives.
 """
 
 from __future__ import annotations
@@ -30,8 +32,11 @@ class MemoryStore:
         history_size: int = 1000,
         history_ttl: float | None = None,
         dedupe_window: float = 300.0,
+        idle_grace: float = 120.0,
     ) -> None:
         self._clock = clock
+        self.idle_grace = idle_grace
+        self._idle_since: dict[str, float] = {}
         self.history_size = history_size
         self.history_ttl = history_ttl
         self.dedupe_window = dedupe_window
@@ -57,6 +62,7 @@ class MemoryStore:
         return defer.succeed(None)
 
     def append(self, room: str, batch: Sequence[NewMessage]) -> defer.Deferred[list[Appended]]:
+        self._idle_since.pop(room, None)
         history = self._history(room)
         return defer.succeed([history.append(message) for message in batch])
 
@@ -75,6 +81,7 @@ class MemoryStore:
 
     def delete_room(self, name: str) -> defer.Deferred[None]:
         self._records.pop(name, None)
+        self._idle_since.pop(name, None)
         history = self._histories.pop(name, None)
         if history is not None:
             self._last_seqs[name] = history.last_seq
@@ -86,10 +93,22 @@ class MemoryStore:
             for record in self._records.values() if record.keep
         ])
 
+    def room_idle(self, name: str) -> None:
+        if name in self._histories:
+            self._idle_since[name] = self._clock.seconds()
+
     def sweep(self) -> int:
-        """Expire old messages and msg_ids everywhere; drop histories left empty. Returns rooms dropped."""
+        """Expire old messages and msg_ids everywhere; drop histories left empty and those of rooms idle for
+        ``idle_grace``. Returns how many histories were dropped."""
         now = self._clock.seconds()
         dropped = 0
+        for name, since in list(self._idle_since.items()):
+            if now - since >= self.idle_grace:
+                del self._idle_since[name]
+                history = self._histories.pop(name, None)
+                if history is not None:
+                    self._last_seqs[name] = history.last_seq
+                    dropped += 1
         for name, history in list(self._histories.items()):
             history.expire(now)
             if history.is_empty():

@@ -282,6 +282,9 @@ class SQLiteStore:
         rows = db.execute("SELECT name, meta, last_seq FROM rooms WHERE keep = 1 ORDER BY name").fetchall()
         return [RoomRecord(name, True, orjson.loads(meta), last_seq) for name, meta, last_seq in rows]
 
+    def room_idle(self, name: str) -> None:
+        """History on disk stays until ``history_size``/``history_ttl`` remove it: nothing to do."""
+
     def prune(self) -> defer.Deferred[int]:
         """Delete messages beyond ``history_ttl`` and msg_ids beyond the dedupe window; returns rows deleted."""
         return self._write(self._prune, self._clock.seconds())
