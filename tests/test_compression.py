@@ -7,6 +7,7 @@ a raw socket, since no real client sends compressed frames without having negoti
 from __future__ import annotations
 
 import json
+import tracemalloc
 import zlib
 from typing import Any
 
@@ -202,3 +203,33 @@ async def test_compression_on_uncompressed_frames_still_work(make_server: Any) -
     assert echo.opcode == OP_TEXT
     assert echo.rsv == 4, "the server compresses what it sends"
     assert zlib.decompressobj(-15).decompress(echo.payload + b"\x00\x00\xff\xff") == b"plain"
+
+
+def deflated(data: bytes) -> bytes:
+    """``data`` as one permessage-deflate message body (raw deflate, sync flush, trailer stripped)."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    return (compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH))[:-4]
+
+
+@pytest_twisted.ensureDeferred
+async def test_64_mib_bomb_in_a_64_kib_frame_costs_the_server_no_memory(make_server: Any) -> None:
+    """RELIABILITY P10: a frame just under the 64 KiB limit that would inflate to 64 MiB (about 1000:1) closes the
+    connection with 1009, and the server (in this process, so tracemalloc sees it) never holds more than a
+    couple of MiB for it: inflation stops at the limit instead of expanding the whole frame."""
+    limit = 64 * 1024
+    server = await make_server(room_protocol=True, compression=True, max_message_size=limit)
+    bomb = deflated(b"\0" * (64 * 1024 * 1024))
+    assert len(bomb) < limit
+    ws = await RawWebSocket.connect(server.port, headers={"Sec-WebSocket-Extensions": "permessage-deflate"})
+    assert ws.header("Sec-WebSocket-Extensions") == "permessage-deflate"
+    assert json.loads(zlib.decompressobj(-15).decompress((await ws.read_frame()).payload + b"\x00\x00\xff\xff"))[
+        "type"] == "welcome"
+    tracemalloc.start()
+    try:
+        ws.send_frame(OP_TEXT, bomb, rsv=4)
+        await ws.expect_close(1009)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * 1024 * 1024, f"the server allocated {peak} bytes for a bomb it must not inflate"
+    assert server.get_stats().messages_received == 0
