@@ -1,0 +1,97 @@
+"""Who is in each room, as users rather than connections.
+
+A user with three tabs open is one member with three connections. ``join`` and ``leave`` return the
+presence event to announce, if any: a user's ``join`` fires on its first connection to the room and its
+``leave`` only when its last connection leaves, so drops and reconnects of one of several tabs are silent.
+
+Connections that asked for presence events (``"presence": true`` on join) are tracked per room as
+subscribers; the hub sends join/leave events to them only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+@dataclass
+class Member:
+    """One user in one room: how many of its connections are there, and its public metadata."""
+
+    user: str
+    connections: set[Hashable] = field(default_factory=set)
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"user": self.user, "connections": len(self.connections), "meta": dict(self.meta)}
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceEvent:
+    room: str
+    event: Literal["join", "leave"]
+    user: str
+    meta: Mapping[str, Any]
+
+    def as_json(self) -> dict[str, Any]:
+        message: dict[str, Any] = {"type": "presence", "room": self.room, "event": self.event, "user": self.user}
+        if self.event == "join" and self.meta:
+            message["meta"] = dict(self.meta)
+        return message
+
+
+class Presence:
+    """Per-room members (as users) and presence subscribers."""
+
+    def __init__(self) -> None:
+        self._rooms: dict[str, dict[str, Member]] = {}
+        self._subscribers: dict[str, set[Hashable]] = {}
+
+    def join(self, room: str, user: str, connection: Hashable, meta: Mapping[str, Any] | None = None
+             ) -> PresenceEvent | None:
+        members = self._rooms.setdefault(room, {})
+        member = members.get(user)
+        first = member is None
+        if member is None:
+            member = members[user] = Member(user)
+        if meta:
+            member.meta = dict(meta)
+        member.connections.add(connection)
+        return PresenceEvent(room, "join", user, member.meta) if first else None
+
+    def leave(self, room: str, user: str, connection: Hashable) -> PresenceEvent | None:
+        self.unsubscribe(room, connection)
+        members = self._rooms.get(room)
+        if members is None or user not in members:
+            return None
+        member = members[user]
+        member.connections.discard(connection)
+        if member.connections:
+            return None
+        del members[user]
+        if not members:
+            del self._rooms[room]
+        return PresenceEvent(room, "leave", user, member.meta)
+
+    def members(self, room: str) -> list[dict[str, Any]]:
+        return [member.as_json() for member in self._rooms.get(room, {}).values()]
+
+    def users(self, room: str) -> frozenset[str]:
+        return frozenset(self._rooms.get(room, {}))
+
+    def subscribe(self, room: str, connection: Hashable) -> None:
+        self._subscribers.setdefault(room, set()).add(connection)
+
+    def unsubscribe(self, room: str, connection: Hashable) -> None:
+        subscribers = self._subscribers.get(room)
+        if subscribers is not None:
+            subscribers.discard(connection)
+            if not subscribers:
+                del self._subscribers[room]
+
+    def subscribers(self, room: str) -> frozenset[Hashable]:
+        return frozenset(self._subscribers.get(room, ()))
+
+    def room_count(self) -> int:
+        return len(self._rooms)
