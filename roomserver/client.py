@@ -8,9 +8,12 @@ closed: sends are then ignored and return False.
 from __future__ import annotations
 
 import secrets
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from .core.auth import Identity
+from .core.codecs import Codec
 from .core.errors import CloseCode
 from .core.messages import encode
 from .events import EventEmitter
@@ -35,8 +38,8 @@ def serialize(message: Any) -> tuple[bytes, bool]:
 class Client:
     """One connected client: ``id``, ``rooms``, ``send``, ``close`` and its ``message``/``close`` events."""
 
-    __slots__ = ("__weakref__", "_events", "_protocol", "_server", "close_code", "close_reason", "id", "peer",
-                 "request")
+    __slots__ = ("__weakref__", "_events", "_protocol", "_server", "auth_deadline", "close_code", "close_reason",
+                 "codec", "expiry", "id", "identity", "inbox", "peer", "request", "subprotocol")
 
     def __init__(self, protocol: RoomServerProtocol, server: WebSocketServer, request: Any = None) -> None:
         self.id: str = secrets.token_urlsafe(16)
@@ -47,6 +50,14 @@ class Client:
         self.peer: str = getattr(protocol, "peer", "")
         self.close_code: int | None = None
         self.close_reason: str | None = None
+        self.identity: Identity | None = getattr(protocol, "identity", None)
+        """Who the client is (None until it authenticated, when authentication is on)."""
+        self.subprotocol: str | None = getattr(protocol, "subprotocol", None)
+        self.codec: Codec = server.codecs.get(self.subprotocol)
+        self.auth_deadline: Any = None
+        self.expiry: Any = None
+        self.inbox: deque[tuple[bytes, bool]] | None = None
+        """Messages waiting while an asynchronous authorization decision is pending (order is kept)."""
 
     def __repr__(self) -> str:
         return f"<Client {self.id} {self.peer}{'' if self.open else ' closed'}>"
@@ -61,12 +72,20 @@ class Client:
         return self._protocol is not None and self._protocol.accepts_data
 
     @property
+    def user(self) -> str:
+        """The user behind this connection: the token's ``sub``, or the client id when anonymous."""
+        return self.identity.user if self.identity is not None else self.id
+
+    @property
     def rooms(self) -> frozenset[str]:
         """Names of the rooms this client is in."""
         return self._server.registry.rooms_of(self)
 
     def send(self, message: Any) -> bool:
-        """Send one message: dict/list/number as JSON text, str as text, bytes as binary. False if closed."""
+        """Send one message: bytes as binary, str as text, anything else encoded with the client's codec (JSON
+        text by default, msgpack binary for ``roomserver.msgpack.v1`` clients). False if closed."""
+        if self.codec is not self._server.json_codec and not isinstance(message, (bytes, bytearray, memoryview, str)):
+            return self._server.send_payload(self, self.codec.encode(message), self.codec.binary, encoded=True)
         payload, is_binary = serialize(message)
         return self._server.send_payload(self, payload, is_binary)
 

@@ -56,6 +56,30 @@ class ServerOptions:
     """Bytes of HTTP request line and headers; beyond it HTTP 400 and the connection is closed."""
     raise_fd_limit: bool = True
     """Raise the soft open-files limit to the hard limit at start, so ``max_clients`` can be reached."""
+    jwt_secret_file: str | None = None
+    """File holding the HS256 secret (or set ROOMSERVER_JWT_SECRET); enables JWT authentication."""
+    jwt_public_key_file: str | None = None
+    """PEM public key for RS256/ES256 tokens (with ``jwt_algorithm``); enables JWT authentication."""
+    jwt_algorithm: str = "HS256"
+    """The one algorithm tokens must be signed with (HS256, RS256, ES256, ...)."""
+    jwt_audience: str | None = None
+    """Required ``aud`` claim, if set."""
+    jwt_issuer: str | None = None
+    """Required ``iss`` claim, if set."""
+    jwt_leeway: float = 0.0
+    """Seconds of clock skew tolerated on ``exp`` and ``nbf``."""
+    auth_timeout: float = 10.0
+    """Seconds a connection without a handshake token has to send its ``auth`` message (else close 1008)."""
+    allow_query_token: bool = False
+    """Accept ``?token=`` in the URL (off: URLs end up in logs and histories)."""
+    max_meta_size: int = 1024
+    """Bytes of public presence metadata a join may carry."""
+    max_text_length: int | None = None
+    """Built-in filter: longest chat text in characters (None = only ``max_message_size`` applies)."""
+    allowed_types: tuple[str, ...] = ()
+    """Built-in filter: message types clients may publish (empty = any)."""
+    blocked_words_file: str | None = None
+    """Built-in filter: a file of words (one per line); a chat containing one is rejected."""
     open_handshake_timeout: float = 5.0
     """Seconds a new connection has to complete its opening handshake."""
     close_handshake_timeout: float = 2.0
@@ -104,6 +128,11 @@ class ServerOptions:
             raise ValueError("max_fragments and max_send_buffer must be > 0, max_handshake_size >= 256")
         if self.rate_limit < 0 or (self.rate_limit and self.rate_burst < 1) or self.flood_factor <= 1:
             raise ValueError("rate_limit must be >= 0, rate_burst >= 1 and flood_factor > 1")
+        if self.auth_timeout <= 0 or self.max_meta_size < 2:
+            raise ValueError("auth_timeout must be > 0 and max_meta_size >= 2")
+        if isinstance(self.allowed_types, str):
+            object.__setattr__(self, "allowed_types", tuple(
+                kind.strip() for kind in self.allowed_types.split(",") if kind.strip()))
         if isinstance(self.allowed_origins, str):
             object.__setattr__(self, "allowed_origins", tuple(
                 origin.strip() for origin in self.allowed_origins.split(",") if origin.strip()))

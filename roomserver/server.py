@@ -12,24 +12,32 @@ keeps a closed connection alive.
 from __future__ import annotations
 
 import dataclasses
+from collections import deque
 from collections.abc import Callable, Iterable
 from time import perf_counter
 from typing import Any
 
+import orjson
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet import defer, endpoints
 from twisted.internet.interfaces import IReactorCore
 from twisted.logger import Logger
 
+from .access import AccessControl, Authenticate, Authorize
 from .client import Client, serialize
+from .core import filters as builtin_filters
 from .core import messages
-from .core.errors import CloseCode, ErrorCode
+from .core.auth import Action
+from .core.codecs import JSON_PROTOCOL, Codec, CodecRegistry
+from .core.errors import CloseCode, ErrorCode, RoomServerError
+from .core.filters import Filter, Pipeline
 from .core.messages import encode
 from .core.origins import OriginPolicy
+from .core.presence import Presence
 from .core.ratelimit import FloodGuard, Verdict
 from .core.rooms import Room, RoomRegistry
-from .core.session import Append, Effect, ReadHistory, Replay, Reply, RoomProtocol, TakeOver
+from .core.session import Announce, Append, Effect, ReadHistory, Replay, Reply, RoomProtocol, TakeOver
 from .core.sessions import SessionTable
 from .core.stats import ServerStats, StatsCounters
 from .durable import DurableRooms, History
@@ -42,8 +50,20 @@ from .transport import GuardedConnection
 from .web import QuietSite, TrackingFactory, build_root
 from .websocket import RoomServerFactory, RoomServerProtocol
 
-SERVER_EVENTS = frozenset({"connection"})
+SERVER_EVENTS = frozenset({"connection", "join", "leave"})
 RATE_LIMITED = encode(messages.error(ErrorCode.RATE_LIMITED, "too many messages: this one was dropped"))
+
+
+def _message_type(payload: bytes, is_binary: bool) -> str | None:
+    """The ``type`` of a JSON message, for per-subscription filters (binary payloads have none)."""
+    if is_binary:
+        return None
+    try:
+        message = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    kind = message.get("type") if isinstance(message, dict) else None
+    return kind if isinstance(kind, str) else None
 
 
 class WebSocketServer:
@@ -85,10 +105,17 @@ class WebSocketServer:
             on_removed=lambda room: self.durable.store.room_idle(room.name),
         )
         self.counters = StatsCounters()
+        self.codecs = CodecRegistry()
+        self.json_codec = self.codecs.get(JSON_PROTOCOL)
+        self.presence_tracker = Presence()
+        self.filters = Pipeline(self._builtin_filters())
+        self.access = AccessControl(self)
         self.room_protocol: RoomProtocol | None = None
         if self.options.room_protocol:
             self.use_room_protocol()
         self._events = EventEmitter(SERVER_EVENTS)
+        self.registry.on_member_added = lambda room, member: self._events.emit("join", member, room.name)
+        self.registry.on_member_removed = lambda room, member: self._events.emit("leave", member, room.name)
         self.durable = DurableRooms(self)
         if self.options.testee:
             install_echo(self)
@@ -120,8 +147,54 @@ class WebSocketServer:
         """Serve the built-in JSON room protocol (welcome, join, leave, chat; docs/protocol.md)."""
         if self.room_protocol is None:
             sessions = SessionTable(self.options.resume_ttl)
-            self.room_protocol = RoomProtocol(self.registry, sessions, clock=self.reactor.seconds)  # type: ignore[attr-defined]
+            self.room_protocol = RoomProtocol(
+                self.registry, sessions, clock=self.reactor.seconds,  # type: ignore[attr-defined]
+                presence=self.presence_tracker, filters=self.filters, max_meta_bytes=self.options.max_meta_size,
+            )
         return self
+
+    # -- authentication, presence, filters, subprotocols (docs/auth.md) ---------------------------------------------
+
+    @property
+    def authenticate(self) -> Authenticate | None:
+        """``fn(request) -> Identity | Deferred``: the application's own handshake authentication."""
+        return self.access.authenticate
+
+    @authenticate.setter
+    def authenticate(self, hook: Authenticate | None) -> None:
+        self.access.authenticate = hook
+
+    @property
+    def authorize(self) -> Authorize | None:
+        """``fn(identity, action, room) -> bool | Deferred``: the application's say on joins and publishes."""
+        return self.access.authorize
+
+    @authorize.setter
+    def authorize(self, hook: Authorize | None) -> None:
+        self.access.authorize = hook
+
+    def presence(self, room: str) -> list[dict[str, Any]]:
+        """The members of ``room`` as users: ``[{"user", "connections", "meta"}]``."""
+        return self.presence_tracker.members(room)
+
+    def add_filter(self, filter_: Filter) -> None:
+        """Add ``fn(client, room, message) -> message`` to the publish pipeline (raise ``Rejected`` to refuse)."""
+        self.filters.add(filter_)
+
+    def add_protocol(self, name: str, codec: Codec) -> None:
+        """Offer another WebSocket subprotocol, framed by ``codec``."""
+        self.codecs.add(name, codec)
+
+    def _builtin_filters(self) -> list[Filter]:
+        chosen: list[Filter] = []
+        if self.options.max_text_length is not None:
+            chosen.append(builtin_filters.max_text_length(self.options.max_text_length))
+        if self.options.allowed_types:
+            chosen.append(builtin_filters.allowed_types(self.options.allowed_types))
+        if self.options.blocked_words_file:
+            with open(self.options.blocked_words_file, encoding="utf-8") as words:
+                chosen.append(builtin_filters.blocked_words(words.read().splitlines()))
+        return chosen
 
     def create_room(self, name: str, keep: bool = False, meta: dict[str, Any] | None = None) -> Room:
         """The room called ``name``, created if needed.
@@ -255,12 +328,35 @@ class WebSocketServer:
 
     # -- called by the adapter (RoomServerProtocol) ----------------------------------------------------------------
 
-    def on_connect(self, protocol: RoomServerProtocol, request: Any) -> None:
+    def on_connect(self, protocol: RoomServerProtocol, request: Any) -> Any:
+        """Admit the connection, pick its subprotocol and authenticate it; returns the subprotocol (or a
+        Deferred of it, while an application hook authenticates)."""
         try:
             self._admit(protocol, request)
+            subprotocol = self._negotiate(request)
+            identity = self.access.handshake(request)
         except ConnectionDeny as deny:
             protocol.refused_status = deny.code  # for the observers' handshake-failure reason
             raise
+        protocol.subprotocol = subprotocol
+        if isinstance(identity, defer.Deferred):
+            def authenticated(proven: Any) -> str | None:
+                protocol.identity = proven
+                return subprotocol
+
+            return identity.addCallback(authenticated)
+        protocol.identity = identity
+        return subprotocol
+
+    def _negotiate(self, request: Any) -> str | None:
+        offered = list(request.protocols or ())
+        if not offered:
+            return None
+        chosen = self.codecs.negotiate(offered)
+        if chosen is None:
+            raise ConnectionDeny(ConnectionDeny.BAD_REQUEST, "no supported subprotocol; this server speaks "
+                                 + ", ".join(self.codecs.names()))
+        return chosen
 
     def _admit(self, protocol: RoomServerProtocol, request: Any) -> None:
         if self._stopping:
@@ -291,6 +387,13 @@ class WebSocketServer:
                 self.options.max_send_buffer, lambda: self._drop_slow_consumer(protocol)
             )
         self.observers.connection_opened(client)
+        if self.access.enabled:
+            self.access.opened(client)
+            if client.identity is None:
+                return  # the session starts once an auth message proves who this is
+        self._start_session(client)
+
+    def _start_session(self, client: Client) -> None:
         if self.room_protocol is not None:
             self._execute(client, self.room_protocol.welcome(client))
         self._events.emit("connection", client)
@@ -306,9 +409,36 @@ class WebSocketServer:
             if verdict is not Verdict.ALLOW:
                 self._rate_limited(protocol, client, verdict)
                 return
+        if client.inbox is not None:
+            client.inbox.append((payload, is_binary))  # an authorization decision is pending: keep the order
+            return
+        self._process(client, payload, is_binary)
+
+    def _process(self, client: Client, payload: bytes, is_binary: bool) -> None:
+        """Authenticate, authorize and handle one message (rate limit and ordering already checked)."""
+        request: Any = payload
         try:
+            if client.codec is not self.json_codec:
+                if is_binary != client.codec.binary:
+                    kind = "binary" if client.codec.binary else "text"
+                    self._reply(client, messages.error(ErrorCode.UNSUPPORTED, f"this subprotocol uses {kind} frames"))
+                    return
+                try:
+                    request = client.codec.decode(payload)
+                except RoomServerError as exc:
+                    self._reply(client, messages.error(exc.code, exc.message))
+                    return
+                if not isinstance(request, dict):
+                    self._reply(client, messages.error(ErrorCode.INVALID_MESSAGE, "a message must be a map"))
+                    return
+                is_binary = False
+            if self.access.enabled and self._authentication_message(client, request):
+                return
+            if (self.access.authorize is not None and self.room_protocol is not None
+                    and self._awaiting_authorization(client, request, is_binary)):
+                return
             if self.room_protocol is not None:
-                self._execute(client, self.room_protocol.handle(client, payload, is_binary))
+                self._execute(client, self.room_protocol.handle(client, request, is_binary))
         except Exception:
             # A bug of ours, never the client's input: log it, tell the client nothing but 1011.
             self.log.failure("internal error while handling a message from {id}", id=client.id)
@@ -316,7 +446,92 @@ class WebSocketServer:
             client.close(CloseCode.INTERNAL_ERROR, "internal error")
             return
         if client._events.has("message"):
-            client._events.emit("message", payload if is_binary else payload.decode("utf-8"))
+            client._events.emit("message", payload if is_binary or client.codec.binary else payload.decode("utf-8"))
+
+    def _authentication_message(self, client: Client, request: Any) -> bool:
+        """Handle ``auth`` messages (first-message authentication and token refresh); True if consumed.
+
+        Until a client is authenticated, nothing else it sends is acted upon."""
+        if isinstance(request, bytes):
+            if client.identity is not None and b'"auth"' not in request:
+                return False  # the common case: an authenticated client's ordinary message, not decoded twice
+            try:
+                request = messages.decode(request)
+            except RoomServerError:
+                request = None
+        if not isinstance(request, dict) or request.get("type") != "auth":
+            if client.identity is None:
+                self._reply(client, messages.error(ErrorCode.UNAUTHENTICATED, 'send {"type":"auth","token":...} first',
+                                                   messages.request_id_of(request)))
+                return True
+            return False
+        first = client.identity is None
+        identity = self.access.accept_token(client, request.get("token"))
+        if identity is None:
+            return True
+        self._reply(client, messages.authenticated(identity.user, messages.request_id_of(request)))
+        if first:
+            self._start_session(client)
+        return True
+
+    def _awaiting_authorization(self, client: Client, request: Any, is_binary: bool) -> bool:
+        """Ask the application's ``authorize`` hook about a join or publish; True if the message waits for an
+        asynchronous answer (the client's later messages queue behind it) or was refused."""
+        try:
+            command = messages.parse(request, self.options.max_meta_size)
+        except RoomServerError:
+            return False  # the room protocol answers with the error
+        if isinstance(command, messages.Join):
+            action, rooms = Action.JOIN, [command.room]
+        elif isinstance(command, messages.Resume):
+            action, rooms = Action.JOIN, [name for name, _ in command.rooms]
+        elif isinstance(command, messages.Chat):
+            action, rooms = Action.PUBLISH, [command.room]
+        else:
+            return False
+        decisions = [self.access.decide(client, action, room) for room in rooms]
+        if all(decision is True for decision in decisions):
+            return False
+        if not any(isinstance(decision, defer.Deferred) for decision in decisions):
+            self._refuse(client, action, rooms, decisions, command.id)
+            return True
+        client.inbox = deque()
+        gathered = defer.gatherResults(
+            [decision if isinstance(decision, defer.Deferred) else defer.succeed(decision) for decision in decisions],
+            consumeErrors=True)
+
+        def decided(results: list[bool]) -> None:
+            if not client.open:
+                return
+            if all(results):
+                self._handle_now(client, request, is_binary)
+            else:
+                self._refuse(client, action, rooms, results, command.id)
+            self._drain_inbox(client)
+
+        gathered.addCallback(decided).addErrback(lambda failure: self.log.failure("authorization failed", failure))
+        return True
+
+    def _refuse(self, client: Client, action: Action, rooms: list[str], decisions: list[Any],
+                request_id: messages.RequestId) -> None:
+        verb = "join" if action is Action.JOIN else "publish to"
+        for room, decision in zip(rooms, decisions, strict=True):
+            if decision is not True:
+                self._reply(client, messages.error(ErrorCode.FORBIDDEN, f"you may not {verb} room {room!r}",
+                                                   request_id))
+
+    def _handle_now(self, client: Client, request: Any, is_binary: bool) -> None:
+        if self.room_protocol is not None:
+            self._execute(client, self.room_protocol.handle(client, request, is_binary))
+
+    def _drain_inbox(self, client: Client) -> None:
+        inbox, client.inbox = client.inbox, None
+        while inbox and client.open:
+            payload, is_binary = inbox.popleft()
+            self._process(client, payload, is_binary)
+            if client.inbox is not None:  # paused again: keep the rest, in order, behind the new decision
+                client.inbox.extend(inbox)
+                return
 
     def on_close(self, protocol: RoomServerProtocol, was_clean: bool, code: int | None, reason: str | None) -> None:
         if protocol.admitted:
@@ -329,10 +544,13 @@ class WebSocketServer:
         protocol.client = None
         self._clients.pop(client.id, None)
         self.counters.disconnected()
-        self.registry.remove_member(client)
+        rooms = self.registry.remove_member(client)
+        self.access.closed(client)
+        client.inbox = None
         self.durable.forget(client)
         if self.room_protocol is not None:
-            self.room_protocol.disconnected(client)
+            self._execute(client, self.room_protocol.disconnected(client, rooms))
+
         client.close_code = code
         client.close_reason = reason
         client._detach()
@@ -359,10 +577,13 @@ class WebSocketServer:
 
     # -- sending -------------------------------------------------------------------------------------------------
 
-    def send_payload(self, client: Client, payload: bytes, is_binary: bool) -> bool:
+    def send_payload(self, client: Client, payload: bytes, is_binary: bool, encoded: bool = False) -> bool:
+        """Send one message; JSON text is re-encoded for clients of another codec (unless ``encoded``)."""
         protocol = client._protocol
         if protocol is None or not protocol.accepts_data:
             return False
+        if not (is_binary or encoded) and client.codec is not self.json_codec:
+            payload, is_binary = client.codec.encode(orjson.loads(payload)), client.codec.binary
         protocol.sendMessage(payload, is_binary)
         self.counters.sent(len(payload))
         return True
@@ -390,6 +611,9 @@ class WebSocketServer:
                     state.pending.append((seq, payload, is_binary))
             excluded = frozenset(excluded) | replaying.keys()
         prepared = self.factory.prepareMessage(payload, is_binary)
+        per_codec: dict[Any, Any] = {}  # other codecs' framings of this message, made once each, on demand
+        wanted = self.room_protocol.subscriptions.get(room.name) if self.room_protocol is not None else None
+        kind = _message_type(payload, is_binary) if wanted else None
         sent = 0
         for member in room.clients.snapshot():
             if member in excluded or not isinstance(member, Client):
@@ -397,7 +621,17 @@ class WebSocketServer:
             protocol = member._protocol
             if protocol is None or not protocol.accepts_data:
                 continue
-            protocol.sendPreparedMessage(prepared)
+            if wanted and member in wanted and not wanted[member].wants(kind):
+                continue
+            codec = member.codec
+            if codec is not self.json_codec and not is_binary:
+                framed = per_codec.get(codec)
+                if framed is None:
+                    framed = per_codec[codec] = self.factory.prepareMessage(
+                        codec.encode(orjson.loads(payload)), codec.binary)
+                protocol.sendPreparedMessage(framed)
+            else:
+                protocol.sendPreparedMessage(prepared)
             sent += 1
         self.counters.sent(len(payload), sent)
         self.observers.broadcast_done(room, sent, perf_counter() - started)
@@ -406,7 +640,21 @@ class WebSocketServer:
     def _reply(self, client: Client, event: dict[str, Any]) -> None:
         if event.get("type") == "error":
             self.counters.error(event["code"])
-        self.send_payload(client, encode(event), False)
+        if client.codec is self.json_codec:
+            self.send_payload(client, encode(event), False)
+        else:
+            self.send_payload(client, client.codec.encode(event), client.codec.binary, encoded=True)
+
+    def _announce(self, effect: Announce) -> None:
+        """Send a presence event to the room's presence subscribers, encoded once per codec."""
+        encoded: dict[Any, bytes] = {}
+        for subscriber in self.presence_tracker.subscribers(effect.room):
+            if subscriber is effect.exclude or not isinstance(subscriber, Client):
+                continue
+            codec = subscriber.codec
+            if codec not in encoded:
+                encoded[codec] = codec.encode(effect.event)
+            self.send_payload(subscriber, encoded[codec], codec.binary, encoded=True)
 
     def _execute(self, client: Client, effects: list[Effect]) -> None:
         for effect in effects:
@@ -420,3 +668,5 @@ class WebSocketServer:
                 self.durable.read_history(client, effect)
             elif isinstance(effect, TakeOver):
                 self.durable.take_over(client, effect)
+            elif isinstance(effect, Announce):
+                self._announce(effect)

@@ -69,6 +69,7 @@ class Options(usage.Options):
 
     optFlags: list[Any] = [
         ["compression", None, "Negotiate permessage-deflate (RFC 7692) with clients that offer it."],
+        ["allow-query-token", None, "Accept ?token= in the WebSocket URL (off: URLs end up in logs)."],
         ["no-compression", None, "Never negotiate permessage-deflate (the default)."],
         ["testee", None, "Echo every message instead of serving rooms: the Autobahn TestSuite testee "
          "(see docs/compliance.md for the limits it lifts)."],
@@ -112,6 +113,19 @@ class Options(usage.Options):
          "Default: same origin only. Requests without Origin are allowed; 'null' is refused.", _origins],
         ["max-handshake-size", None, _DEFAULTS.max_handshake_size, "Bytes of HTTP request head; beyond it "
          "HTTP 400.", _positive_int],
+        ["jwt-secret-file", None, None, "A file holding the HS256 secret (or set ROOMSERVER_JWT_SECRET): turns on "
+         "JWT authentication. Never pass a secret on the command line."],
+        ["jwt-public-key-file", None, None, "A PEM public key for RS256/ES256 tokens (with --jwt-algorithm)."],
+        ["jwt-algorithm", None, _DEFAULTS.jwt_algorithm, "The one algorithm tokens must use (HS256, RS256, ES256)."],
+        ["jwt-audience", None, None, "Required aud claim."],
+        ["jwt-issuer", None, None, "Required iss claim."],
+        ["jwt-leeway", None, _DEFAULTS.jwt_leeway, "Seconds of clock skew tolerated on exp/nbf.", _non_negative_float],
+        ["auth-timeout", None, _DEFAULTS.auth_timeout, "Seconds to send the auth message when the handshake "
+         "carried no token (then close 1008).", _non_negative_float],
+        ["max-meta-size", None, _DEFAULTS.max_meta_size, "Bytes of presence metadata per join.", _positive_int],
+        ["max-text-length", None, None, "Filter: longest chat text in characters (error filtered).", _positive_int],
+        ["allowed-types", None, "", "Filter: comma-separated message types clients may publish.", _origins],
+        ["blocked-words-file", None, None, "Filter: a file of blocked words, one per line (error filtered)."],
         ["admin-token-file", None, None, "A file holding the admin token of the dashboard and the admin API "
          "(or set ROOMSERVER_ADMIN_TOKEN; never the token itself on the command line)."],
         ["log-format", None, "text", "Log format: text, or json (one JSON object per line).", _log_format],
@@ -151,6 +165,7 @@ class Options(usage.Options):
         values["history_ttl"] = values["history_ttl"] or None
         values["compression"] = bool(self["compression"])
         values["testee"] = bool(self["testee"])
+        values["allow_query_token"] = bool(self["allow-query-token"])
         options = ServerOptions(room_protocol=True, **values)
         return as_testee(options) if options.testee else options
 

@@ -41,6 +41,8 @@ class RoomServerProtocol(GracefulCloseMixin, WebSocketServerProtocol):  # type: 
     fragments: int = 0
     flood: FloodGuard | None = None
     refused_status: int | None = None  # the HTTP status of a ConnectionDeny raised by the hub, if any
+    identity: Any = None  # the Identity proven in the handshake, if any
+    subprotocol: str | None = None  # the negotiated Sec-WebSocket-Protocol, if any
 
     @property
     def accepts_data(self) -> bool:

@@ -55,7 +55,7 @@ def rsa_keys() -> tuple[Any, bytes]:
      "garbage", "empty", "rooms_not_list"],
 )
 def test_negative_token_suite(case: str) -> None:
-    private, public = rsa_keys()
+    _, public = rsa_keys()
     good = {"sub": "u", "aud": "chat", "iss": "me", "exp": NOW + 60}
     rs_verifier = TokenVerifier(public, "RS256", audience="chat", issuer="me")
     hs_verifier = TokenVerifier(SECRET, audience="chat", issuer="me")

@@ -23,7 +23,9 @@ class CloseCode:
     MESSAGE_TOO_BIG = 1009
     INTERNAL_ERROR = 1011
     SERVICE_RESTART = 1012
+    TOKEN_EXPIRED = 4001  # reconnect-class: refresh the token, then reconnect
     SLOW_CONSUMER = 4008  # reconnect-class: the client did not read fast enough
+    INVALID_TOKEN = 4501  # terminal: the token is invalid; reconnecting with it will not help
     SESSION_TAKEN_OVER = 4509  # terminal: another connection resumed this connection's session
 
 
@@ -38,6 +40,9 @@ class ErrorCode:
     ROOM_FULL = "room_full"
     TOO_MANY_ROOMS = "too_many_rooms"
     RATE_LIMITED = "rate_limited"
+    FORBIDDEN = "forbidden"
+    UNAUTHENTICATED = "unauthenticated"
+    FILTERED = "filtered"
     UNAVAILABLE = "unavailable"  # the store failed: the message was not stored and not sent
     INTERNAL = "internal_error"
 

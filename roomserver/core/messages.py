@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from .errors import ErrorCode, ProtocolViolation
+from .filters import SubscriptionFilter
 
 ROOM_NAME = re.compile(r"[A-Za-z0-9_.:\-]{1,64}")
 MAX_REQUEST_ID_LENGTH = 128
@@ -35,6 +36,18 @@ class Join:
     id: RequestId = None
     since: int | None = None
     """Replay the room's history after this seq before live messages (docs/protocol.md, resume)."""
+    meta: dict[str, Any] | None = None
+    """Public presence metadata of this member (size-limited)."""
+    presence: bool = False
+    """Send the member list with ``joined`` and subscribe to the room's presence events."""
+    filter: SubscriptionFilter | None = None
+    """Receive only these message types from the room."""
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceQuery:
+    room: str
+    id: RequestId = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +81,8 @@ class Resume:
     id: RequestId = None
 
 
-Command = Join | Leave | Chat | History | Resume
+Command = Join | Leave | Chat | History | Resume | PresenceQuery
+MAX_META_BYTES = 1024
 
 
 def encode(event: Any) -> bytes:
@@ -101,9 +115,9 @@ def decode(payload: bytes | str) -> dict[str, Any]:
     return message
 
 
-def parse(payload: bytes | str) -> Command:
-    """Parse and validate one client request."""
-    message = decode(payload)
+def parse(payload: bytes | str | dict[str, Any], max_meta_bytes: int = MAX_META_BYTES) -> Command:
+    """Parse and validate one client request (raw JSON, or a message another codec already decoded)."""
+    message = payload if isinstance(payload, dict) else decode(payload)
     kind = message.get("type")
     if not isinstance(kind, str):
         raise ProtocolViolation('a message needs a string field "type"')
@@ -111,7 +125,11 @@ def parse(payload: bytes | str) -> Command:
         raise ProtocolViolation('"id" must be a string of at most 128 characters or an integer')
     request_id = request_id_of(message)
     if kind == "join":
-        return Join(room=_room_of(message), id=request_id, since=_seq_of(message, "since"))
+        return Join(room=_room_of(message), id=request_id, since=_seq_of(message, "since"),
+                    meta=_meta_of(message, max_meta_bytes), presence=message.get("presence") is True,
+                    filter=_filter_of(message))
+    if kind == "presence":
+        return PresenceQuery(room=_room_of(message), id=request_id)
     if kind == "leave":
         return Leave(room=_room_of(message), id=request_id)
     if kind == "chat":
@@ -125,6 +143,36 @@ def parse(payload: bytes | str) -> Command:
     if kind == "resume":
         return Resume(session=_session_of(message), rooms=_resume_rooms_of(message), id=request_id)
     raise ProtocolViolation(f"unknown message type {kind[:64]!r}", code=ErrorCode.UNKNOWN_TYPE)
+
+
+def _meta_of(message: dict[str, Any], limit: int) -> dict[str, Any] | None:
+    meta = message.get("meta")
+    if meta is None:
+        return None
+    if not isinstance(meta, dict):
+        raise ProtocolViolation('"meta" must be an object')
+    try:
+        size = len(orjson.dumps(meta))
+    except TypeError as exc:
+        raise ProtocolViolation('"meta" must be plain JSON') from exc
+    if size > limit:
+        raise ProtocolViolation(f'"meta" is larger than {limit} bytes')
+    return meta
+
+
+def _filter_of(message: dict[str, Any]) -> SubscriptionFilter | None:
+    try:
+        return SubscriptionFilter.parse(message.get("filter"))
+    except ValueError as exc:
+        raise ProtocolViolation(str(exc)) from exc
+
+
+def presence(room: str, members: list[dict[str, Any]], request_id: RequestId = None) -> dict[str, Any]:
+    return with_id({"type": "presence", "room": room, "members": members}, request_id)
+
+
+def authenticated(user: str, request_id: RequestId = None) -> dict[str, Any]:
+    return with_id({"type": "authenticated", "user": user}, request_id)
 
 
 def _room_of(message: dict[str, Any]) -> str:

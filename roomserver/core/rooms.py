@@ -98,6 +98,10 @@ class RoomRegistry:
         self.max_room_clients = max_room_clients
         self.max_rooms_per_client = max_rooms_per_client
         self._on_removed = on_removed
+        self.on_member_added: Callable[[Room, Any], None] | None = None
+        """Told of every member entering a room (joins, resumes and direct ``room.clients.add`` alike)."""
+        self.on_member_removed: Callable[[Room, Any], None] | None = None
+        """Told of every member leaving a room (leaves, disconnects and direct discards alike)."""
         self._rooms: dict[str, Room] = {}
         self._memberships: dict[Any, dict[str, Room]] = {}
 
@@ -186,6 +190,8 @@ class RoomRegistry:
             room.clients._members.discard(member)
             raise ValueError(f"room {room.name!r} was removed and another room now has that name")
         self._memberships.setdefault(member, {})[room.name] = room
+        if self.on_member_added is not None:
+            self.on_member_added(room, member)
 
     def _member_removed(self, room: Room, member: Any) -> None:
         rooms = self._memberships.get(member)
@@ -193,6 +199,8 @@ class RoomRegistry:
             rooms.pop(room.name, None)
             if not rooms:
                 del self._memberships[member]
+        if self.on_member_removed is not None:
+            self.on_member_removed(room, member)
         self._drop_if_unused(room)
 
     def _drop_if_unused(self, room: Room) -> None:

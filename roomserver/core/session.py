@@ -24,7 +24,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from . import messages
+from .auth import Action, Identity
 from .errors import ErrorCode, RoomServerError
+from .filters import Pipeline, Rejected, SubscriptionFilter
+from .presence import Presence
 from .rooms import RoomRegistry
 from .sessions import SessionTable
 
@@ -81,7 +84,22 @@ class TakeOver:
     client_id: str
 
 
-Effect = Reply | Append | Replay | ReadHistory | TakeOver
+@dataclass(frozen=True, slots=True)
+class Announce:
+    """Send a presence ``event`` to the room's presence subscribers (but ``exclude``, the member it is about)."""
+
+    room: str
+    event: dict[str, Any]
+    exclude: Any = None
+
+
+Effect = Reply | Append | Replay | ReadHistory | TakeOver | Announce
+
+
+def identity_of(member: Any) -> Identity:
+    """The member's identity; a connection that never authenticated is an anonymous user (its own id)."""
+    identity = getattr(member, "identity", None)
+    return identity if isinstance(identity, Identity) else Identity(member.id)
 
 
 class RoomProtocol:
@@ -95,8 +113,17 @@ class RoomProtocol:
         registry: RoomRegistry,
         sessions: SessionTable | None = None,
         clock: Callable[[], float] | None = None,
+        *,
+        presence: Presence | None = None,
+        filters: Pipeline | None = None,
+        max_meta_bytes: int = messages.MAX_META_BYTES,
     ) -> None:
         self.registry = registry
+        self.presence = presence if presence is not None else Presence()
+        self.filters = filters if filters is not None else Pipeline()
+        self.max_meta_bytes = max_meta_bytes
+        self.subscriptions: dict[str, dict[Any, SubscriptionFilter]] = {}
+        """Per room, the members that asked for only some message types (read by the hub's fan-out)."""
         self.sessions = sessions if sessions is not None else SessionTable(ttl=0)
         self._clock = clock if clock is not None else (lambda: 0.0)
         self._tokens: dict[str, str] = {}
@@ -108,20 +135,61 @@ class RoomProtocol:
         self.sessions.attach(token, member.id)
         return [Reply(messages.welcome(member.id, token))]
 
-    def disconnected(self, member: Identified) -> None:
-        """The member's connection closed: its session stays resumable for the session ttl."""
+    def disconnected(self, member: Identified, rooms: Any = ()) -> list[Effect]:
+        """The member's connection closed (after leaving ``rooms``): its session stays resumable for the
+        session ttl; returns the presence leaves to announce (a user's last connection only)."""
         token = self._tokens.pop(member.id, None)
         if token is not None:
             self.sessions.detach(token, self._clock())
+        effects: list[Effect] = []
+        for room in rooms:
+            effects += self._left(member, room.name if hasattr(room, "name") else str(room))
+        return effects
 
-    def handle(self, member: Identified, payload: bytes | str, is_binary: bool = False) -> list[Effect]:
-        if is_binary:
+    def _left(self, member: Any, room: str) -> list[Effect]:
+        """Presence and subscription bookkeeping once ``member`` is out of ``room``."""
+        subscriptions = self.subscriptions.get(room)
+        if subscriptions is not None:
+            subscriptions.pop(member, None)
+            if not subscriptions:
+                del self.subscriptions[room]
+        event = self.presence.leave(room, identity_of(member).user, member)
+        if event is None or not self.presence.subscribers(room):
+            return []
+        return [Announce(room, event.as_json(), member)]
+
+    def _joined(self, member: Any, room: str, command: messages.Join | None) -> tuple[list[Effect], dict[str, Any]]:
+        """Presence and subscription bookkeeping once ``member`` is in ``room``: the presence announcement and
+        the extra fields of the ``joined`` reply."""
+        identity = identity_of(member)
+        meta = command.meta if command is not None and command.meta is not None else identity.meta
+        event = self.presence.join(room, identity.user, member, meta)
+        announce = event is not None and bool(self.presence.subscribers(room))
+        extra: dict[str, Any] = {}
+        if command is not None and command.filter is not None:
+            self.subscriptions.setdefault(room, {})[member] = command.filter
+        if command is not None and command.presence:
+            self.presence.subscribe(room, member)
+            extra["members"] = self.presence.members(room)
+        return ([Announce(room, event.as_json(), member)] if announce and event is not None else []), extra
+
+    @staticmethod
+    def _forbidden(action: Action, room: str, request_id: messages.RequestId) -> list[Effect]:
+        verb = "join" if action is Action.JOIN else "publish to"
+        return [Reply(messages.error(ErrorCode.FORBIDDEN, f"you may not {verb} room {room!r}", request_id))]
+
+    def handle(self, member: Identified, payload: bytes | str | dict[str, Any], is_binary: bool = False
+               ) -> list[Effect]:
+        """One request: raw JSON, or a dict another codec (msgpack) already decoded."""
+        if is_binary and not isinstance(payload, dict):
             return [Reply(messages.error(ErrorCode.UNSUPPORTED, "binary frames are not part of the JSON protocol"))]
         try:
-            command = messages.parse(payload)
+            command = messages.parse(payload, self.max_meta_bytes)
         except RoomServerError as exc:
             request_id = None
-            if exc.code != ErrorCode.INVALID_JSON:
+            if isinstance(payload, dict):
+                request_id = messages.request_id_of(payload)
+            elif exc.code != ErrorCode.INVALID_JSON:
                 try:
                     request_id = messages.request_id_of(messages.decode(payload))
                 except RoomServerError:
@@ -134,22 +202,42 @@ class RoomProtocol:
 
     def _execute(self, member: Identified, command: messages.Command) -> list[Effect]:
         if isinstance(command, messages.Join):
+            if not identity_of(member).may(Action.JOIN, command.room):
+                return self._forbidden(Action.JOIN, command.room, command.id)
             room = self.registry.join(member, command.room)
+            announcements, extra = self._joined(member, room.name, command)
             reply = messages.joined(room.name, len(room.clients), command.id)
+            reply.update(extra)
             if command.since is None:
-                return [Reply(reply)]
-            return [Replay(room.name, command.since, reply)]
+                return [Reply(reply), *announcements]
+            return [Replay(room.name, command.since, reply), *announcements]
         if isinstance(command, messages.Leave):
             if not self.registry.leave(member, command.room):
                 return [Reply(messages.error(ErrorCode.NOT_IN_ROOM, f"not in room {command.room!r}", command.id))]
-            return [Reply(messages.left(command.room, command.id))]
+            return [Reply(messages.left(command.room, command.id)), *self._left(member, command.room)]
+        if isinstance(command, messages.PresenceQuery):
+            if not self.registry.is_member(member, command.room):
+                return [Reply(messages.error(ErrorCode.NOT_IN_ROOM, f"join room {command.room!r} first", command.id))]
+            return [Reply(messages.presence(command.room, self.presence.members(command.room), command.id))]
         if isinstance(command, messages.History):
             return [ReadHistory(command.room, command.since, command.before, command.limit, command.id)]
         if isinstance(command, messages.Resume):
             return self._resume(member, command)
         if not self.registry.is_member(member, command.room):
             return [Reply(messages.error(ErrorCode.NOT_IN_ROOM, f"join room {command.room!r} first", command.id))]
-        body = messages.chat_body(command.room, member.id, command.text, command.msg_id)
+        if not identity_of(member).may(Action.PUBLISH, command.room):
+            return self._forbidden(Action.PUBLISH, command.room, command.id)
+        text = command.text
+        if self.filters:
+            try:
+                filtered = self.filters.apply(member, command.room, {"type": "chat", "room": command.room,
+                                                                     "text": text})
+            except Rejected as exc:
+                return [Reply(messages.error(ErrorCode.FILTERED, exc.message, command.id))]
+            if not isinstance(filtered.get("text"), str):
+                return [Reply(messages.error(ErrorCode.FILTERED, "a filter removed the text", command.id))]
+            text = filtered["text"]
+        body = messages.chat_body(command.room, member.id, text, command.msg_id)
         return [Append(command.room, body, command.msg_id, command.id)]
 
     def _resume(self, member: Identified, command: messages.Resume) -> list[Effect]:
@@ -164,12 +252,18 @@ class RoomProtocol:
             if session is not None:
                 effects.append(TakeOver(session.client_id))
         for name, since in command.rooms:
+            if not identity_of(member).may(Action.JOIN, name):
+                effects.append(Reply(messages.error(ErrorCode.FORBIDDEN, f"you may not join room {name!r}",
+                                                    command.id, room=name)))
+                continue
             try:
                 room = self.registry.join(member, name)
             except RoomServerError as exc:
                 effects.append(Reply(messages.error(exc.code, exc.message, command.id, room=name)))
                 continue
+            announcements, _ = self._joined(member, room.name, None)
             effects.append(Replay(room.name, since, messages.resumed(room.name, continued, command.id)))
+            effects += announcements
         if not command.rooms:
             effects.append(Reply(messages.resumed(None, continued, command.id)))
         return effects

@@ -1,0 +1,213 @@
+"""Authentication and per-room permissions over real sockets: header and first-message tokens, expiry,
+claims, application hooks; tokens never reach the logs."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+import pytest_twisted
+import websockets
+from twisted.internet import defer, task
+from twisted.logger import ILogObserver, globalLogPublisher
+from zope.interface import provider
+
+from roomserver import ServerOptions
+from roomserver.access import verifier_from_options
+from roomserver.core.auth import Action, Identity
+
+from .support import WSClient, aio, eventually, url_of
+
+SECRET = "a-test-secret-that-is-long-enough-for-hs256"
+
+
+def make_token(sub: str = "alice", **claims: Any) -> str:
+    claims.setdefault("exp", time.time() + 3600)
+    return jwt.encode({"sub": sub, **claims}, SECRET, algorithm="HS256")
+
+
+@pytest.fixture
+def secret_file(tmp_path: Path) -> str:
+    path = tmp_path / "secret"
+    path.write_text(SECRET + "\n")
+    return str(path)
+
+
+async def authed(server: Any, token: str) -> WSClient:
+    ws = await WSClient.connect(url_of(server), additional_headers={"Authorization": f"Bearer {token}"})
+    assert (await ws.recv())["type"] == "welcome"
+    return ws
+
+
+@pytest_twisted.ensureDeferred
+async def test_bearer_header_authenticates_and_sub_becomes_the_user(make_server: Any, secret_file: str) -> None:
+    server = await make_server(room_protocol=True, jwt_secret_file=secret_file)
+    users: list[str] = []
+    server.on("connection", lambda client: users.append(client.user))
+    ws = await authed(server, make_token("alice"))
+    assert (await ws.request({"type": "join", "room": "lobby"}))["type"] == "joined"
+    await eventually(lambda: users == ["alice"])
+
+
+@pytest.mark.parametrize("claims", [
+    {"exp": 1}, {"aud": "other"}, {"nbf": 4102444800},
+])
+@pytest_twisted.ensureDeferred
+async def test_bad_header_token_gets_401(make_server: Any, secret_file: str, claims: dict[str, Any]) -> None:
+    server = await make_server(room_protocol=True, jwt_secret_file=secret_file, jwt_audience="chat")
+    token = make_token("mallory", **{"aud": "chat", **claims})
+    with pytest.raises(websockets.InvalidStatus) as info:
+        await WSClient.connect(url_of(server), additional_headers={"Authorization": f"Bearer {token}"})
+    assert info.value.response.status_code == 401
+    with pytest.raises(websockets.InvalidStatus) as info:
+        await WSClient.connect(url_of(server), additional_headers={"Authorization": "Basic abc"})
+    assert info.value.response.status_code == 401
+
+
+@pytest_twisted.ensureDeferred
+async def test_first_message_auth(make_server: Any, secret_file: str) -> None:
+    server = await make_server(room_protocol=True, jwt_secret_file=secret_file)
+    ws = await WSClient.connect(url_of(server))
+    refused = await ws.request({"type": "join", "room": "lobby", "id": 1})
+    assert refused["code"] == "unauthenticated" and refused["id"] == 1
+    assert (await ws.request({"type": "auth", "token": make_token("bob"), "id": "a"})) == {
+        "type": "authenticated", "user": "bob", "id": "a"}
+    assert (await ws.recv())["type"] == "welcome"
+    assert (await ws.request({"type": "join", "room": "lobby"}))["type"] == "joined"
+
+
+@pytest_twisted.ensureDeferred
+async def test_bad_first_message_token_closes_4501(make_server: Any, secret_file: str) -> None:
+    server = await make_server(room_protocol=True, jwt_secret_file=secret_file)
+    ws = await WSClient.connect(url_of(server))
+    await ws.send({"type": "auth", "token": jwt.encode({"sub": "x"}, "wrong" * 10, algorithm="HS256")})
+    assert (await ws.closed())[0] == 4501
+
+
+@pytest_twisted.ensureDeferred
+async def test_alg_none_token_is_refused(make_server: Any, secret_file: str) -> None:
+    server = await make_server(room_protocol=True, jwt_secret_file=secret_file)
+    ws = await WSClient.connect(url_of(server))
+    await ws.send({"type": "auth", "token": jwt.encode({"sub": "root"}, None, algorithm="none")})
+    assert (await ws.closed())[0] == 4501
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_auth_message_in_time_closes_1008(make_server: Any, secret_file: str) -> None:
+    server = await make_server(room_protocol=True, jwt_secret_file=secret_file, auth_timeout=0.3)
+    ws = await WSClient.connect(url_of(server))
+    assert (await ws.closed(timeout=3))[0] == 1008
+    assert server.get_stats().drops["auth_timeout"] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_expiring_token_closes_4001_unless_refreshed(make_server: Any, secret_file: str) -> None:
+    server = await make_server(room_protocol=True, jwt_secret_file=secret_file)
+    expiring = await authed(server, make_token("carol", exp=time.time() + 0.6))
+    refreshed = await authed(server, make_token("dave", exp=time.time() + 0.6))
+    assert (await refreshed.request({"type": "auth", "token": make_token("dave")}))["type"] == "authenticated"
+    assert (await expiring.closed(timeout=3))[0] == 4001
+    await aio(asyncio.sleep(0.3))
+    assert (await refreshed.request({"type": "join", "room": "r"}))["type"] == "joined"
+    other_user = make_token("eve")
+    await refreshed.send({"type": "auth", "token": other_user})
+    assert (await refreshed.closed())[0] == 4501, "a refresh cannot switch users"
+
+
+@pytest_twisted.ensureDeferred
+async def test_rooms_and_publish_claims(make_server: Any, secret_file: str) -> None:
+    server = await make_server(room_protocol=True, jwt_secret_file=secret_file)
+    ws = await authed(server, make_token("frank", rooms=["team-*", "lobby"], publish=["team-*"]))
+    forbidden = await ws.request({"type": "join", "room": "admin", "id": 1})
+    assert forbidden["code"] == "forbidden" and forbidden["id"] == 1
+    assert (await ws.request({"type": "join", "room": "team-red"}))["type"] == "joined"
+    assert (await ws.request({"type": "join", "room": "lobby"}))["type"] == "joined"
+    assert (await ws.request({"type": "chat", "room": "lobby", "text": "hi"}))["code"] == "forbidden"
+    assert (await ws.request({"type": "chat", "room": "team-red", "text": "hi"}))["type"] in ("chat", "ack")
+
+
+@pytest_twisted.ensureDeferred
+async def test_query_token_only_when_enabled(make_server: Any, secret_file: str) -> None:
+    closed_server = await make_server(room_protocol=True, jwt_secret_file=secret_file, auth_timeout=5)
+    ws = await WSClient.connect(url_of(closed_server) + "?token=" + make_token())
+    assert (await ws.request({"type": "join", "room": "x"}))["code"] == "unauthenticated"
+    open_server = await make_server(room_protocol=True, jwt_secret_file=secret_file, allow_query_token=True)
+    ws = await WSClient.connect(url_of(open_server) + "?token=" + make_token("gina"))
+    assert (await ws.recv())["type"] == "welcome"
+
+
+@pytest_twisted.ensureDeferred
+async def test_application_hooks_authenticate_and_authorize_asynchronously(make_server: Any) -> None:
+    from twisted.internet import reactor
+
+    server = await make_server(room_protocol=True)
+
+    def authenticate(request: Any) -> defer.Deferred[Identity | None]:
+        user = request.headers.get("x-user")
+        return task.deferLater(reactor, 0.05, lambda: Identity(user) if user else None)
+
+    asked: list[tuple[str, str, str]] = []
+
+    def authorize(identity: Identity, action: Action, room: str) -> defer.Deferred[bool]:
+        asked.append((identity.user, action.value, room))
+        return task.deferLater(reactor, 0.05, lambda: not room.startswith("secret"))
+
+    server.authenticate = authenticate
+    server.authorize = authorize
+    with pytest.raises(websockets.InvalidStatus) as info:
+        await WSClient.connect(url_of(server))
+    assert info.value.response.status_code == 401
+    ws = await WSClient.connect(url_of(server), additional_headers={"X-User": "hank"})
+    assert (await ws.recv())["type"] == "welcome"
+    # sent back to back: the chat must wait for the join's pending decision, and keep its place
+    await ws.send({"type": "join", "room": "open", "id": 1})
+    await ws.send({"type": "chat", "room": "open", "text": "in order", "id": 2})
+    await ws.send({"type": "join", "room": "secret-lab", "id": 3})
+    replies = [await ws.recv() for _ in range(4)]
+    kinds = [(r["type"], r.get("id")) for r in replies]
+    assert kinds[0] == ("joined", 1)
+    assert set(kinds[1:3]) == {("chat", None), ("ack", 2)}
+    assert kinds[3] == ("error", 3) and replies[3]["code"] == "forbidden"
+    assert asked == [("hank", "join", "open"), ("hank", "publish", "open"), ("hank", "join", "secret-lab")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_tokens_never_reach_the_logs(make_server: Any, secret_file: str) -> None:
+    lines: list[str] = []
+
+    @provider(ILogObserver)
+    def observe(event: dict[str, Any]) -> None:
+        from twisted.logger import formatEvent
+
+        lines.append(formatEvent(event) + repr(event))
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        server = await make_server(room_protocol=True, jwt_secret_file=secret_file, allow_query_token=True)
+        good, bad = make_token("ivy"), make_token("ivy", exp=1)
+        ws = await authed(server, good)
+        await ws.close()
+        with pytest.raises(websockets.InvalidStatus):
+            await WSClient.connect(url_of(server) + "?token=" + bad)
+        raw = await WSClient.connect(url_of(server))
+        await raw.send({"type": "auth", "token": bad})
+        await raw.closed()
+        await server.stop()
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert lines, "the server logged something"
+    assert not [line for line in lines if good in line or bad in line or SECRET in line]
+
+
+def test_verifier_configuration(tmp_path: Path) -> None:
+    assert verifier_from_options(ServerOptions(), environ={}) is None
+    from_env = verifier_from_options(ServerOptions(), environ={"ROOMSERVER_JWT_SECRET": SECRET})
+    assert from_env is not None and from_env.verify(make_token("env"), now=time.time()).user == "env"
+    key = tmp_path / "key.pem"
+    key.write_text("not a key")
+    with pytest.raises(ValueError):
+        verifier_from_options(ServerOptions(jwt_public_key_file=str(key)), environ={})  # HS256 with a public key
