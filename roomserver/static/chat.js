@@ -140,8 +140,8 @@
       else {
         features.presence = false;
         state.members.set(myName, {connections: 1});
-        system(name, "joined " + name + " (" + reply.size + " connected)");
       }
+      system(name, "joined " + name + " (" + reply.size + " connected)");
       if (features.history === false) return;
       return client.history(name, {limit: 50}).then(function (history) {
         features.history = true;
