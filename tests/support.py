@@ -9,13 +9,34 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import websockets
 from twisted.internet import defer
 
 from roomserver import ServerOptions, WebSocketServer
+
+
+@contextmanager
+def logged_errors() -> Iterator[list[dict[str, Any]]]:
+    """Collect every error or critical log event (and every logged failure) emitted inside the block."""
+    from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
+    from zope.interface import provider
+
+    problems: list[dict[str, Any]] = []
+
+    @provider(ILogObserver)
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_level") in (LogLevel.error, LogLevel.critical) or event.get("isError"):
+            problems.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        yield problems
+    finally:
+        globalLogPublisher.removeObserver(observe)
 
 
 def aio(coro: Coroutine[Any, Any, Any]) -> defer.Deferred[Any]:

@@ -8,12 +8,10 @@ from typing import Any
 
 import pytest_twisted
 from twisted.internet import defer
-from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
-from zope.interface import provider
 
 from roomserver import Client
 
-from .support import RawClient, WSClient, aio, eventually, url_of
+from .support import RawClient, WSClient, aio, eventually, logged_errors, url_of
 
 MEMBERS = 100
 PUBLISHERS = 20
@@ -98,18 +96,8 @@ async def test_stop_logs_no_error_and_leaves_nothing(make_server: Any) -> None:
     for ws in clients:
         await ws.recv()
         await ws.request({"type": "join", "room": "r"})
-    problems: list[dict[str, Any]] = []
-
-    @provider(ILogObserver)
-    def observe(event: dict[str, Any]) -> None:
-        if event.get("log_level") in (LogLevel.error, LogLevel.critical) or event.get("isError"):
-            problems.append(event)
-
-    globalLogPublisher.addObserver(observe)
-    try:
+    with logged_errors() as problems:
         await server.stop()
-    finally:
-        globalLogPublisher.removeObserver(observe)
     assert problems == []
     for ws in clients:
         assert (await ws.closed())[0] == 1001

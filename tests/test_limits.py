@@ -13,7 +13,7 @@ import websockets
 
 from roomserver import CloseCode
 
-from .support import RawClient, WSClient, aio, eventually, frame, url_of
+from .support import RawClient, WSClient, aio, eventually, frame, logged_errors, url_of
 
 
 async def joined(server: Any, room: str = "r", **connect: Any) -> WSClient:
@@ -294,19 +294,8 @@ async def test_peer_that_never_answers_the_close_is_dropped_after_the_close_time
 @pytest_twisted.ensureDeferred
 async def test_malformed_requests_are_refused_without_errors_or_leaks(make_server: Any, probe: bytes) -> None:
     """Protocol garbage gets an HTTP 4xx (or the connection closed) and logs no unhandled error."""
-    from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
-    from zope.interface import provider
-
     server = await make_server(room_protocol=True)
-    problems: list[Any] = []
-
-    @provider(ILogObserver)
-    def observe(event: dict[str, Any]) -> None:
-        if event.get("log_level") in (LogLevel.error, LogLevel.critical) or event.get("isError"):
-            problems.append(event)
-
-    globalLogPublisher.addObserver(observe)
-    try:
+    with logged_errors() as problems:
         for _ in range(20):
             raw = await RawClient.open_tcp(server)
             raw.send(probe)
@@ -314,7 +303,5 @@ async def test_malformed_requests_are_refused_without_errors_or_leaks(make_serve
             assert response == b"" or response.startswith(b"HTTP/1.1 4"), response
             raw.close()
         await eventually(lambda: not server.connections.protocols, timeout=5)
-    finally:
-        globalLogPublisher.removeObserver(observe)
     assert problems == []
     assert server.get_stats().connections == 0
