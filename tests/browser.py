@@ -13,7 +13,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from playwright.async_api import Browser, Page, async_playwright, expect
+from playwright.async_api import Browser, BrowserContext, Page, async_playwright, expect
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -42,8 +42,11 @@ class ChatPage:
         page.set_default_timeout(TIMEOUT_MS)
 
     @classmethod
-    async def open(cls, browser: Browser, base_url: str, name: str, room: str = "lobby") -> ChatPage:
-        page = await browser.new_page(viewport={"width": 1100, "height": 640})
+    async def open(cls, browser: Browser | BrowserContext, base_url: str, name: str, room: str = "lobby") -> ChatPage:
+        if isinstance(browser, Browser):
+            page = await browser.new_page(viewport={"width": 1100, "height": 640})
+        else:
+            page = await browser.new_page()
         chat = cls(page, name)
         await page.goto(base_url + "/")
         await page.fill("#name", name)
