@@ -3,9 +3,9 @@
 ``{"status": "ok"}`` with HTTP 200 while the server listens and every backend it has reports healthy;
 ``{"status": "degraded"}`` with HTTP 503 while it is shutting down or a backend reports trouble, so a load
 balancer stops sending new clients to it. Backends (a message store, a cross-node broker) are found as the
-server's ``store`` and ``broker`` attributes; each reports itself through ``health()`` (a dict with at least
-``"ok": bool``) or a ``state`` string. A server without such a backend reports ``{"backend": "none"}`` for it,
-which is healthy: there is nothing that can fail.
+server's ``store`` and ``broker`` attributes (or those of its durable-rooms component, ``server.durable``);
+each reports itself through ``health()`` (a dict with at least ``"ok": bool``) or a ``state`` string. A server
+without such a backend reports ``{"backend": "none"}`` for it, which is healthy: there is nothing that can fail.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ def backend_health(backend: Any) -> dict[str, Any]:
     if backend is None:
         return {"backend": "none", "ok": True}
     name = str(getattr(backend, "name", None) or type(backend).__name__)
+    where = getattr(backend, "path", None)
     try:
         probe = getattr(backend, "health", None)
         if callable(probe):
@@ -35,12 +36,23 @@ def backend_health(backend: Any) -> dict[str, Any]:
             report.setdefault("backend", name)
             report["ok"] = bool(report.get("ok", False))
             return report
+        report = {"backend": name, "ok": True}
+        if isinstance(where, str):
+            report["path"] = where
         state = getattr(backend, "state", None)
         if state is not None:
-            return {"backend": name, "state": str(state), "ok": str(state) in HEALTHY_STATES}
-        return {"backend": name, "ok": True}
+            report.update(state=str(state), ok=str(state) in HEALTHY_STATES)
+        return report
     except Exception as exc:  # a broken probe is itself a sign of a broken backend
         return {"backend": name, "ok": False, "error": type(exc).__name__}
+
+
+def find_backend(server: Any, name: str) -> Any:
+    """The server's ``store`` or ``broker``: an attribute of the server, or of its durable-rooms component."""
+    backend = getattr(server, name, None)
+    if backend is None:
+        backend = getattr(getattr(server, "durable", None), name, None)
+    return backend
 
 
 def health_report(server: WebSocketServer, now: float, started_at: float | None) -> dict[str, Any]:
@@ -48,7 +60,7 @@ def health_report(server: WebSocketServer, now: float, started_at: float | None)
     report: dict[str, Any] = {"listening": listening}
     healthy = listening
     for name in BACKENDS:
-        part = backend_health(getattr(server, name, None))
+        part = backend_health(find_backend(server, name))
         report[name] = part
         healthy = healthy and part["ok"]
     stats = server.get_stats()
