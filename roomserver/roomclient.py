@@ -28,6 +28,7 @@ The reactor is injectable (``reactor=``): timers (backoff, request timeouts) use
 from __future__ import annotations
 
 import random as random_module
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,6 +74,8 @@ class _Pending:
     deferred: defer.Deferred[dict[str, Any]]
     timer: Any
     room: str | None = None
+    chat: dict[str, Any] | None = None
+    """For a chat: the request itself, so it can be sent again (same ``msg_id``) after a resume."""
 
 
 class RoomClientProtocol(WebSocketClientProtocol):  # type: ignore[misc]
@@ -142,6 +145,7 @@ class RoomClient:
         self._pending: dict[int, _Pending] = {}
         self._echo_queue: dict[str, list[int]] = {}
         self._acks_seen = False
+        self._outbox: list[_Pending] = []
         self._next_id = 1
         self._retry: Any = None
         self._connect_waiters: list[defer.Deferred[RoomClient]] = []
@@ -236,12 +240,14 @@ class RoomClient:
             return
         self._protocol = None
         was_open = self.state == "open"
-        self._fail_pending("disconnected", f"the connection closed (code {code})")
+        terminal = self._closed_by_user or not self.reconnect or is_terminal(code)
+        self._fail_pending("disconnected", f"the connection closed (code {code})",
+                           keep_chats=not terminal and self.session is not None)
         self._events.emit("close", code, reason)
         waiters, self._close_waiters = self._close_waiters, []
         for waiter in waiters:
             waiter.callback(None)
-        if self._closed_by_user or not self.reconnect or is_terminal(code):
+        if terminal:
             self._set_state("closed", code=code, reason=reason)
             self._fail_connect_waiters(RoomClientError("closed", f"connection closed (code {code})"))
             return
@@ -261,7 +267,9 @@ class RoomClient:
             raise RoomClientError("not_connected", "not connected")
         self._protocol.sendMessage(orjson.dumps(message), False)
 
-    def request(self, message: dict[str, Any], room: str | None = None) -> defer.Deferred[dict[str, Any]]:
+    def request(
+        self, message: dict[str, Any], room: str | None = None, chat: dict[str, Any] | None = None
+    ) -> defer.Deferred[dict[str, Any]]:
         """Send ``message`` with a fresh ``id``; fires with the reply carrying that id."""
         request_id = self._next_id
         self._next_id += 1
@@ -271,7 +279,7 @@ class RoomClient:
             return defer.fail(error)
         deferred: defer.Deferred[dict[str, Any]] = defer.Deferred()
         timer = self.reactor.callLater(self.request_timeout, self._timed_out, request_id, message.get("type"))
-        self._pending[request_id] = _Pending(deferred, timer, room)
+        self._pending[request_id] = _Pending(deferred, timer, room, chat)
         return deferred
 
     def _timed_out(self, request_id: int, kind: Any) -> None:
@@ -293,13 +301,31 @@ class RoomClient:
             pending.deferred.callback(reply)
         return True
 
-    def _fail_pending(self, code: str, message: str) -> None:
+    def _fail_pending(self, code: str, message: str, keep_chats: bool = False) -> None:
+        """Fail every waiting request; with ``keep_chats``, chats go to the outbox instead, to be sent again
+        (same ``msg_id``, so the server stores each once) after the next resume."""
         pending, self._pending = self._pending, {}
         self._echo_queue = {}
-        for entry in pending.values():
+        for _, entry in sorted(pending.items()):
             if entry.timer.active():
                 entry.timer.cancel()
+            if keep_chats and entry.chat is not None:
+                self._outbox.append(entry)
+            else:
+                entry.deferred.errback(RoomClientError(code, message))
+        if not keep_chats:
+            self._reject_outbox(code, message)
+
+    def _reject_outbox(self, code: str, message: str) -> None:
+        outbox, self._outbox = self._outbox, []
+        for entry in outbox:
             entry.deferred.errback(RoomClientError(code, message))
+
+    def _flush_outbox(self) -> None:
+        outbox, self._outbox = self._outbox, []
+        for entry in outbox:
+            if entry.chat is not None:
+                self._send_chat(entry.chat).chainDeferred(entry.deferred)
 
     def join(self, room: str, **options: Any) -> defer.Deferred[dict[str, Any]]:
         """Join ``room`` (``options`` such as ``presence=True`` go into the request); fires with ``joined``."""
@@ -317,11 +343,17 @@ class RoomClient:
         return self.request({"type": "leave", "room": room}).addCallback(left)
 
     def send(self, room: str, text: str) -> defer.Deferred[dict[str, Any]]:
-        """Send a chat; fires with ``{"type": "ack", "seq": S, ...}`` once the server has it."""
+        """Send a chat; fires with ``{"type": "ack", "seq": S, ...}`` once the server has it.
+
+        Each chat carries a random ``msg_id``: if the connection drops before the ack, the chat is sent again
+        after the resume and the server, which remembers msg_ids, stores and broadcasts it only once."""
+        return self._send_chat({"type": "chat", "room": room, "text": text, "msg_id": secrets.token_hex(12)})
+
+    def _send_chat(self, chat: dict[str, Any]) -> defer.Deferred[dict[str, Any]]:
         request_id = self._next_id
-        deferred = self.request({"type": "chat", "room": room, "text": text}, room=room)
+        deferred = self.request(chat, room=chat["room"], chat=chat)
         if request_id in self._pending:
-            self._echo_queue.setdefault(room, []).append(request_id)
+            self._echo_queue.setdefault(chat["room"], []).append(request_id)
         return deferred
 
     def history(self, room: str, since: int | None = None, limit: int | None = None) -> defer.Deferred[dict[str, Any]]:
@@ -397,9 +429,17 @@ class RoomClient:
                 return  # already delivered (a replay overlapping what we had)
             state.last_seq = seq
         if message.get("from") == self.id and not self._acks_seen and isinstance(room, str):
-            queue = self._echo_queue.get(room)
-            if queue:
-                self._settle(queue.pop(0), {"type": "ack", "room": room, "seq": seq})
+            # Without server acks, our own copy coming back is the ack: matched by its msg_id where the server
+            # echoes it, else in order (the server handles one connection's requests in order).
+            queue = self._echo_queue.get(room, [])
+            msg_id = message.get("msg_id")
+            match = next((rid for rid in queue if msg_id is not None and (entry := self._pending.get(rid)) is not None
+                          and entry.chat is not None and entry.chat.get("msg_id") == msg_id), None)
+            if match is None and msg_id is None and queue:
+                match = queue[0]
+            if match is not None:
+                queue.remove(match)
+                self._settle(match, {"type": "ack", "room": room, "seq": seq})
         self._events.emit("chat", message)
         self._events.emit("message", message)
 
@@ -416,13 +456,17 @@ class RoomClient:
         waiters, self._connect_waiters = self._connect_waiters, []
         for waiter in waiters:
             waiter.callback(self)
+        unacknowledged = "the connection closed before the server acknowledged the chat"
         if not was_reconnect or not self.rooms:
+            self._reject_outbox("disconnected", unacknowledged)
             return
         if previous_session is not None and self.session is not None:
             resume = self.request({"type": "resume", "session": previous_session,
                                    "rooms": {name: state.last_seq for name, state in self.rooms.items()}})
             resume.addErrback(self._resume_refused)
+            self._flush_outbox()  # after the resume: the server handles requests in order, the rooms are back
             return
+        self._reject_outbox("disconnected", unacknowledged)
         for name, state in list(self.rooms.items()):
             self._rejoin(name, state)
 

@@ -57,6 +57,7 @@
     this._pending = {};           // request id -> {resolve, reject, timer, kind, room}
     this._echoQueue = {};         // room -> [request ids of chats awaiting their echo]
     this._acksSeen = false;       // the server answers chats with {"type":"ack"}
+    this._outbox = [];            // chats in flight when the connection dropped: sent again after the resume
     this._nextId = 1;
     this._attempt = 0;
     this._ws = null;
@@ -66,6 +67,14 @@
   }
 
   RoomClient.backoffDelay = backoffDelay;
+
+  /** A random idempotency key for a chat (the server acknowledges a retry of it instead of sending it twice). */
+  function randomId() {
+    var bytes = new Uint8Array(12);
+    if (global.crypto && global.crypto.getRandomValues) global.crypto.getRandomValues(bytes);
+    else for (var i = 0; i < bytes.length; i++) bytes[i] = Math.floor(Math.random() * 256);
+    return Array.prototype.map.call(bytes, function (b) { return (b + 256).toString(16).slice(1); }).join("");
+  }
 
   RoomClient.prototype.on = function (event, handler) {
     (this._handlers[event] = this._handlers[event] || []).push(handler);
@@ -124,9 +133,10 @@
   RoomClient.prototype._dropped = function (code, reason) {
     this._ws = null;
     var wasOpen = this.state === "open";
-    this._failPending("disconnected", "the connection closed (code " + code + ")");
+    var terminal = this._closedByUser || !this.options.reconnect || isTerminal(code);
+    this._failPending("disconnected", "the connection closed (code " + code + ")", !terminal && !!this.session);
     this._emit("close", {code: code, reason: reason});
-    if (this._closedByUser || !this.options.reconnect || isTerminal(code)) {
+    if (terminal) {
       this._setState("closed", {code: code, reason: reason});
       var waiters = this._connectWaiters.splice(0);
       waiters.forEach(function (w) { w.reject(RoomClientError("closed", "connection closed (code " + code + ")")); });
@@ -152,13 +162,30 @@
     else this._setState("closed", {code: 1000});
   };
 
-  RoomClient.prototype._failPending = function (code, message) {
+  /** Reject every waiting request; with `keepChats`, chats go to the outbox instead, to be sent again (with
+   *  the same msg_id, so the server stores each once) after the next resume. */
+  RoomClient.prototype._failPending = function (code, message, keepChats) {
+    var self = this;
     var pending = this._pending;
     this._pending = {};
     this._echoQueue = {};
-    Object.keys(pending).forEach(function (id) {
-      clearTimeout(pending[id].timer);
-      pending[id].reject(RoomClientError(code, message));
+    Object.keys(pending).sort(function (a, b) { return a - b; }).forEach(function (id) {
+      var entry = pending[id];
+      clearTimeout(entry.timer);
+      if (keepChats && entry.chat) self._outbox.push(entry);
+      else entry.reject(RoomClientError(code, message));
+    });
+    if (!keepChats) this._rejectOutbox(code, message);
+  };
+
+  RoomClient.prototype._rejectOutbox = function (code, message) {
+    this._outbox.splice(0).forEach(function (entry) { entry.reject(RoomClientError(code, message)); });
+  };
+
+  RoomClient.prototype._flushOutbox = function () {
+    var self = this;
+    this._outbox.splice(0).forEach(function (entry) {
+      self._sendChat(entry.chat).then(entry.resolve, entry.reject);
     });
   };
 
@@ -212,10 +239,13 @@
 
   /** Send a chat message; resolves with {seq} once the server has it (its ack, or our own copy coming back). */
   RoomClient.prototype.send = function (room, text) {
-    var self = this;
+    return this._sendChat({type: "chat", room: room, text: text, msg_id: randomId()});
+  };
+
+  RoomClient.prototype._sendChat = function (chat) {
     var id = this._nextId;
-    var promise = this.request({type: "chat", room: room, text: text}, {room: room});
-    if (this._pending[id]) (this._echoQueue[room] = this._echoQueue[room] || []).push(id);
+    var promise = this.request(chat, {room: chat.room, chat: chat});
+    if (this._pending[id]) (this._echoQueue[chat.room] = this._echoQueue[chat.room] || []).push(id);
     return promise;
   };
 
@@ -287,10 +317,19 @@
       room.lastSeq = message.seq;
     }
     if (message.from === this.id && !this._acksSeen) {
-      // Without server acks, our own copy coming back is the ack: the server handles one connection's
-      // requests in order, so echoes come back in the order the chats were sent.
-      var queue = this._echoQueue[message.room];
-      if (queue && queue.length) this._settle(queue.shift(), {type: "ack", room: message.room, seq: message.seq});
+      // Without server acks, our own copy coming back is the ack: matched by its msg_id where the server
+      // echoes it, else in order (the server handles one connection's requests in order).
+      var queue = this._echoQueue[message.room] || [];
+      var self = this;
+      var match = queue.filter(function (id) {
+        var entry = self._pending[id];
+        return entry && entry.chat && message.msg_id !== undefined && entry.chat.msg_id === message.msg_id;
+      })[0];
+      if (match === undefined && message.msg_id === undefined) match = queue[0];
+      if (match !== undefined) {
+        queue.splice(queue.indexOf(match), 1);
+        this._settle(match, {type: "ack", room: message.room, seq: message.seq});
+      }
     }
     this._emit("chat", message);
     this._emit("message", message);
@@ -309,15 +348,20 @@
     var waiters = this._connectWaiters.splice(0);
     waiters.forEach(function (w) { w.resolve(self); });
     var names = Object.keys(this.rooms);
-    if (!wasReconnect || !names.length) return;
+    if (!wasReconnect || !names.length) {
+      this._rejectOutbox("disconnected", "the connection closed before the server acknowledged the chat");
+      return;
+    }
     if (previousSession && message.session) {
       var rooms = {};
       names.forEach(function (name) { rooms[name] = self.rooms[name].lastSeq; });
       this.request({type: "resume", session: previousSession, rooms: rooms}).catch(function (error) {
         if (error.code !== "disconnected" && error.code !== "timeout") self._rejoin(names);
       });
+      this._flushOutbox();   // after the resume: the server handles requests in order, the rooms are back
       return;
     }
+    this._rejectOutbox("disconnected", "the connection closed before the server acknowledged the chat");
     this._rejoin(names);
   };
 
