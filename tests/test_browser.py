@@ -91,7 +91,8 @@ async def test_dashboard_counters_match_get_stats(make_server: Any, tmp_path: Pa
     """The dashboard (behind an admin token) shows exactly ``get_stats()`` once traffic has settled."""
     token = "dashboard-token-for-the-browser-test"
     (tmp_path / "token").write_text(token)
-    server = await make_server(room_protocol=True, admin_token_file=str(tmp_path / "token"))
+    server = await make_server(room_protocol=True, admin_token_file=str(tmp_path / "token"), rate_limit=1.0,
+                               rate_burst=10)
     members = []
     for _ in range(3):
         ws = await WSClient.connect(url_of(server))
@@ -103,7 +104,15 @@ async def test_dashboard_counters_match_get_stats(make_server: Any, tmp_path: Pa
     for ws in members:
         for _ in range(5):
             await ws.recv()
+    flooder = await WSClient.connect(url_of(server))
+    await flooder.recv()
+    for i in range(14):  # a burst of 10 is allowed at 1 message/s: the rest are refused
+        await flooder.send({"type": "join", "room": f"flood-{i}"})
+    replies = [await flooder.recv() for _ in range(14)]
+    refused = sum(1 for reply in replies if reply.get("code") == "rate_limited")
+    assert refused >= 3
     stats = server.get_stats()
+    assert stats.errors["rate_limited"] == refused
 
     async def scenario() -> dict[str, int]:
         async with chromium() as browser:
@@ -111,6 +120,9 @@ async def test_dashboard_counters_match_get_stats(make_server: Any, tmp_path: Pa
             expected = str(stats.messages_sent)
             await expect(page.locator("#messages-sent")).to_have_text(expected)
             await expect(page.locator("#top-members tr[data-key='metrics-room'] td.n")).to_have_text("3")
+            await expect(page.locator("#rate-limit-hits")).to_have_text(str(refused + stats.drops.get("flood", 0)))
+            await expect(page.locator("#errors tr[data-key='rate_limited'] td.n")).to_have_text(str(refused))
+            await expect(page.locator("#slow-consumers")).to_have_text(str(stats.drops.get("slow_consumer", 0)))
             return await dashboard_totals(page)
 
     shown = await aio(scenario())
@@ -119,7 +131,9 @@ async def test_dashboard_counters_match_get_stats(make_server: Any, tmp_path: Pa
         "messages-received": stats.messages_received, "bytes-sent": stats.bytes_sent,
         "bytes-received": stats.bytes_received,
     }
-    # 3 welcomes + 3 joined replies + 5 chats x 3 members delivered; 3 joins + 5 chats received
-    assert (shown["connections"], shown["messages-sent"], shown["messages-received"]) == (3, 21, 8)
+    # 4 welcomes + 3 joined replies + 5 chats x 3 members + the flooder's 14 replies delivered;
+    # 3 joins + 5 chats + 14 joins received
+    assert (shown["connections"], shown["messages-sent"], shown["messages-received"]) == (4, 36, 22)
+    await flooder.close()
     for ws in members:
         await ws.close()

@@ -73,6 +73,10 @@
     $("rooms").textContent = last.rooms;
     $("in-rate").textContent = fmt.format(last.messages_in_per_s);
     $("out-rate").textContent = fmt.format(last.messages_out_per_s);
+    // Slow consumers are dropped with 4008; rate-limit hits are the messages refused with "rate_limited"
+    // plus the clients closed for flooding (1008).
+    $("slow-consumers").textContent = last.drops.slow_consumer || 0;
+    $("rate-limit-hits").textContent = (last.errors.rate_limited || 0) + (last.drops.flood || 0);
     $("messages-received").textContent = last.messages_received;
     $("messages-sent").textContent = last.messages_sent;
     $("bytes-received").textContent = last.bytes_received;
