@@ -138,10 +138,9 @@ async def _screenshots(directory: str) -> None:
             await asyncio.sleep(0.4)
         await ada.page.screenshot(path=str(Path(directory) / "chat.png"))
         dashboard = await open_dashboard(browser, base)
-        for i in range(8):
-            await (ada, bob)[i % 2].say(f"load {i}")
-            await asyncio.sleep(0.5)
-        await asyncio.sleep(1.2)
+        for i in range(12):  # the picture is taken while messages still flow
+            await (ada, bob, cleo)[i % 3].say(f"load {i}")
+            await asyncio.sleep(0.35)
         await dashboard.screenshot(path=str(Path(directory) / "dashboard.png"), full_page=True)
     await server.stop().asFuture(asyncio.get_running_loop())
 
