@@ -12,7 +12,7 @@ from playwright.async_api import expect
 
 from roomserver import ServerOptions, WebSocketServer
 
-from .browser import CHROMIUM, chromium, dashboard_totals, open_dashboard, two_pages_chat
+from .browser import CHROMIUM, ChatPage, chromium, dashboard_totals, open_dashboard, two_pages_chat
 from .support import WSClient, aio, url_of
 
 
@@ -137,3 +137,92 @@ async def test_dashboard_counters_match_get_stats(make_server: Any, tmp_path: Pa
     await flooder.close()
     for ws in members:
         await ws.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_pages_resume_after_a_restart_and_miss_nothing(make_server: Any, tmp_path: Path) -> None:
+    """With a SQLite store, the server restarts: Ada's page resumes first and sends while Bob's tab is offline;
+    when Bob comes back his page resumes from its last seq and both pages end with every message, once, in order.
+    """
+    store = f"sqlite:{tmp_path / 'rooms.db'}"
+    server = await make_server(room_protocol=True, store=store)
+    port = server.port
+    restarted: list[WebSocketServer] = []
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        async with chromium() as browser:
+            ada = await ChatPage.open(browser, base_url(server), "ada")
+            bob_context = await browser.new_context()
+            bob = await ChatPage.open(bob_context, base_url(server), "bob")
+            await ada.say("before the restart")
+            await bob.wait_message("ada", "before the restart")
+            await bob_context.set_offline(True)
+            await server.stop().asFuture(loop)
+            await ada.wait_state("reconnecting")
+            await bob.wait_state("reconnecting")
+            again = WebSocketServer(ServerOptions(port=port, host="127.0.0.1", room_protocol=True, store=store))
+            restarted.append(again)
+            await again.start().asFuture(loop)
+            await ada.wait_state("open", timeout_ms=15_000)
+            await expect(ada.page.locator("#messages li.system", has_text="resumed").first).to_be_visible()
+            for text in ("while bob was away 1", "while bob was away 2"):
+                await ada.say(text)
+                await ada.wait_message("ada", text)
+            await bob_context.set_offline(False)
+            await bob.wait_state("open", timeout_ms=15_000)
+            await bob.wait_message("ada", "while bob was away 2")
+            await bob.say("back, caught up")
+            await ada.wait_message("bob", "back, caught up")
+            expected = ["ada: before the restart", "ada: while bob was away 1", "ada: while bob was away 2",
+                        "bob: back, caught up"]
+            for page in (ada, bob):
+                assert await page.chat_lines() == expected
+                assert await page.seqs() == [1, 2, 3, 4], "seq continues across the restart, no gap, no repeat"
+            assert ada.errors == [] and bob.errors == []
+
+    try:
+        await aio(scenario())
+    finally:
+        for again in restarted:
+            await again.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_chat_lost_with_its_connection_is_sent_again_after_the_resume(make_server: Any) -> None:
+    """roomserver.js: the connection dies right after a chat left the page and before the server got it; the
+    page reconnects, resumes and sends the chat again (same msg_id): everyone sees it exactly once."""
+    server = await make_server(room_protocol=True)
+
+    async def scenario() -> None:
+        async with chromium() as browser:
+            ada_context = await browser.new_context()
+            dropped: list[str] = []
+            closing: list[asyncio.Future[Any]] = []
+
+            async def route(ws: Any) -> None:
+                upstream = ws.connect_to_server()
+
+                def from_page(message: str | bytes) -> None:
+                    if isinstance(message, str) and "lost on the way" in message and not dropped:
+                        dropped.append(message)  # the frame never reaches the server; the connection dies
+                        closing.append(asyncio.ensure_future(ws.close(code=4000, reason="network trouble")))
+                        return
+                    upstream.send(message)
+
+                ws.on_message(from_page)
+
+            await ada_context.route_web_socket("**/ws", route)
+            ada = await ChatPage.open(ada_context, base_url(server), "ada")
+            bob = await ChatPage.open(browser, base_url(server), "bob")
+            await ada.say("first")
+            await bob.wait_message("ada", "first")
+            acked = await ada.page.evaluate(
+                "roomClient.send('lobby', 'ada: lost on the way').then((ack) => ack.seq)")
+            assert dropped and acked == 2
+            await bob.wait_message("ada", "lost on the way")
+            for page in (ada, bob):
+                assert await page.chat_lines() == ["ada: first", "ada: lost on the way"]
+            assert ada.errors == [] and bob.errors == []
+
+    await aio(scenario())

@@ -148,7 +148,8 @@ async def test_healthz_ok_then_degraded_when_a_backend_fails(make_server: Any) -
     response = await http(server, "GET", "/healthz")
     body = response.json()
     assert response.code == 200 and body["status"] == "ok" and body["listening"] is True
-    assert body["store"] == {"backend": "none", "ok": True} and body["broker"] == {"backend": "none", "ok": True}
+    assert body["store"] == {"backend": "MemoryStore", "ok": True}, "the durable-rooms store is found"
+    assert body["broker"] == {"backend": "none", "ok": True}, "no broker: nothing that can fail"
 
     class Broker:
         name = "redis"
@@ -159,6 +160,14 @@ async def test_healthz_ok_then_degraded_when_a_backend_fails(make_server: Any) -
     assert response.code == 503
     assert response.json()["status"] == "degraded"
     assert response.json()["broker"] == {"backend": "redis", "state": "disconnected", "ok": False}
+
+
+@pytest_twisted.ensureDeferred
+async def test_healthz_names_the_sqlite_store_and_its_file(make_server: Any, tmp_path: Path) -> None:
+    path = str(tmp_path / "rooms.db")
+    server = await make_server(room_protocol=True, store=f"sqlite:{path}")
+    body = (await http(server, "GET", "/healthz")).json()
+    assert body["status"] == "ok" and body["store"] == {"backend": "SQLiteStore", "ok": True, "path": path}
 
 
 def test_backend_health_never_raises() -> None:

@@ -176,3 +176,56 @@ def test_roomserver_client_module_also_exports_the_python_client() -> None:
     from roomserver.client import RoomClient as Exported
 
     assert Exported is RoomClient
+
+
+@pytest_twisted.ensureDeferred
+async def test_dropped_client_resumes_and_misses_nothing(make_server: Any, tmp_path: Any) -> None:
+    """Ada's TCP connection dies; Bob keeps sending while she is away. Ada reconnects, resumes from her last
+    seq and ends with every message exactly once, in order; then the same across a server restart (SQLite)."""
+    store = f"sqlite:{tmp_path / 'rooms.db'}"
+    server = await make_server(room_protocol=True, store=store)
+    ada = RoomClient(url_of(server), min_delay=0.3, max_delay=0.6)
+    bob = RoomClient(url_of(server), min_delay=0.05, max_delay=0.2)
+    seen: list[int] = []
+    resumed: list[dict[str, Any]] = []
+    ada.on("chat", lambda event: seen.append(event["seq"]))
+    ada.on("resumed", resumed.append)
+    again: WebSocketServer | None = None
+    try:
+        await ada.connect()
+        await bob.connect()
+        await ada.join("lobby")
+        await bob.join("lobby")
+        for i in range(3):
+            await bob.send("lobby", f"first {i}")
+        await eventually(lambda: seen == [1, 2, 3])
+        ada._protocol.transport.abortConnection()  # type: ignore[union-attr]
+        await eventually(lambda: ada.state == "reconnecting")
+        acks = [await bob.send("lobby", f"while away {i}") for i in range(5)]
+        assert [ack["seq"] for ack in acks] == [4, 5, 6, 7, 8]
+        await eventually(lambda: seen == list(range(1, 9)), timeout=10)
+        assert resumed and resumed[-1]["recovered"] is True
+        # a chat in flight when the connection dies is sent again after the resume, and stored once
+        texts: list[str] = []
+        bob.on("chat", lambda event: texts.append(event["text"]))
+        in_flight = ada.send("lobby", "in flight")
+        ada._protocol.transport.abortConnection()  # type: ignore[union-attr]
+        ack = await in_flight
+        assert ack["seq"] == 9
+        await eventually(lambda: seen == list(range(1, 10)), timeout=10)
+        assert texts == ["in flight"], "delivered exactly once"
+        # the same across a restart of the server on the same database
+        port = server.port
+        await server.stop()
+        again = WebSocketServer(ServerOptions(port=port, host="127.0.0.1", room_protocol=True, store=store))
+        await again.start()
+        await eventually(lambda: bob.state == "open" and len(resumed) >= 2, timeout=10)
+        acks = [await bob.send("lobby", f"after restart {i}") for i in range(2)]
+        assert [ack["seq"] for ack in acks] == [10, 11]
+        await eventually(lambda: seen == list(range(1, 12)), timeout=10)
+        assert all(r["recovered"] for r in resumed)
+    finally:
+        await ada.close()
+        await bob.close()
+        if again is not None:
+            await again.stop()
