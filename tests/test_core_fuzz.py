@@ -80,7 +80,7 @@ def check_effects(effects: list[Any], member: Member, registry: RoomRegistry) ->
         if isinstance(effect, Reply):
             json.dumps(effect.event)  # serializable
             event = effect.event
-            assert event["type"] in {"joined", "left", "error", "welcome", "resumed"}
+            assert event["type"] in {"joined", "left", "error", "welcome", "resumed", "presence"}
             if event["type"] == "error":
                 assert event["code"] in ERROR_CODES and isinstance(event["message"], str)
         elif isinstance(effect, Append):
