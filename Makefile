@@ -26,6 +26,7 @@ run: install
 lint: install
 	$(BIN)/ruff check roomserver tests twisted $(wildcard autobahn-testsuite bench)
 	$(BIN)/mypy
+	$(BIN)/mypy --strict --ignore-missing-imports autobahn-testsuite/run.py
 
 # The browser tests drive Debian's Chromium through Playwright (never a downloaded browser): install it when
 # missing (about a minute; needs root, as on CI and the developers' machines).
