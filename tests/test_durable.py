@@ -252,3 +252,20 @@ async def test_an_unusable_database_fails_start(tmp_path: Path) -> None:
 
     with pytest.raises(StoreError, match="directory"):
         await start_server(room_protocol=True, store=f"sqlite:{tmp_path}")
+
+
+@pytest_twisted.ensureDeferred
+async def test_admin_api_creates_and_deletes_kept_rooms(make_server: Any, tmp_path: Path) -> None:
+    from .web_support import http
+
+    token = "kept-rooms-admin-token-0123456789"
+    (tmp_path / "token").write_text(token)
+    server = await make_server(room_protocol=True, admin_token_file=str(tmp_path / "token"))
+    made = await http(server, "PUT", "/admin/rooms/news", json.dumps({"meta": {"topic": "t"}}).encode(), token=token)
+    assert made.code == 200 and made.json() == {"name": "news", "members": 0, "seq": 0, "keep": True,
+                                                "meta": {"topic": "t"}}
+    assert (await http(server, "PUT", "/admin/rooms/bad%20name", token=token)).code == 400
+    assert (await http(server, "PUT", "/admin/rooms/x", b'{"meta": [1]}', token=token)).code == 400
+    deleted = await http(server, "DELETE", "/admin/rooms/news", token=token)
+    assert deleted.json() == {"deleted": "news"} and server.get_room("news") is None
+    assert (await http(server, "DELETE", "/admin/rooms/news", token=token)).code == 404

@@ -236,7 +236,7 @@ async def test_admin_api_lists_broadcasts_and_disconnects(make_server: Any, toke
     server = await make_server(room_protocol=True, admin_token_file=token_file)
     alice, bob = await chat_traffic(server, room="lobby", clients=2, chats=2)
     rooms = (await http(server, "GET", "/admin/rooms", token=TOKEN)).json()
-    assert rooms == {"rooms": [{"name": "lobby", "members": 2, "seq": 2, "keep": False}]}
+    assert rooms == {"rooms": [{"name": "lobby", "members": 2, "seq": 2, "keep": False, "meta": {}}]}
     detail = (await http(server, "GET", "/admin/rooms/lobby", token=TOKEN)).json()
     ids = sorted(client.id for client in server.clients.values())
     assert [c["id"] for c in detail["clients"]] == ids and detail["clients"][0]["rooms"] == ["lobby"]

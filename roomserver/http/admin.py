@@ -3,6 +3,9 @@
 =================================================  =========================================================
 ``GET  /admin/rooms``                              every room: name, members, last seq, kept or not
 ``GET  /admin/rooms/<room>``                       one room with its members (client id, peer, rooms)
+``PUT  /admin/rooms/<room>``                       create a kept room (stored, recreated at start); body
+                                                   ``{"meta": {...}}`` optional (docs/persistence.md)
+``DELETE /admin/rooms/<room>``                     remove a room, its record and its history
 ``POST /admin/rooms/<room>/broadcast``             body ``{"message": <JSON>}``: sent as-is to every member
 ``GET  /admin/clients``                            every open connection
 ``POST /admin/clients/<id>/disconnect``            body ``{"code": 4000, "reason": "..."}`` (both optional)
@@ -17,9 +20,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import orjson
+from twisted.logger import Logger
 from twisted.web.resource import Resource
 
 from ..core.errors import CloseCode
+from ..core.messages import ROOM_NAME
 from .auth import AdminToken
 
 if TYPE_CHECKING:
@@ -27,6 +32,7 @@ if TYPE_CHECKING:
     from ..core.rooms import Room
     from ..server import WebSocketServer
 
+log = Logger()
 MAX_BODY = 64 * 1024
 DEFAULT_DISCONNECT_CODE = CloseCode.POLICY_VIOLATION
 DISCONNECT_REASON = "disconnected by an administrator"
@@ -45,7 +51,8 @@ def _client_json(client: Client) -> dict[str, Any]:
 
 
 def _room_json(room: Room) -> dict[str, Any]:
-    return {"name": room.name, "members": len(room.clients), "seq": room.last_seq, "keep": room.keep}
+    return {"name": room.name, "members": len(room.clients), "seq": room.last_seq, "keep": room.keep,
+            "meta": room.meta}
 
 
 def _read_json(request: Any) -> dict[str, Any]:
@@ -107,6 +114,18 @@ class AdminApi(Resource):
             room = self._room(parts[1])
             members = [_client_json(m) for m in room.clients.snapshot() if hasattr(m, "peer")]
             return {**_room_json(room), "clients": sorted(members, key=lambda c: c["id"])}
+        if len(parts) == 2 and parts[0] == "rooms" and method == b"PUT":
+            if ROOM_NAME.fullmatch(parts[1]) is None:
+                raise ApiError(400, "invalid_message", "a room name is 1 to 64 characters of letters, digits and _.:-")
+            meta = _read_json(request).get("meta", {})
+            if not isinstance(meta, dict):
+                raise ApiError(400, "invalid_message", '"meta" must be a JSON object')
+            return _room_json(server.create_room(parts[1], keep=True, meta=meta))
+        if len(parts) == 2 and parts[0] == "rooms" and method == b"DELETE":
+            self._room(parts[1])
+            server.delete_room(parts[1]).addErrback(
+                lambda failure: log.failure("could not delete room {name} from the store", failure, name=parts[1]))
+            return {"deleted": parts[1]}
         if len(parts) == 3 and parts[0] == "rooms" and parts[2] == "broadcast" and method == b"POST":
             room = self._room(parts[1])
             body = _read_json(request)
