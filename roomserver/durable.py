@@ -22,7 +22,7 @@ memory store, whose Deferreds have already fired, no waiting at all.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -61,9 +61,11 @@ class History:
 
 @dataclass(eq=False)
 class ReplayState:
-    """Live payloads (seq, payload, is_binary) that reached a replaying member's room during its replay."""
+    """Live payloads (seq, payload, is_binary) that reached a replaying member's room during its replay, and
+    further replays of the same room the member asked for meanwhile (run, in order, once this one is done)."""
 
     pending: list[tuple[int | None, bytes, bool]] = field(default_factory=list)
+    followers: list[Replay] = field(default_factory=list)
 
 
 class AppendPipeline:
@@ -86,6 +88,9 @@ class AppendPipeline:
         if room not in self._busy:
             self._next(room)
         return done
+
+    def busy(self, room: str) -> bool:
+        return room in self._busy
 
     def idle(self) -> defer.Deferred[None]:
         """Fires once no append is in flight or waiting (used before closing the store)."""
@@ -136,6 +141,8 @@ class DurableRooms:
         self.clock = clock if clock is not None else server.reactor
         self.store: Store = store if store is not None else create_store(server.options, server.reactor, clock)
         self.pipeline = AppendPipeline(self.store)
+        self._append_now: Callable[[str, Sequence[NewMessage]], list[Appended]] | None = getattr(
+            self.store, "append_now", None)
         self.replaying: dict[str, dict[Any, ReplayState]] = {}
         self._open = False
         self._session_sweeper: task.LoopingCall | None = None
@@ -198,6 +205,15 @@ class DurableRooms:
 
     def append(self, client: Client, effect: Append) -> None:
         message = NewMessage(effect.body, effect.msg_id, self.clock.seconds())
+        if self._append_now is not None and not self.pipeline.busy(effect.room):
+            # The hot path of an in-process store: stored and broadcast in this call, no Deferred.
+            try:
+                [result] = self._append_now(effect.room, (message,))
+            except Exception:
+                self._append_failed(Failure(), client, effect)
+            else:
+                self._appended(result, client, effect)
+            return
         stored = self.pipeline.submit(effect.room, message)
         stored.addCallbacks(self._appended, self._append_failed, callbackArgs=(client, effect),
                             errbackArgs=(client, effect))
@@ -240,8 +256,12 @@ class DurableRooms:
             previous.close(CloseCode.SESSION_TAKEN_OVER, "session resumed by another connection")
 
     def replay(self, client: Client, effect: Replay) -> None:
-        state = ReplayState()
-        self.replaying.setdefault(effect.room, {})[client] = state
+        states = self.replaying.setdefault(effect.room, {})
+        current = states.get(client)
+        if current is not None:
+            current.followers.append(effect)  # one replay per member and room at a time, each fully answered
+            return
+        state = states[client] = ReplayState()
         read = defer.ensureDeferred(self._read_after(effect.room, effect.since))
         read.addCallbacks(self._replay_read, self._replay_failed, callbackArgs=(client, effect, state),
                           errbackArgs=(client, effect, state))
@@ -274,6 +294,14 @@ class DurableRooms:
     ) -> None:
         if not self._end_replay(client, effect.room, state):
             return
+        try:
+            self._send_replay(result, client, effect, state)
+        finally:
+            self._run_followers(client, state)
+
+    def _send_replay(
+        self, result: tuple[HistoryPage, list[StoredMessage]], client: Client, effect: Replay, state: ReplayState
+    ) -> None:
         first, stored = result
         plan = replay_plan(effect.since, first)
         self.server._reply(client, messages.recovery(dict(effect.reply), plan.recovered, plan.first_seq))
@@ -291,12 +319,18 @@ class DurableRooms:
         self.log.failure("could not replay the history of room {room}", failure, room=effect.room)
         if not self._end_replay(client, effect.room, state):
             return
+        self._run_followers(client, state)
         # The member could not be brought up to date: take it out again so it can retry, rather than leave it
         # joined with a hole in its sequence.
         self.server.registry.leave(client, effect.room)
         self.server._reply(client, messages.error(
             ErrorCode.UNAVAILABLE, "the history is unavailable right now; the room was not joined, retry later",
             effect.reply.get("id"), room=effect.room))
+
+    def _run_followers(self, client: Client, state: ReplayState) -> None:
+        for follower in state.followers:
+            if client.open and self.server.registry.is_member(client, follower.room):
+                self.replay(client, follower)
 
     def forget(self, client: Client) -> None:
         """A closed connection: drop its replay queues."""

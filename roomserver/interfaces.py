@@ -34,6 +34,16 @@ class RoomRecord:
     last_seq: int = 0
 
 
+class SyncAppend(Protocol):
+    """Optional for a store that works in process memory: append without a Deferred.
+
+    Same guarantees as ``Store.append``; the hub calls it on its hot path instead (no Deferred to build and
+    fire per chat) whenever no asynchronous append of that room is in flight.
+    """
+
+    def append_now(self, room: str, batch: Sequence[NewMessage]) -> list[Appended]: ...
+
+
 class Store(Protocol):
     """Message history and room records.
 

@@ -269,3 +269,18 @@ async def test_admin_api_creates_and_deletes_kept_rooms(make_server: Any, tmp_pa
     deleted = await http(server, "DELETE", "/admin/rooms/news", token=token)
     assert deleted.json() == {"deleted": "news"} and server.get_room("news") is None
     assert (await http(server, "DELETE", "/admin/rooms/news", token=token)).code == 404
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_replays_of_one_room_in_a_row_are_both_answered_in_order(make_server: Any, tmp_path: Path) -> None:
+    server = await make_server(room_protocol=True, store=f"sqlite:{tmp_path / 'twice.db'}")
+    a, _ = await joined(server)
+    for i in range(1, 4):
+        await chat(a, f"m{i}")
+        await a.recv()
+    late, _ = await connect(server)
+    await late.send({"type": "join", "room": "r", "since": 2, "id": 1})
+    await late.send({"type": "join", "room": "r", "since": 1, "id": 2})
+    received = [await late.recv() for _ in range(5)]
+    assert [(m["type"], m.get("id"), m.get("seq")) for m in received] == [
+        ("joined", 1, None), ("chat", None, 3), ("joined", 2, None), ("chat", None, 2), ("chat", None, 3)]

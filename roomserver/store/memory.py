@@ -62,9 +62,13 @@ class MemoryStore:
         return defer.succeed(None)
 
     def append(self, room: str, batch: Sequence[NewMessage]) -> defer.Deferred[list[Appended]]:
+        return defer.succeed(self.append_now(room, batch))
+
+    def append_now(self, room: str, batch: Sequence[NewMessage]) -> list[Appended]:
+        """``append`` without the Deferred: what the hub's hot path calls (``interfaces.SyncAppend``)."""
         self._idle_since.pop(room, None)
         history = self._history(room)
-        return defer.succeed([history.append(message) for message in batch])
+        return [history.append(message) for message in batch]
 
     def read(
         self, room: str, since: int | None = None, before: int | None = None, limit: int = 100
