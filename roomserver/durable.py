@@ -35,7 +35,7 @@ from .core import messages
 from .core.errors import CloseCode, ErrorCode
 from .core.history import Appended, HistoryPage, NewMessage, StoredMessage, history_payload, replay_plan
 from .core.rooms import Room
-from .core.session import Append, ReadHistory, Replay, TakeOver
+from .core.session import Announce, Append, ReadHistory, Replay, TakeOver
 from .interfaces import RoomRecord, Store
 from .store import create_store
 
@@ -148,9 +148,12 @@ class DurableRooms:
         self._session_sweeper: task.LoopingCall | None = None
 
     def _expire_sessions(self) -> None:
-        """Forget resume sessions past their ttl even when no connection closes to trigger it."""
+        """Forget resume sessions past their ttl even when no connection closes to trigger it, and announce the
+        presence leaves they were holding back."""
         if self.server.room_protocol is not None:
-            self.server.room_protocol.sessions.expire(self.clock.seconds())
+            for effect in self.server.room_protocol.expire_sessions():
+                if isinstance(effect, Announce):
+                    self.server._announce(effect)
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
@@ -161,7 +164,8 @@ class DurableRooms:
         if self._session_sweeper is None:
             self._session_sweeper = task.LoopingCall(self._expire_sessions)
             self._session_sweeper.clock = self.clock
-            self._session_sweeper.start(SESSION_SWEEP_INTERVAL, now=False)
+            ttl = self.server.options.resume_ttl
+            self._session_sweeper.start(min(SESSION_SWEEP_INTERVAL, max(ttl / 4, 1.0)), now=False)
         registry = self.server.registry
         stored = await self.store.load_rooms()
         stored_names = set()

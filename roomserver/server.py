@@ -549,7 +549,10 @@ class WebSocketServer:
         client.inbox = None
         self.durable.forget(client)
         if self.room_protocol is not None:
-            self._execute(client, self.room_protocol.disconnected(client, rooms))
+            # Lost rather than closed on purpose (no clean 1000/1001 from the peer): the client will probably
+            # resume, so its user's presence is held for the resume ttl (core/session.py).
+            deliberate = was_clean and code in (1000, 1001) and not getattr(protocol, "closedByMe", False)
+            self._execute(client, self.room_protocol.disconnected(client, rooms, deliberate))
 
         client.close_code = code
         client.close_reason = reason

@@ -209,3 +209,85 @@ def test_a_resume_beyond_the_room_limit_reports_that_room_and_rejoins_the_others
     assert effects[0] == Replay("a", 0, {"type": "resumed", "room": "a", "continued": False})
     assert isinstance(effects[1], Reply) and effects[1].event["code"] == ErrorCode.TOO_MANY_ROOMS
     assert effects[1].event["room"] == "b"
+
+
+class User:
+    """A connection of an authenticated user."""
+
+    def __init__(self, client_id: str, user: str) -> None:
+        from roomserver.core.auth import Identity
+
+        self.id = client_id
+        self.identity = Identity(user)
+
+
+def presence_world() -> tuple[RoomProtocol, Clock, Member]:
+    clock = Clock()
+    protocol = RoomProtocol(RoomRegistry(), SessionTable(ttl=120), clock=clock)
+    watcher = Member("watcher")
+    protocol.welcome(watcher)
+    handle(protocol, watcher, {"type": "join", "room": "r", "presence": True})
+    return protocol, clock, watcher
+
+
+def announcements(effects: list[Any]) -> list[tuple[str, str]]:
+    from roomserver.core.session import Announce
+
+    return [(e.event["event"], e.event["user"]) for e in effects if isinstance(e, Announce)]
+
+
+def test_a_lost_connection_resumed_within_the_ttl_is_the_same_member_without_leave_or_join() -> None:
+    protocol, clock, _ = presence_world()
+    old = User("c1", "alice")
+    token = protocol.welcome(old)[0].event["session"]  # type: ignore[union-attr]
+    assert announcements(handle(protocol, old, {"type": "join", "room": "r"})) == [("join", "alice")]
+    handle(protocol, old, {"type": "join", "room": "s"})
+    rooms = list(protocol.registry.remove_member(old))
+    assert announcements(protocol.disconnected(old, rooms, deliberate=False)) == [], "held, not left"
+    assert [m["user"] for m in protocol.presence.members("r")] == ["watcher", "alice"]
+    clock.now += 100
+    new = User("c2", "alice")
+    protocol.welcome(new)
+    effects = handle(protocol, new, {"type": "resume", "session": token, "rooms": {"r": 0}})
+    assert announcements(effects) == [], "same member: no join in r; s had no presence subscriber to tell"
+    assert protocol.presence.members("r")[1] == {"user": "alice", "connections": 1, "meta": {}}
+    assert protocol.presence.members("s") == [], "a held room that was not rejoined is left"
+    clock.now += 1000
+    assert protocol.expire_sessions() == []
+
+
+def test_held_presence_is_released_with_a_leave_when_the_session_expires() -> None:
+    protocol, clock, _ = presence_world()
+    old = User("c1", "alice")
+    protocol.welcome(old)
+    handle(protocol, old, {"type": "join", "room": "r"})
+    protocol.disconnected(old, list(protocol.registry.remove_member(old)), deliberate=False)
+    clock.now += 119
+    assert protocol.expire_sessions() == []
+    clock.now += 2
+    assert announcements(protocol.expire_sessions()) == [("leave", "alice")]
+    assert [m["user"] for m in protocol.presence.members("r")] == ["watcher"]
+
+
+def test_a_deliberate_close_or_an_anonymous_connection_leaves_at_once() -> None:
+    protocol, _, _ = presence_world()
+    alice, anonymous = User("c1", "alice"), Member("anon")
+    for member in (alice, anonymous):
+        protocol.welcome(member)
+        handle(protocol, member, {"type": "join", "room": "r"})
+    effects = protocol.disconnected(alice, list(protocol.registry.remove_member(alice)), deliberate=True)
+    assert announcements(effects) == [("leave", "alice")]
+    effects = protocol.disconnected(anonymous, list(protocol.registry.remove_member(anonymous)), deliberate=False)
+    assert announcements(effects) == [("leave", "anon")], "an anonymous connection is its own user"
+
+
+def test_a_resume_by_another_user_does_not_inherit_held_presence() -> None:
+    protocol, _, _ = presence_world()
+    old = User("c1", "alice")
+    token = protocol.welcome(old)[0].event["session"]  # type: ignore[union-attr]
+    handle(protocol, old, {"type": "join", "room": "r"})
+    protocol.disconnected(old, list(protocol.registry.remove_member(old)), deliberate=False)
+    mallory = User("c2", "mallory")
+    protocol.welcome(mallory)
+    effects = handle(protocol, mallory, {"type": "resume", "session": token, "rooms": {"r": 0}})
+    assert announcements(effects) == [("join", "mallory"), ("leave", "alice")]

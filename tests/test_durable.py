@@ -284,3 +284,31 @@ async def test_two_replays_of_one_room_in_a_row_are_both_answered_in_order(make_
     received = [await late.recv() for _ in range(5)]
     assert [(m["type"], m.get("id"), m.get("seq")) for m in received] == [
         ("joined", 1, None), ("chat", None, 3), ("joined", 2, None), ("chat", None, 2), ("chat", None, 3)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_presence_sees_no_flicker_when_a_dropped_user_resumes(make_server: Any, tmp_path: Path) -> None:
+    from .test_auth import SECRET, make_token
+
+    (tmp_path / "secret").write_text(SECRET)
+    server = await make_server(room_protocol=True, jwt_secret_file=str(tmp_path / "secret"))
+
+    async def authed(user: str) -> tuple[WSClient, dict[str, Any]]:
+        ws = await WSClient.connect(url_of(server), additional_headers={"Authorization": f"Bearer {make_token(user)}"})
+        return ws, await ws.recv()
+
+    bob, _ = await authed("bob")
+    assert (await bob.request({"type": "join", "room": "r", "presence": True}))["type"] == "joined"
+    alice, welcome = await authed("alice")
+    await alice.request({"type": "join", "room": "r"})
+    assert (await bob.recv())["event"] == "join"
+    alice.abort()
+    await eventually(lambda: server.get_stats().connections == 1)
+    again, _ = await authed("alice")
+    reply = await again.request({"type": "resume", "session": welcome["session"], "rooms": {"r": 0}})
+    assert reply["continued"] is True
+    await chat(bob, "anyone?")
+    assert (await bob.recv())["text"] == "anyone?", "bob saw neither a leave nor a join of alice"
+    assert [(m["user"], m["connections"]) for m in server.presence("r")] == [("bob", 1), ("alice", 1)]
+    await again.close()  # a deliberate close: alice leaves at once
+    assert (await bob.recv()) == {"type": "presence", "room": "r", "event": "leave", "user": "alice"}

@@ -29,7 +29,7 @@ from .errors import ErrorCode, RoomServerError
 from .filters import Pipeline, Rejected, SubscriptionFilter
 from .presence import Presence
 from .rooms import RoomRegistry
-from .sessions import SessionTable
+from .sessions import Session, SessionTable
 
 
 class Identified(Protocol):
@@ -135,24 +135,62 @@ class RoomProtocol:
         self.sessions.attach(token, member.id)
         return [Reply(messages.welcome(member.id, token))]
 
-    def disconnected(self, member: Identified, rooms: Any = ()) -> list[Effect]:
+    def disconnected(self, member: Identified, rooms: Any = (), deliberate: bool = True) -> list[Effect]:
         """The member's connection closed (after leaving ``rooms``): its session stays resumable for the
-        session ttl; returns the presence leaves to announce (a user's last connection only)."""
+        session ttl; returns the presence leaves to announce (a user's last connection only).
+
+        A connection that was lost rather than closed on purpose (``deliberate=False``) keeps its user's
+        presence in those rooms for as long as its session can be resumed: a resume within that time is the
+        same member, with no leave and join; otherwise the leaves are announced when the session expires.
+        Anonymous connections are their own users, so theirs are announced at once.
+        """
         token = self._tokens.pop(member.id, None)
-        if token is not None:
-            self.sessions.detach(token, self._clock())
-        effects: list[Effect] = []
-        for room in rooms:
-            effects += self._left(member, room.name if hasattr(room, "name") else str(room))
+        session = self.sessions.detach(token, self._clock()) if token is not None else None
+        effects = self._expired_leaves()
+        names = [room.name if hasattr(room, "name") else str(room) for room in rooms]
+        user = identity_of(member).user
+        if session is not None and not deliberate and user != member.id and names:
+            session.user, session.connection = user, member
+            for name in names:
+                self._unsubscribe(member, name)
+                session.held.append(name)
+            return effects
+        for name in names:
+            effects += self._left(member, name)
         return effects
 
-    def _left(self, member: Any, room: str) -> list[Effect]:
-        """Presence and subscription bookkeeping once ``member`` is out of ``room``."""
+    def expire_sessions(self) -> list[Effect]:
+        """Forget sessions past their ttl; the presence leaves they were holding back, to announce now."""
+        self.sessions.expire(self._clock())
+        return self._expired_leaves()
+
+    def _expired_leaves(self) -> list[Effect]:
+        effects: list[Effect] = []
+        for session in self.sessions.drain_expired():
+            effects += self._release(session)
+        return effects
+
+    def _release(self, session: Session) -> list[Effect]:
+        """Let go of the presence a detached session held: leaves for rooms its user has no other connection in."""
+        effects: list[Effect] = []
+        for name in session.held:
+            event = self.presence.leave(name, session.user or "", session.connection)
+            if event is not None and self.presence.subscribers(name):
+                effects.append(Announce(name, event.as_json(), session.connection))
+        session.held = []
+        return effects
+
+    def _unsubscribe(self, member: Any, room: str) -> None:
         subscriptions = self.subscriptions.get(room)
         if subscriptions is not None:
             subscriptions.pop(member, None)
             if not subscriptions:
                 del self.subscriptions[room]
+        self.presence.unsubscribe(room, member)
+
+    def _left(self, member: Any, room: str) -> list[Effect]:
+        """Presence and subscription bookkeeping once ``member`` is out of ``room``."""
+        self._unsubscribe(member, room)
         event = self.presence.leave(room, identity_of(member).user, member)
         if event is None or not self.presence.subscribers(room):
             return []
@@ -244,10 +282,12 @@ class RoomProtocol:
         """Rejoin every listed room with a replay after its last seen seq; continue the old session if it is
         still resumable (an unknown or expired one still rejoins and replays, as a new member)."""
         effects: list[Effect] = []
+        session = None
         if self._tokens.get(member.id) == command.session:
             continued = True
         else:
             session = self.sessions.take(command.session, self._clock())
+            effects += self._expired_leaves()
             continued = session is not None
             if session is not None:
                 effects.append(TakeOver(session.client_id))
@@ -266,4 +306,8 @@ class RoomProtocol:
             effects += announcements
         if not command.rooms:
             effects.append(Reply(messages.resumed(None, continued, command.id)))
+        if session is not None:
+            # The held presence goes over to this connection where it rejoined (the user never left: no
+            # events); rooms it did not rejoin get their leave now.
+            effects += self._release(session)
         return effects

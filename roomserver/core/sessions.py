@@ -4,6 +4,10 @@ Every connection gets a session token in its ``welcome``. While the connection i
 expire; when it closes, the session is kept for ``ttl`` seconds so a reconnecting client can present the token
 in a ``resume`` and be treated as the same member (its old identity is handed to whoever resumes it, once).
 
+A detached session may also *hold* its user's presence in the rooms it was in (``user``, ``connection``,
+``held``): so a resume within the ttl is the same member, with no leave/join flicker. Sessions dropped by expiry
+are collected in ``expired`` for the room protocol to announce those leaves then.
+
 The table is told the time (``now=``) and owns no clock. Because every detached session gets the same ``ttl``,
 detaching in time order keeps the detached sessions ordered by expiry, so ``expire`` only ever looks at the
 oldest ones: its cost is the number of sessions it drops, and nothing needs a timer per connection.
@@ -12,7 +16,8 @@ oldest ones: its cost is the number of sessions it drops, and nothing needs a ti
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(slots=True)
@@ -22,6 +27,11 @@ class Session:
     token: str
     client_id: str
     expires: float | None = None  # None while a connection holds it
+    user: str | None = None
+    """The user whose presence the detached session holds (None: it holds none)."""
+    connection: Any = None
+    """The closed connection still counted as that user's connection in the ``held`` rooms."""
+    held: list[str] = field(default_factory=list)
 
 
 class SessionTable:
@@ -31,6 +41,8 @@ class SessionTable:
         self.ttl = ttl
         self._attached: dict[str, Session] = {}
         self._detached: OrderedDict[str, Session] = OrderedDict()
+        self.expired: list[Session] = []
+        """Sessions dropped by expiry that held presence, until the owner takes them (``drain_expired``)."""
 
     def __len__(self) -> int:
         return len(self._attached) + len(self._detached)
@@ -41,14 +53,16 @@ class SessionTable:
         self._attached[token] = session
         return session
 
-    def detach(self, token: str, now: float) -> None:
-        """The connection holding ``token`` closed: keep the session resumable until ``now + ttl``."""
+    def detach(self, token: str, now: float) -> Session | None:
+        """The connection holding ``token`` closed: keep the session resumable until ``now + ttl`` (returned,
+        or None if it cannot be resumed)."""
         self.expire(now)
         session = self._attached.pop(token, None)
         if session is None or self.ttl <= 0:
-            return
+            return None
         session.expires = now + self.ttl
         self._detached[token] = session
+        return session
 
     def take(self, token: str, now: float) -> Session | None:
         """Claim the session ``token`` for a resume: it is returned at most once, and only before it expires.
@@ -70,5 +84,11 @@ class SessionTable:
             if session.expires is not None and session.expires > now:
                 break
             del self._detached[token]
+            if session.held:
+                self.expired.append(session)
             dropped += 1
         return dropped
+
+    def drain_expired(self) -> list[Session]:
+        expired, self.expired = self.expired, []
+        return expired
