@@ -291,3 +291,14 @@ def test_a_resume_by_another_user_does_not_inherit_held_presence() -> None:
     protocol.welcome(mallory)
     effects = handle(protocol, mallory, {"type": "resume", "session": token, "rooms": {"r": 0}})
     assert announcements(effects) == [("join", "mallory"), ("leave", "alice")]
+
+
+def test_a_lost_tab_of_a_user_with_another_tab_there_is_let_go_at_once() -> None:
+    protocol, _, _ = presence_world()
+    tab1, tab2 = User("c1", "alice"), User("c2", "alice")
+    for tab in (tab1, tab2):
+        protocol.welcome(tab)
+        handle(protocol, tab, {"type": "join", "room": "r"})
+    assert announcements(protocol.disconnected(tab1, list(protocol.registry.remove_member(tab1)),
+                                               deliberate=False)) == []
+    assert protocol.presence.members("r")[1]["connections"] == 1, "only real connections are counted"

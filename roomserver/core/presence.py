@@ -77,6 +77,11 @@ class Presence:
     def members(self, room: str) -> list[dict[str, Any]]:
         return [member.as_json() for member in self._rooms.get(room, {}).values()]
 
+    def connection_count(self, room: str, user: str) -> int:
+        """How many connections ``user`` has in ``room``."""
+        member = self._rooms.get(room, {}).get(user)
+        return len(member.connections) if member is not None else 0
+
     def users(self, room: str) -> frozenset[str]:
         return frozenset(self._rooms.get(room, {}))
 

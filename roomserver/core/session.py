@@ -149,14 +149,15 @@ class RoomProtocol:
         effects = self._expired_leaves()
         names = [room.name if hasattr(room, "name") else str(room) for room in rooms]
         user = identity_of(member).user
-        if session is not None and not deliberate and user != member.id and names:
-            session.user, session.connection = user, member
-            for name in names:
+        hold = session is not None and not deliberate and user != member.id
+        for name in names:
+            if hold and session is not None and self.presence.connection_count(name, user) == 1:
+                # The user's last connection there: keep it counted until a resume or the session's expiry.
+                session.user, session.connection = user, member
                 self._unsubscribe(member, name)
                 session.held.append(name)
-            return effects
-        for name in names:
-            effects += self._left(member, name)
+            else:
+                effects += self._left(member, name)
         return effects
 
     def expire_sessions(self) -> list[Effect]:
