@@ -200,6 +200,8 @@ async def test_a_store_failure_is_an_error_to_the_sender_never_a_silent_drop(mak
         db.execute("CREATE TRIGGER fail BEFORE INSERT ON messages BEGIN SELECT RAISE(ABORT, 'disk I/O error'); END")
     await chat(a, "lost?", id="x", msg_id="m-2")
     error = await a.recv()
+    health = server.durable.store.health()
+    assert health["ok"] is False and "disk I/O error" in health["error"], "/healthz turns degraded"
     assert error["type"] == "error" and error["code"] == "unavailable"
     assert (error["id"], error["room"], error["msg_id"]) == ("x", "r", "m-2")
     assert "disk" not in error["message"], "internals stay in the server's log"
@@ -211,6 +213,7 @@ async def test_a_store_failure_is_an_error_to_the_sender_never_a_silent_drop(mak
     assert (await a.recv())["seq"] == 2, "the failed message used no seq: the stream stays gap-free"
     assert (await b.recv()) == {"type": "chat", "room": "r", "from": history["messages"][0]["from"],
                                 "text": "retried", "msg_id": "m-2", "seq": 2}
+    assert server.durable.store.health()["ok"] is True
     assert server.get_stats().errors["unavailable"] == 1
 
 

@@ -95,6 +95,7 @@ class SQLiteStore:
         self._writer: adbapi.ConnectionPool | None = None
         self._reader: adbapi.ConnectionPool | None = None
         self._pruner: task.LoopingCall | None = None
+        self._error: str | None = None
 
     def __repr__(self) -> str:
         return f"SQLiteStore({self.path!r})"
@@ -166,14 +167,26 @@ class SQLiteStore:
         return self._run(self._reader, work, *args)
 
     def _run(self, pool: adbapi.ConnectionPool, work: Callable[..., T], *args: Any) -> defer.Deferred[T]:
+        def succeeded(result: T) -> T:
+            self._error = None
+            return result
+
         def translate(failure: Failure) -> Failure:
+            self._error = str(failure.value)
             if failure.check(sqlite3.Error):
                 raise StoreError(f"SQLite store {self.path!r}: {failure.value}") from failure.value
             return failure
 
         # adbapi hands ``work`` its Connection wrapper, which forwards everything to the sqlite3 connection.
         d: defer.Deferred[T] = pool.runWithConnection(work, *args)
-        return d.addErrback(translate)
+        return d.addCallbacks(succeeded, translate)
+
+    def health(self) -> dict[str, Any]:
+        """For /healthz: unhealthy while the last operation failed (until one succeeds again)."""
+        report: dict[str, Any] = {"backend": type(self).__name__, "ok": self._error is None, "path": self.path}
+        if self._error is not None:
+            report["error"] = self._error
+        return report
 
     # -- Store -----------------------------------------------------------------------------------------------
 
