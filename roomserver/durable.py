@@ -33,7 +33,15 @@ from twisted.python.failure import Failure
 
 from .core import messages
 from .core.errors import CloseCode, ErrorCode
-from .core.history import Appended, HistoryPage, NewMessage, StoredMessage, history_payload, replay_plan
+from .core.history import (
+    Appended,
+    HistoryPage,
+    NewMessage,
+    StoredMessage,
+    fit_page,
+    history_payload,
+    replay_plan,
+)
 from .core.rooms import Room
 from .core.session import Announce, Append, ReadHistory, Replay, TakeOver
 from .interfaces import RoomRecord, Store
@@ -246,7 +254,10 @@ class DurableRooms:
                           errbackArgs=(client, effect))
 
     def _history_read(self, page: HistoryPage, client: Client, effect: ReadHistory) -> None:
-        payload = history_payload(effect.room, [m.payload for m in page.messages], page.more, effect.request_id)
+        # One reply stays within max_message_size (a client's own limit is usually the same): a page of large
+        # messages is cut short and says "more".
+        fitted, cut = fit_page(page.messages, effect.since is not None, self.server.options.max_message_size)
+        payload = history_payload(effect.room, [m.payload for m in fitted], page.more or cut, effect.request_id)
         self.server.send_payload(client, payload, False)
 
     def _history_failed(self, failure: Failure, client: Client, effect: ReadHistory) -> None:
@@ -310,14 +321,23 @@ class DurableRooms:
         plan = replay_plan(effect.since, first)
         self.server._reply(client, messages.recovery(dict(effect.reply), plan.recovered, plan.first_seq))
         last = plan.first_seq - 1
+        wants_chats = self._wants_chats(client, effect.room)
         for message in stored:
             if message.seq > last:
-                self.server.send_payload(client, message.payload, False)
+                if wants_chats:
+                    self.server.send_payload(client, message.payload, False)
                 last = message.seq
         for seq, payload, is_binary in state.pending:
             if seq is None or seq > last:
-                self.server.send_payload(client, payload, is_binary)
+                if seq is None or wants_chats:
+                    self.server.send_payload(client, payload, is_binary)
                 last = seq if seq is not None else last
+
+    def _wants_chats(self, client: Client, room: str) -> bool:
+        """False if the member joined ``room`` with a ``filter`` that leaves chats out."""
+        protocol = self.server.room_protocol
+        wanted = protocol.subscriptions.get(room, {}).get(client) if protocol is not None else None
+        return wanted is None or bool(wanted.wants("chat"))
 
     def _replay_failed(self, failure: Failure, client: Client, effect: Replay, state: ReplayState) -> None:
         self.log.failure("could not replay the history of room {room}", failure, room=effect.room)

@@ -115,3 +115,16 @@ def page(first_seq: int, last_seq: int, *present: int) -> HistoryPage:
 )
 def test_replay_plan(since: int, history: HistoryPage, plan: ReplayPlan) -> None:
     assert replay_plan(since, history) == plan
+
+
+def test_fit_page_keeps_what_fits_from_the_right_end() -> None:
+    from roomserver.core.history import fit_page
+
+    messages = [StoredMessage(seq, b"x" * 99) for seq in range(1, 6)]  # 100 bytes each with the separator
+    kept, cut = fit_page(messages, forward=True, max_bytes=250)
+    assert [m.seq for m in kept] == [1, 2] and cut
+    kept, cut = fit_page(messages, forward=False, max_bytes=250)
+    assert [m.seq for m in kept] == [4, 5] and cut
+    kept, cut = fit_page(messages, forward=True, max_bytes=10)
+    assert [m.seq for m in kept] == [1] and cut, "at least one message, however large"
+    assert fit_page(messages, forward=True, max_bytes=10_000) == (messages, False)

@@ -315,3 +315,29 @@ async def test_presence_sees_no_flicker_when_a_dropped_user_resumes(make_server:
     assert [(m["user"], m["connections"]) for m in server.presence("r")] == [("bob", 1), ("alice", 1)]
     await again.close()  # a deliberate close: alice leaves at once
     assert (await bob.recv()) == {"type": "presence", "room": "r", "event": "leave", "user": "alice"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_history_reply_stays_within_max_message_size(make_server: Any) -> None:
+    server = await make_server(room_protocol=True, max_message_size=2000)
+    a, _ = await joined(server)
+    for i in range(1, 11):
+        await chat(a, f"{i}-" + "x" * 500)
+        await a.recv()
+    forward = await a.request({"type": "history", "room": "r", "since": 0, "limit": 10})
+    assert [m["seq"] for m in forward["messages"]] == [1, 2, 3] and forward["more"]
+    latest = await a.request({"type": "history", "room": "r", "limit": 10})
+    assert [m["seq"] for m in latest["messages"]] == [8, 9, 10] and latest["more"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_replay_honours_the_join_filter(make_server: Any) -> None:
+    server = await make_server(room_protocol=True)
+    a, _ = await joined(server)
+    await chat(a, "one")
+    await a.recv()
+    quiet, _ = await connect(server)
+    reply = await quiet.request({"type": "join", "room": "r", "since": 0, "filter": {"types": ["notice"]}})
+    assert reply["recovered"] is True
+    server.broadcast("r", {"type": "notice", "room": "r", "text": "hello"})
+    assert (await quiet.recv())["type"] == "notice", "the filtered-out chat was not replayed"

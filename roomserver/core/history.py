@@ -214,3 +214,18 @@ def page_of(
     more = len(selected) > limit
     chosen = selected[:limit] if forward else selected[max(len(selected) - limit, 0):]
     return HistoryPage(tuple(StoredMessage(seq, payload) for seq, payload in chosen), more, first_seq, last_seq)
+
+
+def fit_page(messages: Sequence[StoredMessage], forward: bool, max_bytes: int) -> tuple[list[StoredMessage], bool]:
+    """As many of ``messages`` as fit in ``max_bytes`` of payload (at least one): the oldest when paging forward,
+    the newest when paging backward; True if any had to be left out (the reply then says ``more``)."""
+    ordered = list(messages) if forward else list(reversed(messages))
+    kept: list[StoredMessage] = []
+    size = 0
+    for message in ordered:
+        if kept and size + len(message.payload) + 1 > max_bytes:
+            break
+        kept.append(message)
+        size += len(message.payload) + 1
+    cut = len(kept) < len(ordered)
+    return (kept if forward else kept[::-1]), cut
