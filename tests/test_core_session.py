@@ -290,7 +290,10 @@ def test_a_resume_by_another_user_does_not_inherit_held_presence() -> None:
     mallory = User("c2", "mallory")
     protocol.welcome(mallory)
     effects = handle(protocol, mallory, {"type": "resume", "session": token, "rooms": {"r": 0}})
-    assert announcements(effects) == [("join", "mallory"), ("leave", "alice")]
+    assert announcements(effects) == [("join", "mallory")]
+    assert Replay("r", 0, {"type": "resumed", "room": "r", "continued": False}) in effects
+    assert {m["user"] for m in protocol.presence.members("r")} == {"watcher", "alice", "mallory"}, \
+        "alice's session is not mallory's: it keeps holding alice's presence until it expires"
 
 
 def test_a_lost_tab_of_a_user_with_another_tab_there_is_let_go_at_once() -> None:
@@ -302,3 +305,20 @@ def test_a_lost_tab_of_a_user_with_another_tab_there_is_let_go_at_once() -> None
     assert announcements(protocol.disconnected(tab1, list(protocol.registry.remove_member(tab1)),
                                                deliberate=False)) == []
     assert protocol.presence.members("r")[1]["connections"] == 1, "only real connections are counted"
+
+
+def test_a_session_of_an_authenticated_user_continues_only_for_that_user() -> None:
+    protocol, _, _ = presence_world()
+    alice = User("c1", "alice")
+    token = protocol.welcome(alice)[0].event["session"]  # type: ignore[union-attr]
+    mallory = User("c2", "mallory")
+    protocol.welcome(mallory)
+    effects = handle(protocol, mallory, {"type": "resume", "session": token, "rooms": {}})
+    assert effects == [Reply({"type": "resumed", "continued": False})], "no takeover of alice's connection"
+    protocol.disconnected(alice, [], deliberate=False)
+    assert handle(protocol, mallory, {"type": "resume", "session": token, "rooms": {}}) == [
+        Reply({"type": "resumed", "continued": False})]
+    again = User("c3", "alice")
+    protocol.welcome(again)
+    assert handle(protocol, again, {"type": "resume", "session": token, "rooms": {}}) == [
+        TakeOver("c1"), Reply({"type": "resumed", "continued": True})], "the session was still there for alice"

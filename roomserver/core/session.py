@@ -127,11 +127,13 @@ class RoomProtocol:
         self.sessions = sessions if sessions is not None else SessionTable(ttl=0)
         self._clock = clock if clock is not None else (lambda: 0.0)
         self._tokens: dict[str, str] = {}
+        self._owners: dict[str, Any] = {}  # token -> its open connection
 
     def welcome(self, member: Identified) -> list[Effect]:
         """Greet a new connection with its id and a fresh, unguessable session token."""
         token = secrets.token_urlsafe(24)
         self._tokens[member.id] = token
+        self._owners[token] = member
         self.sessions.attach(token, member.id)
         return [Reply(messages.welcome(member.id, token))]
 
@@ -145,15 +147,19 @@ class RoomProtocol:
         Anonymous connections are their own users, so theirs are announced at once.
         """
         token = self._tokens.pop(member.id, None)
+        if token is not None:
+            self._owners.pop(token, None)
         session = self.sessions.detach(token, self._clock()) if token is not None else None
         effects = self._expired_leaves()
         names = [room.name if hasattr(room, "name") else str(room) for room in rooms]
         user = identity_of(member).user
+        if session is not None:
+            session.user = user
         hold = session is not None and not deliberate and user != member.id
         for name in names:
             if hold and session is not None and self.presence.connection_count(name, user) == 1:
                 # The user's last connection there: keep it counted until a resume or the session's expiry.
-                session.user, session.connection = user, member
+                session.connection = member
                 self._unsubscribe(member, name)
                 session.held.append(name)
             else:
@@ -170,6 +176,18 @@ class RoomProtocol:
         for session in self.sessions.drain_expired():
             effects += self._release(session)
         return effects
+
+    def _may_continue(self, member: Identified, token: str) -> bool:
+        """A session of an authenticated user continues only for that same user (a token alone is enough for
+        an anonymous one: it is its only credential)."""
+        session = self.sessions.peek(token, self._clock())
+        if session is None:
+            return False
+        owner = self._owners.get(token)
+        owner_user = identity_of(owner).user if owner is not None else session.user
+        if owner_user is None or owner_user == session.client_id:
+            return True
+        return owner_user == identity_of(member).user
 
     def _release(self, session: Session) -> list[Effect]:
         """Let go of the presence a detached session held: leaves for rooms its user has no other connection in."""
@@ -287,7 +305,8 @@ class RoomProtocol:
         if self._tokens.get(member.id) == command.session:
             continued = True
         else:
-            session = self.sessions.take(command.session, self._clock())
+            if self._may_continue(member, command.session):
+                session = self.sessions.take(command.session, self._clock())
             effects += self._expired_leaves()
             continued = session is not None
             if session is not None:

@@ -28,7 +28,7 @@ class Session:
     client_id: str
     expires: float | None = None  # None while a connection holds it
     user: str | None = None
-    """The user whose presence the detached session holds (None: it holds none)."""
+    """The user of the connection that held the session (set when it closes)."""
     connection: Any = None
     """The closed connection still counted as that user's connection in the ``held`` rooms."""
     held: list[str] = field(default_factory=list)
@@ -63,6 +63,11 @@ class SessionTable:
         session.expires = now + self.ttl
         self._detached[token] = session
         return session
+
+    def peek(self, token: str, now: float) -> Session | None:
+        """The session ``token`` if it can still be resumed, without claiming it."""
+        self.expire(now)
+        return self._detached.get(token) or self._attached.get(token)
 
     def take(self, token: str, now: float) -> Session | None:
         """Claim the session ``token`` for a resume: it is returned at most once, and only before it expires.
