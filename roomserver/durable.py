@@ -169,11 +169,18 @@ class DurableRooms:
         """Open the store and bring back the kept rooms (and their last seq); save rooms kept before start."""
         await self.store.open()
         self._open = True
+        try:
+            await self._restore_rooms()
+        except BaseException:
+            await self.stop()
+            raise
         if self._session_sweeper is None:
             self._session_sweeper = task.LoopingCall(self._expire_sessions)
             self._session_sweeper.clock = self.clock
             ttl = self.server.options.resume_ttl
             self._session_sweeper.start(min(SESSION_SWEEP_INTERVAL, max(ttl / 4, 1.0)), now=False)
+
+    async def _restore_rooms(self) -> None:
         registry = self.server.registry
         stored = await self.store.load_rooms()
         stored_names = set()
@@ -318,6 +325,9 @@ class DurableRooms:
         self, result: tuple[HistoryPage, list[StoredMessage]], client: Client, effect: Replay, state: ReplayState
     ) -> None:
         first, stored = result
+        room = self.server.registry.get(effect.room)
+        if room is not None:
+            room.last_seq = max(room.last_seq, first.last_seq)
         plan = replay_plan(effect.since, first)
         self.server._reply(client, messages.recovery(dict(effect.reply), plan.recovered, plan.first_seq))
         last = plan.first_seq - 1
