@@ -8,7 +8,7 @@ PORT ?= 8080
 # The checkout goes first on sys.path: `roomserver` and the twistd dropin in twisted/plugins are found there.
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
-.PHONY: install run test lint typecheck unit compliance clean browser screenshots
+.PHONY: install run test lint typecheck unit compliance clean browser screenshots bench bench-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,5 +46,18 @@ screenshots: install browser
 compliance: install
 	$(BIN)/python autobahn-testsuite/run.py
 
+# The benchmark's load generator and Node peer are a Node.js package in bench/ (npm ci installs its lock file).
+bench/node_modules/.package-lock.json: bench/package.json bench/package-lock.json
+	cd bench && npm ci --no-audit --no-fund
+
+bench-deps: bench/node_modules/.package-lock.json
+
+# roomserver beside its peers, alternately, medians of RUNS runs, ratios in the same run (docs/performance.md).
+RUNS ?= 3
+BENCH_ARGS ?=
+bench: install bench-deps
+	$(BIN)/python -m bench.run --runs $(RUNS) $(BENCH_ARGS)
+
 clean:
+	rm -rf bench/node_modules bench/results
 	rm -rf $(VENV) build *.egg-info twisted/plugins/dropin.cache autobahn-testsuite/reports

@@ -1,0 +1,57 @@
+"""A tiny end-to-end run of ``make bench``'s harness: it must start the servers, drive them with the Node load
+generator and produce sane figures. No timing is asserted: figures on a shared machine are for docs, not CI.
+
+The Node package of bench/ is installed (``npm ci``) on first use, as ``make bench-deps`` does, so the test
+works in any fresh checkout where Node.js and npm are available.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+
+
+@pytest.fixture(scope="module")
+def bench_deps() -> None:
+    assert shutil.which("node") and shutil.which("npm"), "the benchmark needs Node.js and npm (see docs/performance.md)"
+    if not (BENCH / "node_modules" / "ws").is_dir():
+        subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=BENCH, check=True, timeout=300,
+                       capture_output=True)
+
+
+def test_bench_runs_end_to_end_and_reports_ratios(bench_deps: None, tmp_path: Path) -> None:
+    """roomserver and one peer, a 2-member fan-out and 20 rooms of 10: every delivery arrives, in seq order,
+    and the table with ratios is printed."""
+    out_json = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--runs", "1", "--scale", "0.02", "--servers",
+         "roomserver,autobahn-prepared", "--scenarios", "fanout100,rooms", "--json", str(out_json),
+         "--log-dir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=240, check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| roomserver ÷ peer |" in proc.stdout
+    report = json.loads(out_json.read_text())
+    assert report["failures"] == []
+    by_key = {(entry["scenario"], entry["server"]): entry["runs"][0] for entry in report["results"]}
+    assert set(by_key) == {(scenario, server) for scenario in ("fanout100", "rooms")
+                           for server in ("roomserver", "autobahn-prepared")}
+    for (scenario, _server), result in by_key.items():
+        expected = 2 * 40 if scenario == "fanout100" else 100 * 10  # members x messages; messages x room size
+        assert result["deliveries"] == expected
+        assert result["errors"] == 0
+        assert result["deliveries_per_s"] > 0
+        assert 0 <= result["p50_ms"] <= result["p99_ms"] < 60_000
+        assert result["server_cpu_s"] >= 0 and math.isfinite(result["cpu_us_per_delivery"])
+        assert result["loadgen_cpu_pct"] > 0
+    rooms = by_key[("rooms", "roomserver")]
+    assert rooms["connections"] == 200 and rooms["idle_rss_after_kib"] > 0
