@@ -1,0 +1,74 @@
+"""Profile one server under one benchmark scenario with py-spy, and print where its time goes.
+
+Usage: python -m bench.profile [--server roomserver] [--scenario fanout1000] [--scale 1.0] [--top 25]
+
+py-spy (``pip install py-spy``; a profiling tool, not a dependency of roomserver) samples the server process
+from the outside while the load generator runs the scenario, so the server runs unmodified. The output is the
+functions with the most samples on top of the stack (self time) and the most samples anywhere on the stack
+(total time), plus the collapsed stacks file for a flame graph tool.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .run import BENCH, SCENARIOS, SERVERS, ServerProcess, run_scenario
+
+
+def summarize(collapsed: Path, top: int) -> str:
+    own: collections.Counter[str] = collections.Counter()
+    total: collections.Counter[str] = collections.Counter()
+    samples = 0
+    for line in collapsed.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack:
+            continue
+        count = int(count_text)
+        samples += count
+        frames = [frame.split(" (")[0] + " " + frame.split("/")[-1].rstrip(")") for frame in stack.split(";")]
+        own[frames[-1]] += count
+        for frame in set(frames):
+            total[frame] += count
+    lines = [f"{samples} samples", "", "self time:"]
+    lines += [f"  {100 * n / samples:5.1f}%  {frame}" for frame, n in own.most_common(top)]
+    lines += ["", "total time (on the stack):"]
+    lines += [f"  {100 * n / samples:5.1f}%  {frame}" for frame, n in total.most_common(top)]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--server", default="roomserver", choices=sorted(SERVERS))
+    parser.add_argument("--scenario", default="fanout1000", choices=sorted(SCENARIOS))
+    parser.add_argument("--scale", type=float, default=1.0)
+    parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--out", type=Path, default=BENCH / "results" / "profile.txt")
+    args = parser.parse_args()
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    server = ServerProcess(args.server, args.out.parent)
+    try:
+        server.wait_ready()
+        spy = subprocess.Popen([py_spy, "record", "--pid", str(server.proc.pid), "--format", "raw", "--rate", "250",
+                                "--output", str(args.out), "--nonblocking"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1.0)
+        result = run_scenario(server, SCENARIOS[args.scenario].at_scale(args.scale), timeout=600)
+        spy.send_signal(signal.SIGINT)
+        spy.wait(30)
+    finally:
+        server.stop()
+    print({k: result.get(k) for k in ("deliveries", "cpu_us_per_delivery", "deliveries_per_s", "p99_ms")})
+    print(summarize(args.out, args.top))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
