@@ -56,9 +56,9 @@ def _twistd_has(flag: str) -> bool:
     return flag in out.stdout
 
 
-def _env() -> dict[str, str]:
+def _env(root: Path = ROOT) -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONPATH"] = str(root) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("PYTHONHASHSEED", "0")
     return env
 
@@ -80,6 +80,8 @@ SERVERS: dict[str, Callable[[int], list[str]]] = {
     "autobahn-prepared": lambda port: [sys.executable, "-m", "bench.peers.autobahn_peer", str(port), "prepared"],
     "node-ws": lambda port: ["node", str(BENCH / "peers" / "ws_peer.js"), str(port)],
 }
+# Other checkouts of roomserver measured beside this one (--baseline NAME=DIR), e.g. before an optimization.
+BASELINES: dict[str, Path] = {}
 
 
 @dataclass(frozen=True)
@@ -155,8 +157,10 @@ class ServerProcess:
         self.name = name
         self.port = free_port()
         self.log = open(log_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed in stop()
+        root = BASELINES.get(name, ROOT)
+        argv = roomserver_argv(self.port) if name in BASELINES else SERVERS[name](self.port)
         self.proc = subprocess.Popen(
-            SERVERS[name](self.port), cwd=ROOT, env=_env(), stdout=self.log, stderr=subprocess.STDOUT,
+            argv, cwd=root, env=_env(root), stdout=self.log, stderr=subprocess.STDOUT,
             preexec_fn=_raise_nofile,
         )
 
@@ -323,12 +327,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--scale", type=float, default=1.0, help="multiply member/message/connection counts")
     parser.add_argument("--servers", default=",".join(SERVERS))
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
+    parser.add_argument("--baseline", action="append", default=[], metavar="NAME=DIR",
+                        help="also run the roomserver checked out in DIR, as server NAME (before/after figures)")
     parser.add_argument("--json", type=Path, help="also write every run's raw figures here")
     parser.add_argument("--log-dir", type=Path, default=BENCH / "results", help="server logs go here")
     args = parser.parse_args(argv)
     servers = [s for s in args.servers.split(",") if s]
+    for baseline in args.baseline:
+        name, _, directory = baseline.partition("=")
+        BASELINES[name] = Path(directory).resolve()
+        servers.append(name)
     scenarios = [s for s in args.scenarios.split(",") if s]
-    unknown = [s for s in servers if s not in SERVERS] + [s for s in scenarios if s not in SCENARIOS]
+    unknown = [s for s in servers if s not in SERVERS and s not in BASELINES]
+    unknown += [s for s in scenarios if s not in SCENARIOS]
     if unknown:
         parser.error(f"unknown server or scenario: {', '.join(unknown)}")
     if shutil.which("node") is None or not (BENCH / "node_modules" / "ws").is_dir():

@@ -42,6 +42,7 @@ from .core.sessions import SessionTable
 from .core.stats import ServerStats, StatsCounters
 from .durable import DurableRooms, History
 from .events import EventEmitter
+from .fanout import STATE_OPEN, send_prepared
 from .observe import ConnectionLog, Observers
 from .options import ServerOptions
 from .system import raise_open_files_limit
@@ -134,7 +135,7 @@ class WebSocketServer:
             on_handshake_timeout=lambda: self.counters.dropped("handshake_timeout"),
             reactor=reactor,
         )
-        self.connections = TrackingFactory(self.site)
+        self.connections = TrackingFactory(self.site, reactor)
         self.port: int | None = self.options.port if isinstance(self.options.port, int) else None
 
     # -- the seed API --------------------------------------------------------------------------------------------
@@ -622,7 +623,7 @@ class WebSocketServer:
             if member in excluded or not isinstance(member, Client):
                 continue
             protocol = member._protocol
-            if protocol is None or not protocol.accepts_data:
+            if protocol is None or protocol.state != STATE_OPEN:
                 continue
             if wanted and member in wanted and not wanted[member].wants(kind):
                 continue
@@ -632,9 +633,9 @@ class WebSocketServer:
                 if framed is None:
                     framed = per_codec[codec] = self.factory.prepareMessage(
                         codec.encode(orjson.loads(payload)), codec.binary)
-                protocol.sendPreparedMessage(framed)
+                send_prepared(protocol, framed)
             else:
-                protocol.sendPreparedMessage(prepared)
+                send_prepared(protocol, prepared)
             sent += 1
         self.counters.sent(len(payload), sent)
         self.observers.broadcast_done(room, sent, perf_counter() - started)

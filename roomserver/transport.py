@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from twisted.internet import tcp
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import connectionDone
 from twisted.protocols.policies import ProtocolWrapper
@@ -25,6 +26,9 @@ from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from zope.interface import implementer
 
+# A flush of at most this many bytes may go straight to the socket; bigger bursts take Twisted's buffered path,
+# where the send-buffer watch sees them exactly as it did before batching (a burst is what a flooder makes).
+DIRECT_SEND_MAX = 16 * 1024
 # Twisted's FileDescriptor pauses its producer once more than this many bytes wait in its own buffer.
 TWISTED_WRITE_THRESHOLD = 2**16
 
@@ -62,10 +66,49 @@ class SendBufferWatch:
             self.on_overflow()
 
 
+class WriteBatcher:
+    """Flushes every connection that has batched bytes once, at the end of the current reactor iteration.
+
+    ``reactor.callLater(0, ...)`` runs in the reactor's next ``runUntilCurrent``, which comes after all the I/O
+    events of the current iteration and before the next poll: everything written to a connection while
+    handling them (a burst of broadcasts, replies, pongs) leaves in one ``send``, as uWebSockets' "cork" does.
+    """
+
+    __slots__ = ("dirty", "reactor", "scheduled")
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+        self.dirty: list[GuardedConnection] = []
+        self.scheduled = False
+
+    def add(self, connection: GuardedConnection) -> None:
+        self.dirty.append(connection)
+        if not self.scheduled:
+            self.scheduled = True
+            self.reactor.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        self.scheduled = False
+        dirty, self.dirty = self.dirty, []
+        for connection in dirty:
+            connection.flush()
+
+
 class GuardedConnection(ProtocolWrapper):
-    """A tracked connection that can watch how much the server has queued for a peer that does not read."""
+    """A tracked connection that batches its writes per reactor iteration and can watch how much the server
+    has queued for a peer that does not read.
+
+    Writes (from the HTTP channel, then from Autobahn and the fan-out) are appended to a per-connection batch
+    and leave together when ``WriteBatcher`` flushes, in the order they were written. A flush whose bytes find
+    Twisted's own buffer empty sends them on the socket at once (``socket.send``): no writer registration with
+    the reactor, no second pass through ``doWrite``; whatever the kernel does not take, and every flush while
+    Twisted still holds bytes, goes through ``transport.write`` as before, so ordering, back-pressure and the
+    send-buffer watch are unchanged. TLS connections and other transports always use ``transport.write``.
+    """
 
     watch: SendBufferWatch | None = None
+    batcher: WriteBatcher | None = None
+    _batch: list[bytes] | None = None
 
     def watch_send_buffer(self, limit: int, on_overflow: Callable[[], None]) -> None:
         """Start counting queued bytes (called once the connection became a WebSocket).
@@ -81,22 +124,62 @@ class GuardedConnection(ProtocolWrapper):
         transport.registerProducer(self.watch, True)
 
     def write(self, data: bytes) -> None:
+        batch = self._batch
+        if batch is not None:
+            batch.append(data)
+        elif self.batcher is not None:
+            self._batch = [data]
+            self.batcher.add(self)
+        else:
+            self._send(data)
+
+    def writeSequence(self, data: Iterable[bytes]) -> None:
+        for chunk in data:
+            self.write(chunk)
+
+    def flush(self) -> None:
+        """Send what was batched (called by the ``WriteBatcher``, and before the connection is closed)."""
+        batch, self._batch = self._batch, None
+        if batch:
+            self._send(batch[0] if len(batch) == 1 else b"".join(batch))
+
+    def loseConnection(self) -> None:
+        self.flush()
+        super().loseConnection()
+
+    def abortConnection(self) -> None:
+        self._batch = None
         transport: Any = self.transport
+        transport.abortConnection()
+
+    def _send(self, data: bytes) -> None:
+        transport: Any = self.transport
+        if transport is None:
+            return
+        if (
+            len(data) <= DIRECT_SEND_MAX
+            and type(transport) is tcp.Server
+            and not transport.TLS
+            and transport.connected
+            and not transport.disconnecting
+            and not transport._tempDataLen
+            and transport.offset == len(transport.dataBuffer)
+        ):
+            try:
+                sent = transport.socket.send(data)
+            except OSError:
+                sent = 0  # EAGAIN, or an error Twisted's own write path will find and report as connectionLost
+            if sent == len(data):
+                return
+            data = data[sent:]
         transport.write(data)
         watch = self.watch
         if watch is not None and watch.paused:
             watch.wrote(len(data))
 
-    def writeSequence(self, data: Iterable[bytes]) -> None:
-        chunks = list(data)
-        transport: Any = self.transport
-        transport.writeSequence(chunks)
-        watch = self.watch
-        if watch is not None and watch.paused:
-            watch.wrote(sum(len(chunk) for chunk in chunks))
-
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.watch = None
+        self._batch = None
         super().connectionLost(reason)
 
 

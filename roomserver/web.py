@@ -19,7 +19,7 @@ from twisted.web.pages import notFound
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from .transport import GuardedConnection, HandshakeDeadlineChannel
+from .transport import GuardedConnection, HandshakeDeadlineChannel, WriteBatcher
 
 
 def path_segments(path: str) -> list[bytes]:
@@ -96,9 +96,17 @@ class TrackingFactory(WrappingFactory):
     noisy = False
     protocol = GuardedConnection
 
-    def __init__(self, wrapped: Any) -> None:
+    def __init__(self, wrapped: Any, reactor: Any = None) -> None:
         super().__init__(wrapped)
         self._empty_waiters: list[defer.Deferred[None]] = []
+        # With a reactor, connections batch their writes per reactor iteration (transport.WriteBatcher).
+        self.batcher = WriteBatcher(reactor) if reactor is not None else None
+
+    def buildProtocol(self, addr: Any) -> Any:
+        connection: Any = super().buildProtocol(addr)
+        if connection is not None:
+            connection.batcher = self.batcher
+        return connection
 
     def unregisterProtocol(self, p: ProtocolWrapper) -> None:
         super().unregisterProtocol(p)
