@@ -28,7 +28,7 @@ from zope.interface import implementer
 
 # A flush of at most this many bytes may go straight to the socket; bigger bursts take Twisted's buffered path,
 # where the send-buffer watch sees them exactly as it did before batching (a burst is what a flooder makes).
-DIRECT_SEND_MAX = 16 * 1024
+DIRECT_SEND_MAX = 4 * 1024
 # Twisted's FileDescriptor pauses its producer once more than this many bytes wait in its own buffer.
 TWISTED_WRITE_THRESHOLD = 2**16
 
