@@ -1,4 +1,4 @@
-"""The broadcast hot loop: one message, framed once, written to every open member of a room.
+"""The broadcast hot path: one message, framed once, written to every open member of a room.
 
 The message was encoded once (orjson) and framed once (``factory.prepareMessage``) by the caller. What is left
 per recipient is the write of the same frame bytes, and this module keeps it to that: no Autobahn
