@@ -18,7 +18,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from twisted.internet import tcp
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import connectionDone
 from twisted.protocols.policies import ProtocolWrapper
@@ -26,9 +25,6 @@ from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from zope.interface import implementer
 
-# A flush of at most this many bytes may go straight to the socket; bigger bursts take Twisted's buffered path,
-# where the send-buffer watch sees them exactly as it did before batching (a burst is what a flooder makes).
-DIRECT_SEND_MAX = 4 * 1024
 # Twisted's FileDescriptor pauses its producer once more than this many bytes wait in its own buffer.
 TWISTED_WRITE_THRESHOLD = 2**16
 
@@ -99,11 +95,11 @@ class GuardedConnection(ProtocolWrapper):
     has queued for a peer that does not read.
 
     Writes (from the HTTP channel, then from Autobahn and the fan-out) are appended to a per-connection batch
-    and leave together when ``WriteBatcher`` flushes, in the order they were written. A flush whose bytes find
-    Twisted's own buffer empty sends them on the socket at once (``socket.send``): no writer registration with
-    the reactor, no second pass through ``doWrite``; whatever the kernel does not take, and every flush while
-    Twisted still holds bytes, goes through ``transport.write`` as before, so ordering, back-pressure and the
-    send-buffer watch are unchanged. TLS connections and other transports always use ``transport.write``.
+    and leave together when ``WriteBatcher`` flushes, in the order they were written, as one
+    ``transport.write``: a burst of broadcasts costs one pass through Twisted's write path per connection
+    instead of one per message. Back-pressure and the send-buffer watch see the same bytes as before, one
+    reactor turn later. (Sending a flush straight on the socket when Twisted's buffer is empty was measured
+    too: docs/performance.md says what it saved and why it is not in.)
     """
 
     watch: SendBufferWatch | None = None
@@ -156,22 +152,6 @@ class GuardedConnection(ProtocolWrapper):
         transport: Any = self.transport
         if transport is None:
             return
-        if (
-            len(data) <= DIRECT_SEND_MAX
-            and type(transport) is tcp.Server
-            and not transport.TLS
-            and transport.connected
-            and not transport.disconnecting
-            and not transport._tempDataLen
-            and transport.offset == len(transport.dataBuffer)
-        ):
-            try:
-                sent = transport.socket.send(data)
-            except OSError:
-                sent = 0  # EAGAIN, or an error Twisted's own write path will find and report as connectionLost
-            if sent == len(data):
-                return
-            data = data[sent:]
         transport.write(data)
         watch = self.watch
         if watch is not None and watch.paused:
