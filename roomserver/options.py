@@ -126,6 +126,10 @@ class ServerOptions:
             raise ValueError("max_message_size must be > 0")
         if self.max_fragments < 1 or self.max_send_buffer < 1 or self.max_handshake_size < 256:
             raise ValueError("max_fragments and max_send_buffer must be > 0, max_handshake_size >= 256")
+        if self.max_send_buffer < 2 * self.max_message_size:
+            # One relayed message must never make a reader that keeps up look like a slow consumer.
+            raise ValueError(f"max_send_buffer ({self.max_send_buffer}) must be at least twice max_message_size "
+                             f"({self.max_message_size}), or clients that read normally get closed with 4008")
         if self.rate_limit < 0 or (self.rate_limit and self.rate_burst < 1) or self.flood_factor <= 1:
             raise ValueError("rate_limit must be >= 0, rate_burst >= 1 and flood_factor > 1")
         if self.auth_timeout <= 0 or self.max_meta_size < 2:

@@ -241,7 +241,7 @@ async def test_slow_consumer_is_dropped_with_4008_and_others_keep_pace(make_serv
 
 @pytest_twisted.ensureDeferred
 async def test_ping_flooder_that_never_reads_is_a_slow_consumer(make_server: Any) -> None:
-    server = await make_server(max_send_buffer=128 * 1024)
+    server = await make_server(max_send_buffer=128 * 1024, max_message_size=16 * 1024)
     raw = await RawClient.connect(server, recv_buffer=4096)
     ping = frame(0x9, b"p" * 125)
     for _ in range(200):
@@ -305,3 +305,11 @@ async def test_malformed_requests_are_refused_without_errors_or_leaks(make_serve
         await eventually(lambda: not server.connections.protocols, timeout=5)
     assert problems == []
     assert server.get_stats().connections == 0
+
+
+def test_send_buffer_must_hold_two_of_the_largest_messages() -> None:
+    from roomserver import ServerOptions
+
+    with pytest.raises(ValueError, match="max_send_buffer"):
+        ServerOptions(max_message_size=4 * 1024 * 1024, max_send_buffer=4 * 1024 * 1024)
+    assert ServerOptions(max_message_size=2 * 1024 * 1024, max_send_buffer=4 * 1024 * 1024)

@@ -39,7 +39,8 @@ def test_options_map_to_server_options() -> None:
 def test_every_limit_is_a_flag() -> None:
     config = Options()
     config.parseOptions(["--max-fragments", "8", "--rate-limit", "5", "--rate-burst", "10", "--flood-factor", "4",
-                         "--max-send-buffer", "65536", "--allowed-origins", "https://a.example, https://*.b.example",
+                         "--max-send-buffer", "65536", "--max-message-size", "32768",
+                         "--allowed-origins", "https://a.example, https://*.b.example",
                          "--max-handshake-size", "8192", "--max-rooms-per-client", "7"])
     options = config.server_options()
     assert (options.max_fragments, options.rate_limit, options.rate_burst, options.flood_factor) == (8, 5.0, 10, 4.0)

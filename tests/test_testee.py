@@ -60,7 +60,7 @@ def test_testee_differs_from_the_room_endpoint_only_in_the_listed_limits(compres
 
 
 def test_as_testee_never_lower_a_limit_and_are_idempotent() -> None:
-    big = ServerOptions(max_message_size=64 * MIB, max_frame_size=32 * MIB)
+    big = ServerOptions(max_message_size=64 * MIB, max_frame_size=32 * MIB, max_send_buffer=128 * MIB)
     lifted = as_testee(big)
     assert (lifted.max_message_size, lifted.max_frame_size) == (64 * MIB, 32 * MIB)
     assert as_testee(lifted) == lifted
