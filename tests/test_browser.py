@@ -42,6 +42,10 @@ async def test_two_pages_chat_and_see_each_other(make_server: Any) -> None:
             assert sorted(await bob.members()) == ["ada", "bob (you)"]
             assert ada.errors == [] and bob.errors == []
             assert server.get_stats().connections == 2 and server.get_stats().rooms == 1
+            # Presence: when Bob's tab goes away, Ada's list follows (the server's presence leave event).
+            await bob.page.close()
+            await expect(ada.page.locator("#members li.member")).to_have_text(["ada (you)"])
+            assert "recently active" not in await ada.page.locator("#members").inner_text(), "real presence"
 
     await aio(scenario())
 

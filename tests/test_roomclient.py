@@ -229,3 +229,28 @@ async def test_dropped_client_resumes_and_misses_nothing(make_server: Any, tmp_p
         await bob.close()
         if again is not None:
             await again.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_presence_through_the_python_client(make_server: Any) -> None:
+    server = await make_server(room_protocol=True)
+    ada = RoomClient(url_of(server))
+    bob = RoomClient(url_of(server))
+    events: list[dict[str, Any]] = []
+    ada.on("presence", events.append)
+    try:
+        await ada.connect()
+        await bob.connect()
+        joined = await ada.join("hall", presence=True, meta={"name": "ada"})
+        assert [m["meta"] for m in joined["members"]] == [{"name": "ada"}]
+        await bob.join("hall", presence=True, meta={"name": "bob"})
+        await eventually(lambda: [e.get("event") for e in events] == ["join"])
+        assert events[0]["meta"] == {"name": "bob"}
+        members = (await ada.presence("hall"))["members"]
+        assert sorted(m["meta"]["name"] for m in members) == ["ada", "bob"]
+        await bob.close()
+        await eventually(lambda: [e.get("event") for e in events] == ["join", "leave"])
+        assert ada.rooms["hall"].join_options == {"presence": True, "meta": {"name": "ada"}}
+    finally:
+        await ada.close()
+        await bob.close()

@@ -12,7 +12,7 @@
   var client = null;
   var myName = "";
   var current = null;               // the room on screen
-  var rooms = {};                   // room -> {messages: [], members: Map(name -> info), presence: bool, unread: n}
+  var rooms = {};                   // room -> {messages: [], members: Map(key -> {label, connections}), presence, unread}
   var features = {presence: null, history: null};
 
   function el(tag, cls, text) {
@@ -76,11 +76,10 @@
     list.textContent = "";
     if (!current) return;
     var state = rooms[current];
-    var names = Array.from(state.members.keys()).sort();
-    names.forEach(function (name) {
-      var info = state.members.get(name);
-      var item = el("li", "member", name + (name === myName ? " (you)" : ""));
-      if (info && info.connections > 1) item.appendChild(el("span", "badge", info.connections + " tabs"));
+    var members = Array.from(state.members.values()).sort(function (a, b) { return a.label < b.label ? -1 : 1; });
+    members.forEach(function (info) {
+      var item = el("li", "member", info.label + (info.label === myName ? " (you)" : ""));
+      if (info.connections > 1) item.appendChild(el("span", "badge", info.connections + " tabs"));
       list.appendChild(item);
     });
     if (!state.presence) list.appendChild(el("li", "muted", "recently active (no presence on this server)"));
@@ -116,18 +115,24 @@
   function onChat(message) {
     var parsed = parseText(message);
     var state = roomState(message.room);
-    if (!state.presence && parsed.name) { state.members.set(parsed.name, {connections: 1}); if (message.room === current) renderMembers(); }
+    if (!state.presence && parsed.name) {
+      state.members.set(parsed.name, {label: parsed.name, connections: 1});
+      if (message.room === current) renderMembers();
+    }
     addMessage(message.room, {name: parsed.name, text: parsed.text, seq: message.seq, from: message.from});
+  }
+
+  // Presence members are keyed by user (a user with several tabs is one member); the label is the name the
+  // user gave in its join's meta, else the start of its id.
+  function memberOf(m) {
+    return {label: String((m.meta && m.meta.name) || String(m.user || "?").slice(0, 8)), connections: m.connections || 1};
   }
 
   function applyMembers(name, members) {
     var state = roomState(name);
     state.presence = true;
     state.members = new Map();
-    (members || []).forEach(function (m) {
-      var label = (m.meta && m.meta.name) || String(m.user || "?").slice(0, 8);
-      state.members.set(label, m);
-    });
+    (members || []).forEach(function (m) { state.members.set(String(m.user), memberOf(m)); });
     if (name === current) renderMembers();
   }
 
@@ -139,7 +144,7 @@
       if (reply.members) applyMembers(name, reply.members);
       else {
         features.presence = false;
-        state.members.set(myName, {connections: 1});
+        state.members.set(myName, {label: myName, connections: 1});
       }
       system(name, "joined " + name + " (" + reply.size + " connected)");
       if (features.history === false) return;
@@ -166,15 +171,17 @@
     client.on("presence", function (event) {
       var state = roomState(event.room);
       if (event.members) { applyMembers(event.room, event.members); return; }
-      var label = (event.meta && event.meta.name) || String(event.user || "?").slice(0, 8);
-      if (event.event === "join") state.members.set(label, event);
-      if (event.event === "leave") state.members.delete(label);
+      if (event.event === "join") state.members.set(String(event.user), memberOf(event));
+      if (event.event === "leave") state.members.delete(String(event.user));
       if (event.room === current) renderMembers();
     });
     client.on("resumed", function (event) {
       // Not recovered: the server may have started its sequence numbers again, so forget the ones seen.
       if (!event.recovered) roomState(event.room).seen = new Set();
       system(event.room, event.recovered ? "resumed: nothing was lost" : "rejoined: messages sent while offline may be missing");
+      if (roomState(event.room).presence) {
+        client.presence(event.room).then(function (reply) { applyMembers(event.room, reply.members); }, function () {});
+      }
     });
     client.on("message", function (message) {
       if (message.type === "notice" && message.room) system(message.room, "notice: " + message.text);
