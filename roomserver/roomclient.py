@@ -22,12 +22,14 @@ for the history after the last seq it saw (servers with history), or starts afre
 A chat whose seq it has already delivered in a room is never delivered twice.
 
 The reactor is injectable (``reactor=``): timers (backoff, request timeouts) use it, so tests drive them with
-``twisted.internet.task.Clock``.
+``twisted.internet.task.Clock``. ``token=`` (a JWT, or a callable returning one) authenticates with servers that
+require it, as an ``Authorization: Bearer`` header of the opening handshake.
 """
 
 from __future__ import annotations
 
 import random as random_module
+import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,11 +46,15 @@ from .events import EventEmitter
 
 CLIENT_EVENTS = frozenset({"state", "welcome", "chat", "message", "presence", "resumed", "error", "close"})
 TERMINAL_CODES = frozenset({1002, 1003, 1008, 1009})
+# Refusals of the opening handshake that retrying cannot fix (a bad token, a forbidden origin, a wrong path).
+TERMINAL_HTTP_STATUSES = frozenset({400, 401, 403, 404})
+CLOSE_HANDSHAKE_REFUSED = 4400  # what a terminal handshake refusal is reported as (close events, state detail)
+_UPGRADE_FAILED = re.compile(r"upgrade failed \[(\d{3})\]")
 
 
 def is_terminal(code: int | None) -> bool:
-    """Close codes after which reconnecting cannot help."""
-    return code is not None and (code in TERMINAL_CODES or 4500 <= code <= 4999)
+    """Close codes after which reconnecting cannot help (4400 is the client's own: a refused handshake)."""
+    return code is not None and (code in TERMINAL_CODES or code == CLOSE_HANDSHAKE_REFUSED or 4500 <= code <= 4999)
 
 
 class RoomClientError(Exception):
@@ -89,7 +95,11 @@ class RoomClientProtocol(WebSocketClientProtocol):  # type: ignore[misc]
             self.factory.client._receive(self, payload)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        """Called from Autobahn exactly once per connection."""
+        """Called from Autobahn exactly once per connection; a refused opening handshake is reported with its
+        HTTP status in ``wasNotCleanReason``, and a terminal one (401, 403...) becomes code 4400."""
+        refused = _UPGRADE_FAILED.search(str(getattr(self, "wasNotCleanReason", "") or ""))
+        if refused is not None and int(refused.group(1)) in TERMINAL_HTTP_STATUSES:
+            code, reason = CLOSE_HANDSHAKE_REFUSED, f"handshake refused with HTTP {refused.group(1)}"
         self.factory.client._dropped(self, code, reason)
 
 
@@ -120,6 +130,7 @@ class RoomClient:
         factor: float = 2.0,
         request_timeout: float = 10.0,
         random: Callable[[], float] = random_module.random,
+        token: str | Callable[[], str] | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as global_reactor
@@ -134,6 +145,7 @@ class RoomClient:
         self.min_delay, self.max_delay, self.factor = min_delay, max_delay, factor
         self.request_timeout = request_timeout
         self._random = random
+        self._token = token
         self.state = "idle"  # idle | connecting | open | reconnecting | closed
         self.id: str | None = None
         self.session: str | None = None
@@ -211,6 +223,10 @@ class RoomClient:
 
     def _open(self) -> None:
         self._set_state("reconnecting" if self._ever_opened else "connecting", attempt=self.attempt)
+        token = self._token() if callable(self._token) else self._token
+        # Non-browser clients send the token in the handshake (a bad one gets HTTP 401); a callable is asked
+        # again at each reconnect, so it can hand out a fresh token.
+        self._factory.headers = {"Authorization": f"Bearer {token}"} if token else {}
         attempt = self._connect_once()
         attempt.addCallback(self._connected)
         attempt.addErrback(self._connect_failed)

@@ -42,7 +42,9 @@ class ChatPage:
         page.set_default_timeout(TIMEOUT_MS)
 
     @classmethod
-    async def open(cls, browser: Browser | BrowserContext, base_url: str, name: str, room: str = "lobby") -> ChatPage:
+    async def open(
+        cls, browser: Browser | BrowserContext, base_url: str, name: str, room: str = "lobby", token: str = ""
+    ) -> ChatPage:
         if isinstance(browser, Browser):
             page = await browser.new_page(viewport={"width": 1100, "height": 640})
         else:
@@ -51,6 +53,7 @@ class ChatPage:
         await page.goto(base_url + "/")
         await page.fill("#name", name)
         await page.fill("#first-room", room)
+        await page.fill("#token", token)
         await page.click("#connect")
         await chat.wait_state("open")
         await expect(page.locator("#rooms li.active")).to_have_text(room)

@@ -230,3 +230,30 @@ async def test_a_chat_lost_with_its_connection_is_sent_again_after_the_resume(ma
             assert ada.errors == [] and bob.errors == []
 
     await aio(scenario())
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_page_signs_in_with_a_token_and_a_forged_one_is_refused(make_server: Any, tmp_path: Path) -> None:
+    """roomserver.js sends the token as its first message (never in the URL); presence shows the token's user."""
+    import jwt
+
+    secret = "browser-secret-" + "s" * 32
+    (tmp_path / "secret").write_text(secret)
+    server = await make_server(room_protocol=True, jwt_secret_file=str(tmp_path / "secret"))
+    good = jwt.encode({"sub": "ada@example.com"}, secret, algorithm="HS256")
+    forged = jwt.encode({"sub": "mallory"}, "f" * 40, algorithm="HS256")
+
+    async def scenario() -> None:
+        async with chromium() as browser:
+            ada = await ChatPage.open(browser, base_url(server), "ada", token=good)
+            assert [client.user for client in server.clients.values()] == ["ada@example.com"]
+            page = await browser.new_page()
+            await page.goto(base_url(server) + "/")
+            await page.fill("#name", "mallory")
+            await page.fill("#token", forged)
+            await page.click("#connect")
+            await expect(page.locator("#status")).to_have_attribute("data-state", "closed")
+            await expect(page.locator("#status")).to_contain_text("could not connect")
+            assert ada.errors == []
+
+    await aio(scenario())

@@ -254,3 +254,31 @@ async def test_presence_through_the_python_client(make_server: Any) -> None:
     finally:
         await ada.close()
         await bob.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_token_in_the_handshake_and_a_bad_one_is_final(make_server: Any, tmp_path: Any) -> None:
+    import jwt
+
+    secret = "s" * 40
+    (tmp_path / "secret").write_text(secret)
+    server = await make_server(room_protocol=True, jwt_secret_file=str(tmp_path / "secret"))
+    issued: list[str] = []
+
+    def fresh_token() -> str:
+        issued.append(jwt.encode({"sub": "alice"}, secret, algorithm="HS256"))
+        return issued[-1]
+
+    alice = RoomClient(url_of(server), token=fresh_token)
+    await alice.connect()
+    assert len(issued) == 1 and server.get_client(alice.id).user == "alice"  # type: ignore[union-attr]
+    await alice.close()
+
+    forger = RoomClient(url_of(server), token=jwt.encode({"sub": "mallory"}, "x" * 40, algorithm="HS256"),
+                        min_delay=0.05)
+    closes: list[Any] = []
+    forger.on("close", lambda code, reason: closes.append((code, reason)))
+    with pytest.raises(RoomClientError) as refused:
+        await forger.connect()
+    assert refused.value.code == "closed" and forger.state == "closed"
+    assert closes == [(4400, "handshake refused with HTTP 401")], "a bad token is not retried"

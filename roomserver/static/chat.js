@@ -159,9 +159,9 @@
     });
   }
 
-  function start(name, firstRoom) {
+  function start(name, firstRoom, token) {
     myName = name;
-    client = new RoomClient(wsUrl);
+    client = new RoomClient(wsUrl, {token: token || null});
     window.roomClient = client;   // for the curious (and the browser tests)
     client.on("state", function (state, detail) {
       setStatus(state, detail);
@@ -196,14 +196,16 @@
       show(firstRoom);
       return joinRoom(firstRoom);
     }, function (error) {
-      setStatus("closed");
-      alert("could not connect: " + error.message);
+      setStatus("closed", {});
+      $("status").textContent = "could not connect: " + error.message;
     });
   }
 
   $("login-form").addEventListener("submit", function (event) {
     event.preventDefault();
-    start($("name").value.trim().replace(/:/g, "") || "anonymous", $("first-room").value.trim());
+    var token = $("token").value.trim();
+    $("token").value = "";
+    start($("name").value.trim().replace(/:/g, "") || "anonymous", $("first-room").value.trim(), token);
   });
 
   $("join-form").addEventListener("submit", function (event) {

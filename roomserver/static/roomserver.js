@@ -22,6 +22,7 @@
     maxDelay: 10000,         // ms, the delay never grows beyond this
     factor: 2,               // growth per failed attempt
     requestTimeout: 10000,   // ms before a request's promise rejects with "timeout"
+    token: null,             // a JWT (or a function returning one, or a promise of one) for servers with auth
     WebSocket: null,         // a WebSocket constructor (defaults to the global one)
     random: Math.random,     // for the jitter; injectable for tests
   };
@@ -125,6 +126,14 @@
       return;
     }
     this._ws = ws;
+    ws.onopen = function () {
+      // Servers with authentication take the token as the first message (it stays out of URLs and logs); a
+      // function is asked again at each reconnect, so it can hand out a fresh token.
+      var token = typeof self.options.token === "function" ? self.options.token() : self.options.token;
+      Promise.resolve(token).then(function (value) {
+        if (value && self._ws === ws && ws.readyState === 1) ws.send(JSON.stringify({type: "auth", token: value}));
+      });
+    };
     ws.onmessage = function (event) { if (self._ws === ws) self._receive(event.data); };
     ws.onclose = function (event) { if (self._ws === ws) self._dropped(event.code, event.reason); };
     ws.onerror = function () { /* onclose follows and says why */ };
