@@ -338,3 +338,19 @@ async def test_idle_keep_alive_after_a_page_is_closed_but_not_counted_as_an_atta
     assert server.get_stats().drops.get("handshake_timeout") == 1, "only the connection that sent nothing counts"
     writer.close()
     silent_writer.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_refused_handshakes_are_counted_by_reason(make_server: Any, tmp_path: Path) -> None:
+    """A bad token (401) and a foreign origin (403) show up under their own reasons."""
+    (tmp_path / "secret").write_text("k" * 40)
+    server = await make_server(room_protocol=True, jwt_secret_file=str(tmp_path / "secret"),
+                               allowed_origins="https://app.example")
+    for headers in ({"Authorization": "Bearer not-a-jwt"}, {"Origin": "https://evil.example"}):
+        with pytest.raises(websockets.InvalidStatus):
+            await aio(websockets.connect(url_of(server), additional_headers=headers, open_timeout=5))
+    failures = server.http.metrics.handshake_failures
+    await eventually(lambda: failures.labels("unauthorized")._value.get() == 1)
+    await eventually(lambda: failures.labels("forbidden")._value.get() == 1)
+    text = (await http(server, "GET", "/metrics")).text
+    assert "not-a-jwt" not in text
