@@ -238,11 +238,8 @@ class DurableRooms:
                             errbackArgs=(client, effect))
 
     def _appended(self, result: Appended, client: Client, effect: Append) -> None:
-        room = self.server.registry.get(effect.room)
         if not result.duplicate:
-            if room is not None:
-                room.last_seq = max(room.last_seq, result.seq)
-                self.server._fan_out(room, result.payload, False, seq=result.seq)
+            self.server.relay.stored(effect.room, result.seq, result.payload)
             if effect.request_id is None:
                 return
         self.server._reply(client, messages.ack(result.seq, effect.request_id, effect.msg_id, result.duplicate))

@@ -1,13 +1,14 @@
 """The seams between the hub and its backends, each with the guarantees every implementation must keep.
 
-A backend is chosen by option (``--store memory``, ``--store sqlite:PATH``; a Redis store will join them) and
-the hub only ever talks to this interface. tests/test_store_contract.py runs the same contract suite against
-every implementation, so a new backend proves these guarantees by joining its parametrization.
+A backend is chosen by option (``--store memory``, ``--store sqlite:PATH``, ``--store redis://...``;
+``--broker memory``, ``--broker redis://...``) and the hub only ever talks to these interfaces.
+tests/test_store_contract.py runs the same contract suite against every store, so a new backend proves these
+guarantees by joining its parametrization.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -101,3 +102,49 @@ class Store(Protocol):
         grow memory without bound; its seq counter stays. Persistent and shared stores ignore it: their history
         lasts as long as ``history_size``/``history_ttl`` say. Any later append makes the room used again.
         """
+
+
+class Broker(Protocol):
+    """Carries a room's stored messages to the other nodes of a cluster that have members in it.
+
+    The hub always delivers its own members' chats locally, straight after the store assigned their seq; the
+    broker only crosses nodes (``memory``: there are none). Guarantees every implementation keeps:
+
+    - **Published once.** ``publish(room, seq, payload)`` sends the stored message once to every node
+      subscribed to ``room`` (not back through the broker to local members). Delivery between nodes is at most
+      once and in no guaranteed order: every message carries the seq the shared store assigned, and the
+      receiving node restores the order and fills gaps from the store (``roomserver.core.sequencer``).
+    - **Subscriptions follow local membership.** The hub calls ``subscribe(room)`` when the room gets its
+      first member on this node and ``unsubscribe(room)`` after the last one left, so subscriptions never grow
+      with room churn. Both are idempotent and never fail: while the broker is disconnected they take effect
+      when it is back.
+    - **No deaf node.** A lost or silently dead subscription is noticed within 2 seconds; until the broker has
+      resubscribed, ``health()`` reports ``ok: False`` (the node reports ``degraded``). After resubscribing
+      it calls ``on_resubscribed()``, so the node fetches from the store whatever its members missed.
+    - **Failures are reported, never swallowed.** ``publish`` fails (``StoreError``-like, logged by the hub)
+      while the broker is unreachable; the message is already stored, and the broker publishes the room's
+      latest message again once it is back, so the other nodes see the gap and fill it from the store.
+    - **Never blocks the reactor.**
+    """
+
+    name: str
+
+    def start(self, on_message: Callable[[str, int, bytes], None],
+              on_resubscribed: Callable[[], None]) -> defer.Deferred[None]:
+        """Connect; ``on_message(room, seq, payload)`` for every message another node published to a subscribed
+        room. Fails if the broker cannot be reached at start (the server then refuses to start)."""
+
+    def stop(self) -> defer.Deferred[None]:
+        """Unsubscribe everything and disconnect."""
+
+    def subscribe(self, room: str) -> None:
+        """Start receiving ``room``'s messages from other nodes."""
+
+    def unsubscribe(self, room: str) -> None:
+        """Stop receiving ``room``'s messages."""
+
+    def publish(self, room: str, seq: int, payload: bytes) -> defer.Deferred[None]:
+        """Send a stored message (``payload`` with its ``seq``) to the other nodes subscribed to ``room``."""
+
+    def health(self) -> dict[str, Any]:
+        """``{"backend": name, "ok": bool, ...}`` for /healthz and the stats."""

@@ -100,8 +100,12 @@ class ServerOptions:
     """Echo every message back instead of serving rooms: the Autobahn TestSuite testee (roomserver/testee.py;
     the limits it lifts are listed in docs/compliance.md)."""
     store: str = "memory"
-    """Where rooms and history live: ``memory`` (this process) or ``sqlite:PATH`` (``twistd roomserver``'s
-    default is ``sqlite:roomserver.db``). See docs/persistence.md."""
+    """Where rooms and history live: ``memory`` (this process), ``sqlite:PATH`` (``twistd roomserver``'s
+    default is ``sqlite:roomserver.db``) or ``redis://HOST:PORT/DB`` (shared by the nodes of a cluster,
+    docs/cluster.md). See docs/persistence.md."""
+    broker: str = "memory"
+    """How the nodes of a cluster exchange room messages: ``memory`` (one process, local delivery only) or
+    ``redis://HOST:PORT/DB`` (Redis pub/sub; needs the Redis store). See docs/cluster.md."""
     history_size: int = 1000
     """Chat messages kept per room for ``history`` and resume."""
     history_ttl: float | None = None
@@ -143,6 +147,9 @@ class ServerOptions:
         from .store import parse_store_spec
 
         parse_store_spec(self.store)
+        from .broker import parse_broker_spec
+
+        parse_broker_spec(self.broker, self.store)
         if self.history_size < 1:
             raise ValueError("history_size must be >= 1")
         if self.history_ttl is not None and self.history_ttl <= 0:

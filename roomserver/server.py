@@ -25,7 +25,9 @@ from twisted.internet.interfaces import IReactorCore
 from twisted.logger import Logger
 
 from .access import AccessControl, Authenticate, Authorize
+from .broker import create_broker
 from .client import Client, serialize
+from .cluster import Relay
 from .core import filters as builtin_filters
 from .core import messages
 from .core.auth import Action
@@ -115,9 +117,11 @@ class WebSocketServer:
         if self.options.room_protocol:
             self.use_room_protocol()
         self._events = EventEmitter(SERVER_EVENTS)
-        self.registry.on_member_added = lambda room, member: self._events.emit("join", member, room.name)
-        self.registry.on_member_removed = lambda room, member: self._events.emit("leave", member, room.name)
+        self.registry.on_member_added = self._member_added
+        self.registry.on_member_removed = self._member_removed
         self.durable = DurableRooms(self)
+        self.broker = create_broker(self.options, reactor)
+        self.relay = Relay(self, self.broker)
         if self.options.testee:
             install_echo(self)
         self._clients: dict[str, Client] = {}
@@ -224,6 +228,14 @@ class WebSocketServer:
         after ``since``, or the latest ``limit`` (before ``before``, if given)."""
         return defer.ensureDeferred(self.durable.history(room, since, limit, before))
 
+    def _member_added(self, room: Room, member: Any) -> None:
+        self.relay.member_added(room)
+        self._events.emit("join", member, room.name)
+
+    def _member_removed(self, room: Room, member: Any) -> None:
+        self.relay.member_removed(room)
+        self._events.emit("leave", member, room.name)
+
     def get_room(self, name: str) -> Room | None:
         return self.registry.get(name)
 
@@ -289,8 +301,14 @@ class WebSocketServer:
                 )
         await self.durable.start()
         try:
+            await self.relay.start()
+        except BaseException:
+            await self.durable.stop()
+            raise
+        try:
             self._listening = await self._endpoint().listen(self.connections)
         except BaseException:
+            await self.relay.stop()
             await self.durable.stop()
             raise
         host = self._listening.getHost()
@@ -316,6 +334,7 @@ class WebSocketServer:
             await everything_closed
             if deadline.active():
                 deadline.cancel()
+        await self.relay.stop()
         await self.durable.stop()
         self.log.info("roomserver stopped")
 

@@ -130,7 +130,10 @@ class Options(usage.Options):
          "(or set ROOMSERVER_ADMIN_TOKEN; never the token itself on the command line)."],
         ["log-format", None, "text", "Log format: text, or json (one JSON object per line).", _log_format],
         ["store", None, DEFAULT_STORE, "Where rooms and history live: sqlite:PATH (a SQLite file, created if "
-         "missing) or memory (lost at exit)."],
+         "missing), memory (lost at exit) or redis://HOST:PORT/DB[?prefix=NAME:] (shared by a cluster's nodes; "
+         "docs/cluster.md)."],
+        ["broker", None, _DEFAULTS.broker, "How cluster nodes exchange room messages: memory (one process) or "
+         "redis://HOST:PORT/DB[?prefix=NAME:] (needs --store redis://...; docs/cluster.md)."],
         ["history-size", None, _DEFAULTS.history_size, "Chat messages kept per room for history and resume.",
          _positive_int],
         ["history-ttl", None, None, "Seconds a chat message stays in history (default: no limit).",

@@ -149,7 +149,7 @@ async def test_healthz_ok_then_degraded_when_a_backend_fails(make_server: Any) -
     body = response.json()
     assert response.code == 200 and body["status"] == "ok" and body["listening"] is True
     assert body["store"] == {"backend": "MemoryStore", "ok": True}, "the durable-rooms store is found"
-    assert body["broker"] == {"backend": "none", "ok": True}, "no broker: nothing that can fail"
+    assert body["broker"] == {"backend": "memory", "ok": True}, "one process: nothing that can fail"
 
     class Broker:
         name = "redis"

@@ -1,7 +1,8 @@
 """The ``Store`` contract (roomserver/interfaces.py), run against every backend.
 
-A new backend (Redis) joins by adding itself to ``BACKENDS``. Time is a ``task.Clock`` (no sleeping); the
-SQLite store still runs its SQL in real threads on the test's reactor.
+A new backend joins by adding itself to ``BACKENDS``. Time is a ``task.Clock`` (no sleeping); the SQLite store
+still runs its SQL in real threads on the test's reactor, the Redis store talks to the real Redis at
+127.0.0.1:6379 under a key prefix of its own per test, deleted afterwards.
 """
 
 from __future__ import annotations
@@ -20,9 +21,12 @@ from roomserver.core.history import HistoryPage, NewMessage
 from roomserver.core.messages import chat_body
 from roomserver.interfaces import RoomRecord, Store, StoreError
 from roomserver.store.memory import MemoryStore
+from roomserver.store.redis import RedisStore
 from roomserver.store.sqlite import SQLiteStore
 
-BACKENDS = ["memory", "sqlite"]
+from .redis_support import REDIS_URL, delete_prefix, unique_prefix
+
+BACKENDS = ["memory", "sqlite", "redis"]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -36,11 +40,14 @@ async def make_store(backend: str, tmp_path: Path) -> AsyncIterator[Callable[...
     opened: list[Store] = []
     clock = task.Clock()
     clock.advance(1_000_000)
+    prefix = unique_prefix()
 
     async def make(**settings: Any) -> Store:
         store: Store
         if backend == "memory":
             store = MemoryStore(clock, **settings)
+        elif backend == "redis":
+            store = RedisStore(f"{REDIS_URL}?prefix={prefix}", reactor, clock=clock, **settings)
         else:
             store = SQLiteStore(str(tmp_path / "contract.db"), reactor, clock=clock, **settings)
         await store.open()
@@ -51,6 +58,8 @@ async def make_store(backend: str, tmp_path: Path) -> AsyncIterator[Callable[...
     yield make
     for store in opened:
         await store.close()
+    if backend == "redis":
+        await delete_prefix(prefix)
 
 
 def msg(text: str, ts: float, msg_id: str | None = None) -> NewMessage:

@@ -1,0 +1,41 @@
+"""Broker backends and the ``--broker`` spec that picks one.
+
+``memory`` (the default): one process, local delivery only. ``redis://HOST:PORT/DB``: the nodes of a cluster
+exchange room messages through Redis pub/sub (docs/cluster.md); it needs the Redis store, because the seq order
+every member sees is the shared store's.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..interfaces import Broker
+    from ..options import ServerOptions
+
+BROKER_SPECS = "memory or redis://HOST:PORT/DB"
+
+
+def parse_broker_spec(spec: str, store: str) -> str:
+    """Check ``spec`` (and that the store fits it); return its kind. ValueError says what is wrong."""
+    if spec == "memory":
+        return "memory"
+    if spec.startswith("redis:"):
+        from ..redislink import RedisURL
+
+        RedisURL.parse(spec)
+        if not store.startswith("redis:"):
+            raise ValueError("--broker redis needs --store redis://...: every node must see the seqs the shared "
+                             "store assigns")
+        return "redis"
+    raise ValueError(f"unknown broker {spec!r}: use {BROKER_SPECS}")
+
+
+def create_broker(options: ServerOptions, reactor: Any) -> Broker:
+    if parse_broker_spec(options.broker, options.store) == "redis":
+        from .redis import RedisBroker
+
+        return RedisBroker(options.broker, reactor)
+    from .memory import MemoryBroker
+
+    return MemoryBroker()

@@ -1,0 +1,253 @@
+"""The Redis broker (``--broker redis://127.0.0.1:6379/0``): room messages between the nodes of a cluster.
+
+Two connections per node:
+
+- a **command** connection that publishes: ``PUBLISH <prefix>c:<room> "<seq> <node id> <payload>"``, once
+  per message (a node skips its own);
+- a **subscriber** connection, subscribed to ``<prefix>c:<room>`` for every room with a member on this node
+  (``subscribe``/``unsubscribe`` follow local membership) and to ``<prefix>node:<id>``, this node's own
+  channel, so it is always in subscribed mode.
+
+No deaf node: the subscriber connection is pinged every ``PING_INTERVAL`` seconds (PING works in subscribed
+mode); a connection that is closed (``CLIENT KILL TYPE pubsub``, the output-buffer limit, a Redis restart)
+is noticed at once, one that hangs after ``PING_TIMEOUT`` seconds, when it is aborted. Either way the broker
+reports itself unhealthy (the node says ``degraded``), reconnects with backoff, subscribes to every room
+again, and once Redis confirmed the subscriptions, calls ``on_resubscribed`` so the node fetches what its
+members missed from the room streams.
+
+A publish that fails (Redis unreachable) is remembered per room (its latest message) and published again once
+the command connection is back: the other nodes then see the gap and fill it from the store.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+import txredisapi
+from twisted.internet import defer, task
+from twisted.logger import Logger
+
+from ..redislink import RedisLink, RedisUnavailable, RedisURL
+
+PING_INTERVAL = 0.5
+PING_TIMEOUT = 1.5
+START_TIMEOUT = 5.0
+SUBSCRIBE_CHUNK = 500
+
+
+class _Subscriber(txredisapi.RedisProtocol):
+    """A txredisapi protocol in subscribed mode: pushes (messages, confirmations, pongs) go to the broker."""
+
+    broker: RedisBroker
+
+    def replyReceived(self, reply: Any) -> None:
+        if isinstance(reply, list) and reply and reply[0] in (b"message", b"subscribe", b"unsubscribe", b"pong"):
+            self.broker._pushed(self, reply)
+        else:
+            super().replyReceived(reply)
+
+    def send(self, *args: Any) -> None:
+        """Write a command whose answer comes back as a push (SUBSCRIBE, UNSUBSCRIBE, PING)."""
+        if self.transport is not None:
+            self.transport.write(self._build_command(*args))
+
+
+class RedisBroker:
+    """``Broker`` over Redis pub/sub (see ``roomserver.interfaces.Broker`` and the module docstring)."""
+
+    name = "redis"
+    clustered = True
+    log = Logger()
+
+    def __init__(self, url: str | RedisURL, reactor: Any, *, node_id: str | None = None) -> None:
+        self.url = url if isinstance(url, RedisURL) else RedisURL.parse(url)
+        self.reactor = reactor
+        self.node_id = node_id or secrets.token_hex(6)
+        self.prefix = self.url.prefix.encode()
+        self._node = self.node_id.encode()
+        self.rooms: set[str] = set()
+        self.subscribed = False  # Redis confirmed every subscription of the current connection
+        self.resubscriptions = 0
+        self.received = 0
+        self.published = 0
+        self._owed: dict[str, tuple[int, bytes]] = {}
+        self._on_message: Callable[[str, int, bytes], None] | None = None
+        self._on_resubscribed: Callable[[], None] | None = None
+        self._ping_sent: float | None = None
+        self._sync_pending = False
+        self._pinger: task.LoopingCall | None = None
+        broker = self
+
+        class Subscriber(_Subscriber):
+            pass
+
+        Subscriber.broker = broker
+        self.publisher = RedisLink(self.url, reactor, name="redis broker (publish)", on_ready=self._publisher_ready)
+        self.subscriber = RedisLink(self.url, reactor, name="redis broker (subscribe)", protocol_class=Subscriber,
+                                    on_ready=self._subscriber_ready, on_lost=self._subscriber_lost,
+                                    reply_timeout=PING_TIMEOUT * 2)
+
+    def __repr__(self) -> str:
+        return f"RedisBroker({str(self.url)!r}, node={self.node_id})"
+
+    def channel(self, room: str) -> bytes:
+        return self.prefix + b"c:" + room.encode()
+
+    @property
+    def node_channel(self) -> bytes:
+        return self.prefix + b"node:" + self.node_id.encode()
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+
+    async def _start(self) -> None:
+        self.publisher.start()
+        self.subscriber.start()
+        try:
+            await self.publisher.when_connected(START_TIMEOUT)
+            await self.subscriber.when_connected(START_TIMEOUT)
+        except RedisUnavailable:
+            await self.stop()
+            raise
+        self._pinger = task.LoopingCall(self._ping)
+        self._pinger.clock = self.reactor
+        self._pinger.start(PING_INTERVAL, now=False)
+
+    def start(self, on_message: Callable[[str, int, bytes], None],
+              on_resubscribed: Callable[[], None]) -> defer.Deferred[None]:
+        self._on_message = on_message
+        self._on_resubscribed = on_resubscribed
+        return defer.ensureDeferred(self._start())
+
+    async def _stop(self) -> None:
+        if self._pinger is not None and self._pinger.running:
+            self._pinger.stop()
+        self._pinger = None
+        self.subscribed = False
+        await self.subscriber.stop()
+        await self.publisher.stop()
+
+    def stop(self) -> defer.Deferred[None]:
+        return defer.ensureDeferred(self._stop())
+
+    def health(self) -> dict[str, Any]:
+        ok = self.subscribed and self.publisher.connected
+        report: dict[str, Any] = {
+            "backend": "redis", "ok": ok, "url": str(self.url), "node": self.node_id,
+            "subscriptions": len(self.rooms), "resubscriptions": self.resubscriptions,
+            "received": self.received, "published": self.published,
+        }
+        if not ok:
+            report["state"] = "resubscribing" if self.subscriber.connected else "reconnecting"
+        return report
+
+    # -- subscriptions ---------------------------------------------------------------------------------------
+
+    def subscribe(self, room: str) -> None:
+        if room in self.rooms:
+            return
+        self.rooms.add(room)
+        connection = self.subscriber.protocol
+        if connection is not None:
+            connection.send("SUBSCRIBE", self.channel(room))
+
+    def unsubscribe(self, room: str) -> None:
+        if room not in self.rooms:
+            return
+        self.rooms.discard(room)
+        connection = self.subscriber.protocol
+        if connection is not None:
+            connection.send("UNSUBSCRIBE", self.channel(room))
+
+    def _subscriber_ready(self, connection: Any) -> None:
+        """A new subscriber connection: subscribe to everything, then a PING whose pong (which Redis sends
+        after every confirmation) marks the node as subscribed again."""
+        self.subscribed = False
+        channels = [self.node_channel] + [self.channel(room) for room in sorted(self.rooms)]
+        for start in range(0, len(channels), SUBSCRIBE_CHUNK):
+            connection.send("SUBSCRIBE", *channels[start:start + SUBSCRIBE_CHUNK])
+        self._sync_pending = True
+        self._ping_sent = self.reactor.seconds()
+        connection.send("PING")
+
+    def _subscriber_lost(self) -> None:
+        self.subscribed = False
+        self._ping_sent = None
+        self._sync_pending = False
+
+    def _ping(self) -> None:
+        """Every PING_INTERVAL: abort a subscriber connection whose last PING went unanswered too long."""
+        connection = self.subscriber.protocol
+        if connection is None:
+            return
+        now = self.reactor.seconds()
+        if self._ping_sent is not None:
+            if now - self._ping_sent > PING_TIMEOUT:
+                self.log.warn("redis broker: the subscriber connection stopped answering; reconnecting")
+                self.subscribed = False
+                if connection.transport is not None:
+                    connection.transport.abortConnection()
+            return
+        self._ping_sent = now
+        connection.send("PING")
+
+    def _pushed(self, connection: Any, reply: list[Any]) -> None:
+        if connection is not self.subscriber.protocol:
+            return
+        kind = reply[0]
+        if kind == b"message":
+            self._message(bytes(reply[1]), bytes(reply[2]))
+        elif kind == b"pong":
+            self._ping_sent = None
+            if self._sync_pending:
+                self._sync_pending = False
+                self.subscribed = True
+                self.resubscriptions += 1
+                if self.resubscriptions > 1:
+                    self.log.info("redis broker: resubscribed to {count} rooms", count=len(self.rooms))
+                if self._on_resubscribed is not None:
+                    self._on_resubscribed()
+
+    def _message(self, channel: bytes, data: bytes) -> None:
+        head = self.prefix + b"c:"
+        if not channel.startswith(head) or self._on_message is None:
+            return
+        seq_text, _, rest = data.partition(b" ")
+        sender, _, payload = rest.partition(b" ")
+        if sender == self._node:
+            return  # our own message: already delivered locally
+        try:
+            seq = int(seq_text)
+        except ValueError:
+            self.log.warn("redis broker: ignoring a malformed message on {channel!r}", channel=channel)
+            return
+        room = channel[len(head):].decode("utf-8", "surrogateescape")
+        if room not in self.rooms:
+            return  # an unsubscription in flight
+        self.received += 1
+        self._on_message(room, seq, payload)
+
+    # -- publishing ------------------------------------------------------------------------------------------
+
+    def publish(self, room: str, seq: int, payload: bytes) -> defer.Deferred[None]:
+        done = self.publisher.command("PUBLISH", self.channel(room), b"%d %s %s" % (seq, self._node, payload))
+
+        def published(_: Any) -> None:
+            self.published += 1
+            owed = self._owed.get(room)
+            if owed is not None and owed[0] <= seq:
+                del self._owed[room]
+
+        def failed(failure: Any) -> Any:
+            owed = self._owed.get(room)
+            if owed is None or owed[0] < seq:
+                self._owed[room] = (seq, payload)
+            return failure
+
+        return done.addCallbacks(published, failed)
+
+    def _publisher_ready(self, connection: Any) -> None:
+        owed, self._owed = self._owed, {}
+        for room, (seq, payload) in owed.items():
+            self.publish(room, seq, payload).addErrback(lambda failure: None)

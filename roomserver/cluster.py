@@ -1,0 +1,162 @@
+"""``Relay``: how a stored message reaches this node's members, alone or in a cluster.
+
+One node (``--broker memory``): a chat stored by the hub goes straight to the room's local members, exactly as
+before there were brokers.
+
+A cluster (``--broker redis://...``): the relay keeps one ``RoomSequence`` (roomserver/core/sequencer.py) per
+room with a member on this node, and subscribes the broker to exactly those rooms. Messages come in from the
+hub's own appends (delivered at once, then published once through the broker) and from the other nodes
+(through the broker); both go through the room's sequence, so the members here see every seq once, in order.
+A gap (a message that overtook another, or one lost while the subscription was down) is filled by reading the
+shared store; after the broker resubscribes, every room catches up from the store.
+
+The baseline of a room this node starts serving is the store's last seq when the first local member joined.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from .core.history import HistoryPage
+from .core.rooms import Room
+from .core.sequencer import Fetch, RoomSequence, Step
+from .interfaces import Broker
+
+if TYPE_CHECKING:
+    from .server import WebSocketServer
+
+RETRY_DELAY = 0.5
+
+
+class Relay:
+    """Delivers stored messages to local members and, in a cluster, across nodes through the broker."""
+
+    log = Logger()
+
+    def __init__(self, server: WebSocketServer, broker: Broker) -> None:
+        self.server = server
+        self.broker = broker
+        self.clustered = bool(getattr(broker, "clustered", False))
+        self.sequences: dict[str, RoomSequence] = {}
+        self.gap_fetches = 0
+        self.skipped = 0
+        self.publish_failures = 0
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+
+    def start(self) -> defer.Deferred[None]:
+        return self.broker.start(self._received, self._resubscribed)
+
+    def stop(self) -> defer.Deferred[None]:
+        self.sequences.clear()
+        return self.broker.stop()
+
+    def stats(self) -> dict[str, Any]:
+        return {"rooms": len(self.sequences), "gap_fetches": self.gap_fetches, "skipped": self.skipped,
+                "publish_failures": self.publish_failures,
+                "duplicates": sum(sequence.duplicates for sequence in self.sequences.values())}
+
+    # -- membership ------------------------------------------------------------------------------------------
+
+    def member_added(self, room: Room) -> None:
+        if room.name in self.sequences or not room.clients:
+            return
+        if not self.clustered:
+            self.broker.subscribe(room.name)
+            return
+        sequence = self.sequences[room.name] = RoomSequence()
+        self.broker.subscribe(room.name)
+        self._read_baseline(room.name, sequence)
+
+    def member_removed(self, room: Room) -> None:
+        if room.clients:
+            return
+        self.sequences.pop(room.name, None)
+        self.broker.unsubscribe(room.name)
+
+    def _read_baseline(self, name: str, sequence: RoomSequence) -> None:
+        def read(page: HistoryPage) -> None:
+            if self.sequences.get(name) is sequence:
+                self._apply(name, sequence, sequence.start(page.last_seq))
+
+        def failed(failure: Failure) -> None:
+            if self.sequences.get(name) is sequence:
+                self.log.warn("could not read the last seq of room {room}: {error}; retrying", room=name,
+                              error=failure.getErrorMessage())
+                self.server.reactor.callLater(  # type: ignore[attr-defined]
+                    RETRY_DELAY, self._read_baseline, name, sequence)
+
+        self.server.durable.store.read(name, limit=1).addCallbacks(read, failed)
+
+    # -- messages --------------------------------------------------------------------------------------------
+
+    def stored(self, name: str, seq: int, payload: bytes) -> None:
+        """A chat this node appended: deliver it here, and publish it once for the other nodes."""
+        if not self.clustered:
+            self._deliver(name, seq, payload)
+            return
+        self.broker.publish(name, seq, payload).addErrback(self._publish_failed, name)
+        sequence = self.sequences.get(name)
+        if sequence is not None:
+            self._apply(name, sequence, sequence.offer(seq, payload))
+
+    def _publish_failed(self, failure: Failure, name: str) -> None:
+        self.publish_failures += 1
+        self.log.warn("could not publish to room {room} (the other nodes will fetch it from the store): {error}",
+                      room=name, error=failure.getErrorMessage())
+
+    def _received(self, name: str, seq: int, payload: bytes) -> None:
+        sequence = self.sequences.get(name)
+        if sequence is not None:
+            self._apply(name, sequence, sequence.offer(seq, payload))
+
+    def _resubscribed(self) -> None:
+        for name, sequence in list(self.sequences.items()):
+            self._apply(name, sequence, sequence.catch_up())
+
+    def _apply(self, name: str, sequence: RoomSequence, step: Step) -> None:
+        for seq, payload in step.deliver:
+            if self.sequences.get(name) is not sequence:
+                return
+            self._deliver(name, seq, payload)
+        if step.fetch is not None:
+            self._fetch(name, sequence, step.fetch)
+
+    def _fetch(self, name: str, sequence: RoomSequence, fetch: Fetch) -> None:
+        self.gap_fetches += 1
+        skipped_before = sequence.skipped
+
+        def read(page: HistoryPage) -> None:
+            if self.sequences.get(name) is not sequence:
+                return
+            step = sequence.filled(fetch, [(m.seq, m.payload) for m in page.messages], complete=not page.more)
+            if sequence.skipped > skipped_before:
+                self.skipped += sequence.skipped - skipped_before
+                self.log.warn("room {room}: {count} messages left the history before this node got them",
+                              room=name, count=sequence.skipped - skipped_before)
+            self._apply(name, sequence, step)
+
+        def failed(failure: Failure) -> None:
+            if self.sequences.get(name) is not sequence:
+                return
+            sequence.failed(fetch)
+            self.log.warn("room {room}: could not fetch missed messages ({error}); retrying", room=name,
+                          error=failure.getErrorMessage())
+            self.server.reactor.callLater(RETRY_DELAY, self._retry, name, sequence)  # type: ignore[attr-defined]
+
+        self.server.durable.store.read(name, since=fetch.since, before=fetch.before, limit=fetch.limit
+                                       ).addCallbacks(read, failed)
+
+    def _retry(self, name: str, sequence: RoomSequence) -> None:
+        if self.sequences.get(name) is sequence:
+            self._apply(name, sequence, sequence.retry())
+
+    def _deliver(self, name: str, seq: int, payload: bytes) -> None:
+        room = self.server.registry.get(name)
+        if room is not None:
+            room.last_seq = max(room.last_seq, seq)
+            self.server._fan_out(room, payload, False, seq=seq)

@@ -1,0 +1,217 @@
+"""One Redis connection that fails fast while Redis is away and comes back by itself: what the Redis store and
+the Redis broker are built on.
+
+txredisapi speaks the protocol (its ``RedisProtocol`` and ``SubscriberProtocol``), but its connection pools
+queue commands until a connection comes back, however long that takes. A chat message must not wait
+indefinitely for an unreachable Redis: its sender is owed an ``unavailable`` error now. So the connection is
+kept here, by Twisted's ``ClientService`` (reconnect with exponential backoff and jitter), and ``command()``
+fails at once with ``RedisUnavailable`` while there is no usable connection. Every command also has a reply
+timeout, after which the connection is aborted and re-established.
+
+``redis://[:password@]host[:port][/db][?prefix=name:]`` is the URL both ``--store`` and ``--broker`` take.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import txredisapi
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.internet import defer, endpoints, protocol
+from twisted.logger import Logger
+
+DEFAULT_PREFIX = "roomserver:"
+REPLY_TIMEOUT = 5.0
+CONNECT_TIMEOUT = 2.0
+
+
+class RedisUnavailable(Exception):
+    """There is no usable connection to Redis right now (it is being re-established)."""
+
+
+@dataclass(frozen=True)
+class RedisURL:
+    """Where Redis is and which keys are ours: every key starts with ``prefix``."""
+
+    host: str = "127.0.0.1"
+    port: int = 6379
+    db: int = 0
+    password: str | None = None
+    prefix: str = DEFAULT_PREFIX
+
+    @classmethod
+    def parse(cls, url: str) -> RedisURL:
+        """Parse ``redis://[:password@]host[:port][/db][?prefix=...]``; ValueError says what is wrong."""
+        parts = urlsplit(url)
+        if parts.scheme != "redis":
+            raise ValueError(f"not a redis:// URL: {url!r}")
+        try:
+            port = parts.port or 6379
+        except ValueError as exc:
+            raise ValueError(f"bad port in {url!r}") from exc
+        path = parts.path.strip("/")
+        if path and not path.isdigit():
+            raise ValueError(f"the database in {url!r} must be a number (redis://host:port/0)")
+        query = parse_qs(parts.query)
+        unknown = set(query) - {"prefix"}
+        if unknown:
+            raise ValueError(f"unknown redis URL parameter(s) {sorted(unknown)} in {url!r} (only prefix=)")
+        prefix = query.get("prefix", [DEFAULT_PREFIX])[0]
+        if not prefix:
+            raise ValueError("the redis key prefix must not be empty")
+        return cls(parts.hostname or "127.0.0.1", port, int(path or 0),
+                   unquote(parts.password) if parts.password else None, prefix)
+
+    def __str__(self) -> str:
+        return f"redis://{self.host}:{self.port}/{self.db}"
+
+
+class _LinkFactory(protocol.Factory):
+    """Builds txredisapi protocols for one ``RedisLink`` (bytes in, bytes out: ``charset=None``)."""
+
+    isLazy = True  # txredisapi's protocol reads it on authentication errors
+    noisy = False
+
+    def __init__(self, link: RedisLink, protocol_class: type[Any]) -> None:
+        self.link = link
+        self.protocol_class = protocol_class
+
+    def buildProtocol(self, addr: Any) -> Any:
+        url = self.link.url
+        built = self.protocol_class(charset=None, replyTimeout=self.link.reply_timeout, password=url.password,
+                                    dbid=url.db, convertNumbers=False)
+        built.factory = self
+        built.link = self.link
+        built.callLater = self.link.reactor.callLater
+        return built
+
+    def stopTrying(self) -> None:
+        """txredisapi calls this when AUTH or SELECT fails; the link keeps retrying (and logging) anyway."""
+
+    def connectionError(self, why: str) -> None:
+        self.link.log.error("{name}: {why}", name=self.link.name, why=why)
+
+
+class RedisLink:
+    """A single, self-healing connection to Redis.
+
+    ``on_ready(protocol)`` runs each time a connection becomes usable (after AUTH/SELECT), ``on_lost()`` each
+    time it goes away; ``connected`` says whether there is one now and ``outages`` counts losses.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        url: RedisURL,
+        reactor: Any,
+        *,
+        name: str = "redis",
+        protocol_class: type[Any] = txredisapi.RedisProtocol,
+        on_ready: Callable[[Any], Any] | None = None,
+        on_lost: Callable[[], None] | None = None,
+        reply_timeout: float = REPLY_TIMEOUT,
+        max_delay: float = 2.0,
+    ) -> None:
+        self.url = url
+        self.reactor = reactor
+        self.name = name
+        self.reply_timeout = reply_timeout
+        self.on_ready = on_ready
+        self.on_lost = on_lost
+        self.protocol: Any = None
+        self.outages = 0
+        self.last_error: str | None = None
+        self._waiters: list[defer.Deferred[None]] = []
+        endpoint: Any = endpoints.TCP4ClientEndpoint(reactor, url.host, url.port, timeout=CONNECT_TIMEOUT)
+        factory: Any = _LinkFactory(self, protocol_class)
+        self._service = ClientService(
+            endpoint, factory,
+            retryPolicy=backoffPolicy(initialDelay=0.1, maxDelay=max_delay, factor=2.0, jitter=random.random),
+            clock=reactor, prepareConnection=self._prepare,
+        )
+
+    @property
+    def connected(self) -> bool:
+        return self.protocol is not None
+
+    def start(self) -> None:
+        if not self._service.running:
+            self._service.startService()
+
+    def stop(self) -> defer.Deferred[None]:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.errback(RedisUnavailable(f"{self.name}: stopped"))
+        self.protocol = None
+        if not self._service.running:
+            return defer.succeed(None)
+        return defer.maybeDeferred(self._service.stopService)
+
+    def when_connected(self, timeout: float) -> defer.Deferred[None]:
+        """Fires once a connection is usable; fails with ``RedisUnavailable`` after ``timeout`` seconds."""
+        if self.protocol is not None:
+            return defer.succeed(None)
+        waiter: defer.Deferred[None] = defer.Deferred()
+        self._waiters.append(waiter)
+
+        def expire() -> None:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+                detail = f" ({self.last_error})" if self.last_error else ""
+                waiter.errback(RedisUnavailable(f"cannot reach Redis at {self.url}{detail}"))
+
+        self.reactor.callLater(timeout, expire)
+        return waiter
+
+    def command(self, *args: Any) -> defer.Deferred[Any]:
+        """Run one command; fails at once with ``RedisUnavailable`` when there is no connection."""
+        current = self.protocol
+        if current is None:
+            return defer.fail(RedisUnavailable(f"{self.name}: no connection to Redis at {self.url}"))
+        try:
+            result: defer.Deferred[Any] = current.execute_command(*args)
+        except txredisapi.ConnectionError as exc:
+            return defer.fail(RedisUnavailable(f"{self.name}: {exc}"))
+        return result.addErrback(self._translate)
+
+    def _translate(self, failure: Any) -> Any:
+        if failure.check(txredisapi.ConnectionError):  # lost or timed out (TimeoutError is one too)
+            raise RedisUnavailable(f"{self.name}: {failure.value}")
+        return failure
+
+    # -- ClientService hooks ---------------------------------------------------------------------------------
+
+    def _prepare(self, connection: Any) -> defer.Deferred[Any]:
+        ready: defer.Deferred[Any] = connection.whenConnected()
+        ready.addCallback(self._ready)
+        return ready
+
+    def _ready(self, connection: Any) -> Any:
+        self.protocol = connection
+        self.last_error = None
+        connection.whenDisconnected().addCallback(self._lost)
+        self.log.info("{name}: connected to {url}", name=self.name, url=self.url)
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+        if self.on_ready is not None:
+            return defer.maybeDeferred(self.on_ready, connection).addErrback(
+                lambda failure: self.log.failure("{name}: setting up the connection failed", failure,
+                                                 name=self.name))
+        return connection
+
+    def _lost(self, connection: Any) -> None:
+        if self.protocol is not connection:
+            return
+        self.protocol = None
+        self.outages += 1
+        self.last_error = "connection lost"
+        if self._service.running:
+            self.log.warn("{name}: lost the connection to {url}; reconnecting", name=self.name, url=self.url)
+        if self.on_lost is not None:
+            self.on_lost()

@@ -1,0 +1,167 @@
+"""Cluster tests' parts: ``twistd roomserver`` nodes as real subprocesses on Redis, and room members that
+check every seq on arrival and move to another node (with ``resume``) when theirs goes away."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import websockets
+from websockets.exceptions import ConnectionClosed
+
+from .test_tap import ROOT, free_port, wait_for_port
+
+
+class Node:
+    """One ``twistd roomserver`` process of a cluster."""
+
+    def __init__(self, redis_url: str, workdir: Path, name: str, *extra: str) -> None:
+        self.redis_url = redis_url
+        self.workdir = workdir
+        self.name = name
+        self.extra = extra
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    @property
+    def log(self) -> Path:
+        return self.workdir / f"{self.name}.log"
+
+    def start(self) -> Node:
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [str(Path(sys.executable).parent / "twistd"), "--nodaemon", "--pidfile=", "roomserver",
+                 "--port", f"tcp:{self.port}:interface=127.0.0.1", "--store", self.redis_url,
+                 "--broker", self.redis_url, "--rate-limit", "0", "--shutdown-timeout", "2", *self.extra],
+                cwd=self.workdir, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log,
+                stderr=subprocess.STDOUT)
+        return self
+
+    def wait(self) -> Node:
+        assert self.process is not None
+        wait_for_port(self.port, self.process, timeout=20)
+        return self
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+
+    def health(self) -> tuple[int, dict[str, Any]]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=2) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+
+    def tracebacks(self) -> str:
+        text = self.log.read_text() if self.log.exists() else ""
+        return text if "Traceback" in text else ""
+
+
+async def open_ws(urls: list[str], attempts: int = 100) -> tuple[Any, str]:
+    """Connect to the first node that answers, trying them in turn; bounded."""
+    for attempt in range(attempts):
+        url = urls[attempt % len(urls)]
+        try:
+            ws = await websockets.connect(url, ping_interval=None, max_size=None, open_timeout=3)
+            return ws, url
+        except (TimeoutError, OSError, websockets.InvalidStatus, websockets.InvalidHandshake):
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"could not connect to any of {urls}")
+
+
+class Member:
+    """Joins ``room`` on its node and records every chat; when its node goes away it connects to the next
+    one and resumes from the last seq it saw. Every seq must arrive exactly once, in order."""
+
+    def __init__(self, urls: list[str], room: str, expect: int) -> None:
+        self.urls = urls
+        self.room = room
+        self.expect = expect
+        self.texts: list[str] = []
+        self.resumes: list[dict[str, Any]] = []
+        self.nodes: list[str] = []
+        self.ready = asyncio.Event()
+
+    @property
+    def last_seq(self) -> int:
+        return len(self.texts)
+
+    async def run(self) -> None:
+        session: str | None = None
+        urls = list(self.urls)
+        while self.last_seq < self.expect:
+            ws, url = await open_ws(urls)
+            self.nodes.append(url)
+            try:
+                welcome = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                if session is None:
+                    await ws.send(json.dumps({"type": "join", "room": self.room}))
+                else:
+                    await ws.send(json.dumps({"type": "resume", "session": session,
+                                              "rooms": {self.room: self.last_seq}}))
+                session = welcome["session"]
+                await self._receive(ws)
+            except ConnectionClosed:
+                urls = urls[1:] + urls[:1]  # that node went away: start with the next one
+            finally:
+                ws.transport.abort()
+
+    async def _receive(self, ws: Any) -> None:
+        while self.last_seq < self.expect:
+            message = json.loads(await asyncio.wait_for(ws.recv(), 30))
+            kind = message["type"]
+            if kind == "chat":
+                assert message["seq"] == self.last_seq + 1, f"expected seq {self.last_seq + 1}, got {message}"
+                self.texts.append(message["text"])
+            elif kind in ("joined", "resumed"):
+                assert message.get("recovered", True) is True, message
+                if kind == "resumed":
+                    self.resumes.append(message)
+                self.ready.set()
+            elif kind != "ack":
+                raise AssertionError(f"unexpected message {message}")
+
+
+async def publish(url: str, room: str, texts: list[str], window: int = 50) -> dict[str, int]:
+    """Send ``texts`` to ``room`` through one node with at most ``window`` unacknowledged; text -> seq."""
+    ws, _ = await open_ws([url])
+    acked: dict[str, int] = {}
+    try:
+        await asyncio.wait_for(ws.recv(), 10)
+        await ws.send(json.dumps({"type": "join", "room": room}))
+        sent = 0
+        while len(acked) < len(texts):
+            while sent < len(texts) and sent - len(acked) < window:
+                await ws.send(json.dumps({"type": "chat", "room": room, "text": texts[sent], "id": texts[sent],
+                                          "msg_id": texts[sent]}))
+                sent += 1
+            message = json.loads(await asyncio.wait_for(ws.recv(), 30))
+            if message["type"] == "ack":
+                acked[message["id"]] = message["seq"]
+            else:
+                assert message["type"] in ("chat", "joined"), message
+    finally:
+        ws.transport.abort()
+    return acked

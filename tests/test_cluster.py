@@ -1,0 +1,86 @@
+"""Three ``twistd roomserver`` nodes on Redis acting as one server (store and broker in Redis).
+
+Members are spread over the nodes; publishers on several nodes at once. Every member must see every message,
+in the same order (the store's seq). Then one node is killed with SIGKILL while a publisher on another keeps
+sending: its members move to the surviving nodes, resume, and still end with the full sequence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+import pytest_twisted
+
+from .cluster_support import Member, Node, publish
+from .redis_support import REDIS_URL, delete_prefix_now, unique_prefix
+from .support import aio
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Node]]:
+    workdir = tmp_path_factory.mktemp("cluster")
+    prefix = unique_prefix()
+    url = f"{REDIS_URL}?prefix={prefix}"
+    nodes = [Node(url, workdir, f"node{i}").start() for i in range(3)]
+    try:
+        for node in nodes:
+            node.wait()
+        yield nodes
+    finally:
+        for node in nodes:
+            node.stop()
+        delete_prefix_now(prefix)
+    for node in nodes:
+        assert not node.tracebacks(), node.tracebacks()
+
+
+@pytest_twisted.ensureDeferred
+async def test_members_on_three_nodes_see_every_message_in_the_same_order(cluster: list[Node]) -> None:
+    async def scenario() -> None:
+        members = [Member([cluster[i % 3].url], "same-order", 300) for i in range(9)]
+        tasks = [asyncio.ensure_future(member.run()) for member in members]
+        await asyncio.wait_for(asyncio.gather(*(member.ready.wait() for member in members)), 20)
+        acks = await asyncio.wait_for(asyncio.gather(*(
+            publish(cluster[n].url, "same-order", [f"n{n}-{i}" for i in range(100)]) for n in range(3))), 60)
+        await asyncio.wait_for(asyncio.gather(*tasks), 60)
+        seqs = sorted(seq for acked in acks for seq in acked.values())
+        assert seqs == list(range(1, 301)), "one gap-free seq for the whole cluster"
+        by_seq = {seq: text for acked in acks for text, seq in acked.items()}
+        expected = [by_seq[seq] for seq in range(1, 301)]
+        for member in members:
+            assert member.texts == expected, "every member, on every node, in the store's order"
+        for n, acked in enumerate(acks):
+            assert [acked[f"n{n}-{i}"] for i in range(100)] == sorted(acked.values()), "each publisher's order"
+
+    await aio(scenario())
+
+
+@pytest_twisted.ensureDeferred
+async def test_killed_nodes_members_resume_on_survivors_with_the_full_sequence(cluster: list[Node]) -> None:
+    total = 1000
+    urls = [node.url for node in cluster]
+
+    async def scenario() -> None:
+        # Members of node 2 fall back to nodes 0 and 1 (in that order) when it dies.
+        members = [Member(urls[i % 3:] + urls[:i % 3], "kill-9", total) for i in range(9)]
+        tasks = [asyncio.ensure_future(member.run()) for member in members]
+        await asyncio.wait_for(asyncio.gather(*(member.ready.wait() for member in members)), 20)
+        victims = [member for member in members if member.nodes[0] == urls[2]]
+        publisher = asyncio.ensure_future(publish(urls[0], "kill-9", [f"m{i}" for i in range(1, total + 1)]))
+        for _ in range(400):
+            if min(member.last_seq for member in victims) >= total // 4:
+                break
+            await asyncio.sleep(0.01)
+        cluster[2].kill()
+        acked = await asyncio.wait_for(publisher, 60)
+        await asyncio.wait_for(asyncio.gather(*tasks), 60)
+        assert sorted(acked.values()) == list(range(1, total + 1))
+        expected = [f"m{i}" for i in range(1, total + 1)]
+        for member in members:
+            assert member.texts == expected
+        assert all(member.resumes and member.nodes[-1] != urls[2] for member in victims)
+        assert victims and all(not member.resumes for member in members if member not in victims)
+
+    await aio(scenario())

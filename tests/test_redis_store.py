@@ -1,0 +1,97 @@
+"""The Redis store beyond the shared contract: two nodes sharing seqs, unreachable Redis, a Redis restart."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor, task
+
+from roomserver.core.history import NewMessage
+from roomserver.core.messages import chat_body
+from roomserver.interfaces import StoreError
+from roomserver.redislink import RedisLink, RedisURL
+from roomserver.store.redis import RedisStore
+
+from .redis_support import REDIS_URL, RedisServer, delete_prefix, free_port, scan, unique_prefix
+
+
+def msg(text: str, msg_id: str | None = None) -> NewMessage:
+    return NewMessage(chat_body("r", "alice", text, msg_id), msg_id, 0.0)
+
+
+@pytest_twisted.async_yield_fixture
+async def prefix() -> AsyncIterator[str]:
+    name = unique_prefix()
+    yield name
+    await delete_prefix(name)
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_nodes_share_one_seq_per_room_and_read_each_others_history(prefix: str) -> None:
+    clock = task.Clock()
+    a = RedisStore(f"{REDIS_URL}?prefix={prefix}", reactor, clock=clock)
+    b = RedisStore(f"{REDIS_URL}?prefix={prefix}", reactor, clock=clock)
+    await a.open()
+    await b.open()
+    try:
+        results = await defer.gatherResults([
+            (a if i % 2 else b).append("r", [msg(f"m{i}", f"id-{i}")]) for i in range(40)])
+        assert sorted(r[0].seq for r in results) == list(range(1, 41)), "one gap-free seq across nodes"
+        again = await a.append("r", [msg("m3", "id-3")])
+        assert again[0].duplicate and again[0].seq == results[3][0].seq, "dedupe across nodes"
+        page = await b.read("r", since=0, limit=100)
+        assert [m.seq for m in page.messages] == list(range(1, 41))
+        await a.delete_room("r")
+        link = RedisLink(RedisURL.parse(REDIS_URL), reactor)
+        link.start()
+        await link.when_connected(5)
+        try:
+            keys = sorted(k.decode() for k in await scan(link, prefix))
+        finally:
+            await link.stop()
+        assert keys == [prefix + "meta", prefix + "seq"], "a deleted room leaves only its seq counter"
+    finally:
+        await a.close()
+        await b.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unreachable_redis_fails_open_with_a_clear_error() -> None:
+    store = RedisStore(f"redis://127.0.0.1:{free_port()}/0", reactor)
+    store.open_timeout = 0.5
+    with pytest.raises(StoreError, match=r"cannot use the Redis store at redis://127\.0\.0\.1"):
+        await store.open()
+    await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_going_away_fails_appends_at_once_and_the_store_reconnects(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path)
+    server.start()
+    store = RedisStore(server.url, reactor)
+    try:
+        await store.open()
+        assert (await store.append("r", [msg("a")]))[0].seq == 1
+        server.stop()
+        started = reactor.seconds()
+        failed: Any = None
+        for _ in range(100):  # the loss is noticed within a reactor turn or two
+            try:
+                await store.append("r", [msg("b")])
+            except StoreError as exc:
+                failed = exc
+                break
+            await task.deferLater(reactor, 0.01, lambda: None)
+        assert failed is not None and reactor.seconds() - started < 2, "fails fast, never hangs"
+        assert not store.health()["ok"]
+        server.start()  # an empty Redis: it lost everything (no persistence), the store carries on
+        await store.link.when_connected(5)
+        assert store.health()["ok"] and store.health()["outages"] >= 1
+        assert (await store.append("r", [msg("c")]))[0].seq == 1
+    finally:
+        await store.close()
+        server.stop()
