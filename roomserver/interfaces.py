@@ -25,6 +25,10 @@ class StoreError(Exception):
     """
 
 
+class BrokerError(StoreError):
+    """A broker could not be reached at start (a ``StoreError`` so the server reports it the same way)."""
+
+
 @dataclass(frozen=True)
 class RoomRecord:
     """A room the store keeps: created with ``keep=True`` (recreated at start) and/or holding history."""

@@ -26,6 +26,9 @@ class ServerOptions:
     ping_timeout: float | None = None
     """Seconds to wait for a pong before dropping the peer; defaults to ``ping_interval``."""
     host: str = ""
+    reuse_port: bool = False
+    """Listen with ``SO_REUSEPORT`` (``port`` must be a number), so several processes share the port and the
+    kernel spreads connections over them; what ``twistd roomserver --workers N`` uses (docs/cluster.md)."""
     """Interface to bind when ``port`` is a number ("" = every IPv4 interface)."""
     room_protocol: bool = False
     """Serve the built-in JSON room protocol (what ``twistd roomserver`` runs)."""
@@ -147,6 +150,10 @@ class ServerOptions:
         from .store import parse_store_spec
 
         parse_store_spec(self.store)
+        if self.reuse_port:
+            from .workers import tcp_address
+
+            tcp_address(self.port, self.host)
         from .broker import parse_broker_spec
 
         parse_broker_spec(self.broker, self.store)

@@ -52,6 +52,7 @@ from .testee import as_testee, install_echo
 from .transport import GuardedConnection
 from .web import QuietSite, TrackingFactory, build_root
 from .websocket import RoomServerFactory, RoomServerProtocol
+from .workers import ReusePortEndpoint, tcp_address
 
 SERVER_EVENTS = frozenset({"connection", "join", "leave"})
 RATE_LIMITED = encode(messages.error(ErrorCode.RATE_LIMITED, "too many messages: this one was dropped"))
@@ -282,6 +283,9 @@ class WebSocketServer:
 
     def _endpoint(self) -> Any:
         port = self.options.port
+        if self.options.reuse_port:
+            number, interface = tcp_address(port, self.options.host)
+            return ReusePortEndpoint(self.reactor, number, interface)
         if isinstance(port, int):
             return endpoints.TCP4ServerEndpoint(self.reactor, port, interface=self.options.host)
         if isinstance(port, str) and port.isdigit():

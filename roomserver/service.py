@@ -6,6 +6,7 @@ which is what gives every client its 1001 close before the process exits.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application import service
@@ -21,11 +22,16 @@ class RoomServerService(service.Service):
 
     def __init__(self, server: WebSocketServer) -> None:
         self.server = server
+        self.on_listening: Callable[[], None] | None = None
 
     def startService(self) -> None:
         super().startService()
         self._started = self.server.start()
-        self._started.addErrback(self._failed_to_start)
+        self._started.addCallbacks(self._listening, self._failed_to_start)
+
+    def _listening(self, server: WebSocketServer) -> None:
+        if self.on_listening is not None:
+            self.on_listening()
 
     def _failed_to_start(self, failure: Any) -> None:
         from twisted.logger import Logger

@@ -73,6 +73,8 @@ class Options(usage.Options):
         ["no-compression", None, "Never negotiate permessage-deflate (the default)."],
         ["testee", None, "Echo every message instead of serving rooms: the Autobahn TestSuite testee "
          "(see docs/compliance.md for the limits it lifts)."],
+        ["reuse-port", None, "Listen with SO_REUSEPORT so several processes can share the port (what "
+         "--workers uses)."],
         ["no-http-pages", None, "Serve the WebSocket path only: no demo page, dashboard, /metrics, /healthz or "
          "admin API."],
     ]
@@ -128,6 +130,8 @@ class Options(usage.Options):
         ["blocked-words-file", None, None, "Filter: a file of blocked words, one per line (error filtered)."],
         ["admin-token-file", None, None, "A file holding the admin token of the dashboard and the admin API "
          "(or set ROOMSERVER_ADMIN_TOKEN; never the token itself on the command line)."],
+        ["workers", None, 1, "Processes sharing the port (SO_REUSEPORT), one per core; more than 1 needs "
+         "--broker redis://... and a port number (docs/cluster.md).", _positive_int],
         ["log-format", None, "text", "Log format: text, or json (one JSON object per line).", _log_format],
         ["store", None, DEFAULT_STORE, "Where rooms and history live: sqlite:PATH (a SQLite file, created if "
          "missing), memory (lost at exit) or redis://HOST:PORT/DB[?prefix=NAME:] (shared by a cluster's nodes; "
@@ -164,6 +168,8 @@ class Options(usage.Options):
             values["port"] = int(port)
         values["ping_timeout"] = values["ping_timeout"] or None
         values.pop("log_format")  # a twistd logging choice, not a server option
+        values.pop("workers")  # a process-supervision choice, not a server option
+        values["reuse_port"] = bool(self["reuse-port"]) or self["workers"] > 1
         values["http_pages"] = not self["no-http-pages"]
         values["history_ttl"] = values["history_ttl"] or None
         values["compression"] = bool(self["compression"])
@@ -176,7 +182,10 @@ class Options(usage.Options):
         if self["compression"] and self["no-compression"]:
             raise usage.UsageError("--compression and --no-compression contradict each other")
         try:
-            self.server_options()
+            options = self.server_options()
+            if self["workers"] > 1 and options.broker == "memory":
+                raise ValueError("--workers needs --broker redis://... (and --store redis://...): the workers "
+                                 "act as one server through Redis")
             if self["admin-token-file"]:
                 AdminToken.load(self["admin-token-file"])
         except ValueError as exc:
@@ -184,7 +193,8 @@ class Options(usage.Options):
 
 
 def makeService(config: Options) -> service.MultiService:
-    """Build the service tree twistd runs: one ``RoomServerService`` for now.
+    """Build the service tree twistd runs: one ``RoomServerService``, and with ``--workers N`` a
+    ``WorkersService`` that starts N-1 more processes once this one listens (roomserver/workers.py).
 
     With ``--log-format json`` the returned service installs a JSON log observer on twistd's application
     (see ``roomserver.logs``), which twistd then uses instead of its text log."""
@@ -195,5 +205,15 @@ def makeService(config: Options) -> service.MultiService:
         server = WebSocketServer(config.server_options())
     except ValueError as exc:
         raise usage.UsageError(str(exc)) from exc
-    RoomServerService(server).setServiceParent(root)
+    serving = RoomServerService(server)
+    serving.setServiceParent(root)
+    if config["workers"] > 1:
+        import sys
+
+        from .workers import WorkersService, worker_argv
+
+        workers = WorkersService(server.reactor, config["workers"] - 1,
+                                 lambda: worker_argv(sys.argv, str(config["port"]), server.port or 0))
+        workers.setServiceParent(root)
+        serving.on_listening = workers.start_workers
     return root

@@ -62,10 +62,11 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """A throwaway ``redis-server`` on a free loopback port (no persistence), which tests may stop and
-    restart on the same port."""
+    """A throwaway ``redis-server`` on a free loopback port, which tests may stop and restart on the same port
+    (``persistent``: with an append-only file fsynced at every write, so a restart keeps everything)."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, persistent: bool = False) -> None:
+        self.persistent = persistent
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed")
@@ -80,7 +81,8 @@ class RedisServer:
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "yes" if self.persistent else "no", "--appendfsync", "always",
              "--dir", str(self.workdir)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 5

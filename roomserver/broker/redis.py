@@ -29,6 +29,7 @@ import txredisapi
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
+from ..interfaces import BrokerError
 from ..redislink import RedisLink, RedisUnavailable, RedisURL
 
 PING_INTERVAL = 0.5
@@ -107,9 +108,9 @@ class RedisBroker:
         try:
             await self.publisher.when_connected(START_TIMEOUT)
             await self.subscriber.when_connected(START_TIMEOUT)
-        except RedisUnavailable:
+        except RedisUnavailable as exc:
             await self.stop()
-            raise
+            raise BrokerError(f"cannot use the Redis broker at {self.url}: {exc}") from exc
         self._pinger = task.LoopingCall(self._ping)
         self._pinger.clock = self.reactor
         self._pinger.start(PING_INTERVAL, now=False)
@@ -137,6 +138,7 @@ class RedisBroker:
             "backend": "redis", "ok": ok, "url": str(self.url), "node": self.node_id,
             "subscriptions": len(self.rooms), "resubscriptions": self.resubscriptions,
             "received": self.received, "published": self.published,
+            "outages": self.subscriber.outages + self.publisher.outages,
         }
         if not ok:
             report["state"] = "resubscribing" if self.subscriber.connected else "reconnecting"

@@ -1,0 +1,126 @@
+"""Faults between the nodes of a cluster and Redis, against a dedicated ``redis-server`` each test starts.
+
+Two nodes (in this process, each with its own Redis connections) share the Redis store and broker:
+
+- Redis stops: both nodes keep serving their connections, report ``degraded``, and a chat gets error
+  ``unavailable`` (never a silent loss); once Redis is back they reconnect, resubscribe and report ``ok``, the
+  retried chat (same ``msg_id``) is stored once and every member ends with the full sequence.
+- ``CLIENT KILL TYPE pubsub`` while a publisher runs: the nodes notice, resubscribe, and fetch what their
+  members missed from the room streams: every member still ends with the full sequence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest_twisted
+from twisted.internet import reactor
+
+from roomserver import WebSocketServer
+from roomserver.redislink import RedisLink, RedisURL
+
+from .cluster_support import Member, publish
+from .redis_support import RedisServer
+from .support import WSClient, aio, url_of
+from .web_support import http
+
+
+async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    for _ in range(int(timeout / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not met in time")
+
+
+async def answer(sender: WSClient, message: dict[str, Any]) -> Any:
+    """Send ``message`` and return the reply to it (skipping the chats the sender receives as a member)."""
+    await sender.send(message)
+    for _ in range(100):
+        reply = await sender.recv()
+        if reply["type"] != "chat":
+            return reply
+    raise AssertionError("no reply")
+
+
+@pytest_twisted.async_yield_fixture
+async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    server = RedisServer(tmp_path, persistent=True)
+    server.start()
+    yield server
+    server.stop()
+
+
+async def two_nodes(make_server: Any, redis: RedisServer) -> list[WebSocketServer]:
+    return [await make_server(room_protocol=True, store=redis.url, broker=redis.url, rate_limit=0)
+            for _ in range(2)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_down_then_back_degrades_refuses_chats_and_loses_nothing(
+        make_server: Any, redis_server: RedisServer) -> None:
+    a, b = await two_nodes(make_server, redis_server)
+    member = Member([url_of(b)], "outage", 10)
+    task = asyncio.ensure_future(member.run())
+    await aio(asyncio.wait_for(member.ready.wait(), 5))
+    sender = await WSClient.connect(url_of(a))
+    await sender.recv()  # welcome
+    assert (await sender.request({"type": "join", "room": "outage"}))["type"] == "joined"
+    for i in range(1, 6):
+        ack = await answer(sender, {"type": "chat", "room": "outage", "text": f"m{i}", "id": i, "msg_id": f"m{i}"})
+        assert ack["type"] == "ack" and ack["seq"] == i
+    await aio(until(lambda: member.last_seq == 5))
+
+    redis_server.stop()
+    await aio(until(lambda: not a.broker.health()["ok"] and not b.broker.health()["ok"]))
+    response = await http(a, "GET", "/healthz")
+    assert response.code == 503 and response.json()["status"] == "degraded"
+    assert response.json()["broker"]["ok"] is False and response.json()["store"]["ok"] is False
+    error = await answer(sender, {"type": "chat", "room": "outage", "text": "m6", "id": 6, "msg_id": "m6"})
+    assert (error["type"], error["code"], error["msg_id"]) == ("error", "unavailable", "m6")
+    # Local connections are still served: joining another room works.
+    assert (await sender.request({"type": "join", "room": "local-only"}))["type"] == "joined"
+
+    redis_server.start()
+    await aio(until(lambda: a.broker.health()["ok"] and b.broker.health()["ok"], timeout=10))
+    assert (await http(b, "GET", "/healthz")).code == 200
+    for i in range(6, 11):
+        ack = await answer(sender, {"type": "chat", "room": "outage", "text": f"m{i}", "id": i, "msg_id": f"m{i}"})
+        assert (ack["type"], ack["seq"]) == ("ack", i)
+    await aio(asyncio.wait_for(task, 10))
+    assert member.texts == [f"m{i}" for i in range(1, 11)]
+    assert b.broker.health()["outages"] >= 1 and b.broker.health()["resubscriptions"] >= 2
+    await sender.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_killed_pubsub_connections_resubscribe_and_replay_what_members_missed(
+        make_server: Any, redis_server: RedisServer) -> None:
+    a, b = await two_nodes(make_server, redis_server)
+    total = 400
+    killer = RedisLink(RedisURL.parse(redis_server.url), reactor, name="test killer")
+    killer.start()
+    await killer.when_connected(5)
+    try:
+        members = [Member([url_of(node)], "kill-pubsub", total) for node in (a, b, b)]
+        tasks = [asyncio.ensure_future(member.run()) for member in members]
+        await aio(asyncio.wait_for(asyncio.gather(*(member.ready.wait() for member in members)), 5))
+        publisher = asyncio.ensure_future(publish(url_of(a), "kill-pubsub", [f"m{i}" for i in range(1, total + 1)],
+                                                  window=10))
+        await aio(until(lambda: members[1].last_seq >= total // 4))
+        outages = b.broker.health()["outages"]
+        killed = await killer.command("CLIENT", "KILL", "TYPE", "pubsub")
+        assert int(killed) >= 2, "both nodes' subscriber connections were killed"
+        await aio(until(lambda: b.broker.health()["outages"] > outages, timeout=2))  # noticed within 2 s
+        acked = await aio(asyncio.wait_for(publisher, 30))
+        await aio(asyncio.wait_for(asyncio.gather(*tasks), 30))
+        assert sorted(acked.values()) == list(range(1, total + 1))
+        for member in members:
+            assert member.texts == [f"m{i}" for i in range(1, total + 1)]
+        assert b.broker.health()["ok"] and b.broker.health()["resubscriptions"] >= 2
+        assert b.relay.stats()["gap_fetches"] >= 1, "the missed messages came from the room stream"
+    finally:
+        await killer.stop()

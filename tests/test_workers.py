@@ -1,0 +1,103 @@
+"""``twistd roomserver --workers 2``: two processes share one port (SO_REUSEPORT) and act as one server through
+Redis; SIGTERM to the first stops both."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+
+from roomserver.tap import Options
+
+from .cluster_support import Node
+from .redis_support import REDIS_URL, delete_prefix_now, unique_prefix
+from .support import WSClient, aio
+
+
+def test_workers_need_the_redis_broker_and_a_port_number() -> None:
+    with pytest.raises(Exception, match="--workers needs --broker redis"):
+        Options().parseOptions(["--workers", "2", "--store", "memory"])
+    with pytest.raises(Exception, match="reuse_port needs a port number"):
+        Options().parseOptions(["--reuse-port", "--port", "unix:/tmp/x.sock", "--store", "memory"])
+    config = Options()
+    config.parseOptions(["--reuse-port", "--port", "0", "--store", "memory"])
+    assert config.server_options().reuse_port
+
+
+@pytest.fixture
+def workers(tmp_path: Path) -> Iterator[Node]:
+    prefix = unique_prefix()
+    node = Node(f"{REDIS_URL}?prefix={prefix}", tmp_path, "workers", "--workers", "2")
+    node.start().wait()
+    try:
+        yield node
+    finally:
+        node.stop()
+        delete_prefix_now(prefix)
+    assert not node.tracebacks(), node.tracebacks()
+
+
+def node_of_each_request(port: int, count: int) -> dict[str, int]:
+    """Which process answered each of ``count`` fresh HTTP connections: node id -> WebSocket connections."""
+    seen: dict[str, int] = {}
+    for _ in range(count):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response:
+                body = json.loads(response.read())
+        except urllib.error.HTTPError as error:  # degraded while a worker is still starting
+            body = json.loads(error.read())
+        seen[body["broker"]["node"]] = body["connections"]
+    return seen
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_workers_share_the_port_and_rooms_span_them(workers: Node) -> None:
+    loop = asyncio.get_running_loop()
+    seen: dict[str, int] = {}
+    for _ in range(50):  # the second worker starts after the first listens
+        seen = await aio(loop.run_in_executor(None, node_of_each_request, workers.port, 20))
+        if len(seen) == 2:
+            break
+        await aio(asyncio.sleep(0.2))
+    assert len(seen) == 2, f"connections reach two processes: {seen}"
+
+    clients = [await WSClient.connect(workers.url) for _ in range(12)]
+    for client in clients:
+        await client.recv()
+        assert (await client.request({"type": "join", "room": "spanning"}))["type"] == "joined"
+    per_node = await aio(loop.run_in_executor(None, node_of_each_request, workers.port, 30))
+    assert len(per_node) == 2 and all(count > 0 for count in per_node.values()), per_node
+    await clients[0].send({"type": "chat", "room": "spanning", "text": "to everyone"})
+    for client in clients:
+        message = await client.recv()
+        assert (message["type"], message["text"], message["seq"]) == ("chat", "to everyone", 1)
+    for client in clients:
+        await client.close()
+
+    pids = [int(pid) for pid in re.findall(r"started worker 1 \(pid (\d+)\)", workers.log.read_text())]
+    assert pids
+    workers.stop()
+    assert workers.process is not None and workers.process.returncode in (0, -signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and alive(pids[-1]):
+        await aio(asyncio.sleep(0.05))
+    assert not alive(pids[-1]), "stopping the first process stops its workers"
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
