@@ -49,7 +49,15 @@ class Relay:
     # -- lifecycle -------------------------------------------------------------------------------------------
 
     def start(self) -> defer.Deferred[None]:
+        if hasattr(self.broker, "report"):
+            self.broker.report = self._report
         return self.broker.start(self._received, self._resubscribed)
+
+    def _report(self) -> dict[str, Any]:
+        """This node's part of the cluster view."""
+        stats = self.server.get_stats()
+        return {"connections": stats.connections, "rooms": stats.rooms, "messages_sent": stats.messages_sent,
+                "messages_received": stats.messages_received}
 
     def stop(self) -> defer.Deferred[None]:
         self.sequences.clear()

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import pytest_twisted
 
 from .cluster_support import Member, Node, publish
 from .redis_support import REDIS_URL, delete_prefix_now, unique_prefix
-from .support import aio
+from .support import WSClient, aio
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +56,29 @@ async def test_members_on_three_nodes_see_every_message_in_the_same_order(cluste
             assert [acked[f"n{n}-{i}"] for i in range(100)] == sorted(acked.values()), "each publisher's order"
 
     await aio(scenario())
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_node_reports_the_cluster_view_of_all_live_nodes(cluster: list[Node]) -> None:
+    clients = []
+    for node, room in ((0, "view-1"), (0, "view-1"), (1, "view-1"), (2, "view-2")):
+        client = await WSClient.connect(cluster[node].url)
+        await client.recv()
+        assert (await client.request({"type": "join", "room": room}))["type"] == "joined"
+        clients.append(client)
+    loop = asyncio.get_running_loop()
+    view: dict[str, Any] = {}
+    for _ in range(40):  # heartbeats every 2 s
+        _, health = await aio(loop.run_in_executor(None, cluster[2].health))
+        view = health["broker"].get("cluster") or {}
+        if view.get("connections") == 4 and view.get("rooms") == 2:
+            break
+        await aio(asyncio.sleep(0.2))
+    assert (view["nodes"], view["connections"], view["rooms"]) == (3, 4, 2), view
+    assert [node["connections"] for node in view["per_node"]] != [], view
+    assert sorted(node["connections"] for node in view["per_node"]) == [1, 1, 2]
+    for client in clients:
+        await client.close()
 
 
 @pytest_twisted.ensureDeferred

@@ -25,6 +25,7 @@ import secrets
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 import txredisapi
 from twisted.internet import defer, task
 from twisted.logger import Logger
@@ -32,6 +33,21 @@ from twisted.logger import Logger
 from ..interfaces import BrokerError
 from ..redislink import RedisLink, RedisUnavailable, RedisURL
 
+HEARTBEAT_INTERVAL = 2.0
+NODE_TTL = 3 * HEARTBEAT_INTERVAL
+CLUSTER_VIEW = b"""
+local live = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], '+inf')
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1])
+local nodes, rooms = {}, {}
+for _, node in ipairs(live) do
+  local report = redis.call('HGET', ARGV[2] .. 'n:' .. node, 'report')
+  if report then nodes[#nodes + 1] = report end
+  rooms[#rooms + 1] = ARGV[2] .. 'nr:' .. node
+end
+local count = 0
+if #rooms > 0 then count = #redis.call('SUNION', unpack(rooms)) end
+return {count, nodes}
+"""
 PING_INTERVAL = 0.5
 PING_TIMEOUT = 1.5
 START_TIMEOUT = 5.0
@@ -74,11 +90,15 @@ class RedisBroker:
         self.received = 0
         self.published = 0
         self._owed: dict[str, tuple[int, bytes]] = {}
+        self._rooms_dirty = True
         self._on_message: Callable[[str, int, bytes], None] | None = None
         self._on_resubscribed: Callable[[], None] | None = None
         self._ping_sent: float | None = None
         self._sync_pending = False
         self._pinger: task.LoopingCall | None = None
+        self._heart: task.LoopingCall | None = None
+        self.report: Callable[[], dict[str, Any]] = lambda: {}
+        self.cluster_view: dict[str, Any] | None = None
         broker = self
 
         class Subscriber(_Subscriber):
@@ -114,6 +134,9 @@ class RedisBroker:
         self._pinger = task.LoopingCall(self._ping)
         self._pinger.clock = self.reactor
         self._pinger.start(PING_INTERVAL, now=False)
+        self._heart = task.LoopingCall(self._heartbeat)
+        self._heart.clock = self.reactor
+        self._heart.start(HEARTBEAT_INTERVAL, now=True)
 
     def start(self, on_message: Callable[[str, int, bytes], None],
               on_resubscribed: Callable[[], None]) -> defer.Deferred[None]:
@@ -125,6 +148,16 @@ class RedisBroker:
         if self._pinger is not None and self._pinger.running:
             self._pinger.stop()
         self._pinger = None
+        if self._heart is not None and self._heart.running:
+            self._heart.stop()
+        self._heart = None
+        if self.publisher.connected:  # leave the cluster view now rather than when the ttl runs out
+            try:
+                await self.publisher.command("ZREM", self.prefix + b"nodes", self._node)
+                await self.publisher.command("DEL", self.prefix + b"n:" + self._node,
+                                             self.prefix + b"nr:" + self._node)
+            except Exception as exc:
+                self.log.warn("redis broker: could not leave the cluster view: {error}", error=exc)
         self.subscribed = False
         await self.subscriber.stop()
         await self.publisher.stop()
@@ -140,6 +173,8 @@ class RedisBroker:
             "received": self.received, "published": self.published,
             "outages": self.subscriber.outages + self.publisher.outages,
         }
+        if self.cluster_view is not None:
+            report["cluster"] = self.cluster_view
         if not ok:
             report["state"] = "resubscribing" if self.subscriber.connected else "reconnecting"
         return report
@@ -153,6 +188,7 @@ class RedisBroker:
         connection = self.subscriber.protocol
         if connection is not None:
             connection.send("SUBSCRIBE", self.channel(room))
+        self._node_rooms("SADD", room)
 
     def unsubscribe(self, room: str) -> None:
         if room not in self.rooms:
@@ -161,6 +197,45 @@ class RedisBroker:
         connection = self.subscriber.protocol
         if connection is not None:
             connection.send("UNSUBSCRIBE", self.channel(room))
+        self._node_rooms("SREM", room)
+
+    def _node_rooms(self, verb: str, *rooms: str) -> None:
+        """Keep ``<prefix>nr:<node>``, this node's rooms, for the cluster view (best effort: the heartbeat
+        rewrites it after a reconnect)."""
+        if self.publisher.connected:
+            self.publisher.command(verb, self.prefix + b"nr:" + self._node, *rooms).addErrback(lambda _: None)
+
+    def _heartbeat(self) -> defer.Deferred[None]:
+        """Every HEARTBEAT_INTERVAL: publish this node's report (with a ttl), then read the cluster view."""
+        return defer.ensureDeferred(self._beat()).addErrback(
+            lambda failure: self.log.debug("heartbeat failed: {error}", error=failure.getErrorMessage()))
+
+    async def _beat(self) -> None:
+        if not self.publisher.connected:
+            return
+        now = self.reactor.seconds()
+        ttl_ms = int(NODE_TTL * 1000)
+        report = {"node": self.node_id, **self.report(), "heartbeat": now}
+        node_key = self.prefix + b"n:" + self._node
+        rooms_key = self.prefix + b"nr:" + self._node
+        await self.publisher.command("HSET", node_key, "report", orjson.dumps(report))
+        await self.publisher.command("PEXPIRE", node_key, ttl_ms)
+        if self._rooms_dirty:
+            self._rooms_dirty = False
+            await self.publisher.command("DEL", rooms_key)
+            rooms = sorted(self.rooms)
+            for start in range(0, len(rooms), SUBSCRIBE_CHUNK):
+                await self.publisher.command("SADD", rooms_key, *rooms[start:start + SUBSCRIBE_CHUNK])
+        await self.publisher.command("PEXPIRE", rooms_key, ttl_ms)
+        await self.publisher.command("ZADD", self.prefix + b"nodes", now, self._node)
+        count, reports = await self.publisher.command(
+            "EVAL", CLUSTER_VIEW, 1, self.prefix + b"nodes", now - NODE_TTL, self.prefix)
+        nodes = [orjson.loads(item) for item in reports]
+        self.cluster_view = {
+            "nodes": len(nodes), "rooms": int(count),
+            "connections": sum(int(node.get("connections", 0)) for node in nodes),
+            "per_node": sorted(nodes, key=lambda node: str(node.get("node"))),
+        }
 
     def _subscriber_ready(self, connection: Any) -> None:
         """A new subscriber connection: subscribe to everything, then a PING whose pong (which Redis sends
@@ -250,6 +325,7 @@ class RedisBroker:
         return done.addCallbacks(published, failed)
 
     def _publisher_ready(self, connection: Any) -> None:
+        self._rooms_dirty = True
         owed, self._owed = self._owed, {}
         for room, (seq, payload) in owed.items():
             self.publish(room, seq, payload).addErrback(lambda failure: None)
