@@ -63,6 +63,11 @@ class Relay:
         self.sequences.clear()
         return self.broker.stop()
 
+    def delivered(self, name: str) -> int:
+        """The last seq of room ``name`` this node delivered to its members (0 if unknown)."""
+        sequence = self.sequences.get(name)
+        return sequence.delivered or 0 if sequence is not None else 0
+
     def stats(self) -> dict[str, Any]:
         return {"rooms": len(self.sequences), "gap_fetches": self.gap_fetches, "skipped": self.skipped,
                 "publish_failures": self.publish_failures,

@@ -152,6 +152,9 @@ class DurableRooms:
         self._append_now: Callable[[str, Sequence[NewMessage]], list[Appended]] | None = getattr(
             self.store, "append_now", None)
         self.replaying: dict[str, dict[Any, ReplayState]] = {}
+        self.floors: dict[str, dict[Any, int]] = {}
+        """Cluster only: per room, members whose replay went further than this node has delivered yet (they
+        resumed here from a node that was ahead): live messages up to their floor are not sent to them again."""
         self._open = False
         self._session_sweeper: task.LoopingCall | None = None
 
@@ -339,6 +342,18 @@ class DurableRooms:
                 if seq is None or wants_chats:
                     self.server.send_payload(client, payload, is_binary)
                 last = seq if seq is not None else last
+        if self.server.relay.clustered and last > self.server.relay.delivered(effect.room):
+            self.floors.setdefault(effect.room, {})[client] = last
+
+    def ahead_of(self, room: str, seq: int) -> frozenset[Any]:
+        """Members of ``room`` that already got ``seq`` through their replay; forgets those caught up."""
+        floors = self.floors[room]
+        ahead = frozenset(member for member, floor in floors.items() if floor >= seq)
+        for member in [member for member, floor in floors.items() if floor <= seq]:
+            del floors[member]
+        if not floors:
+            del self.floors[room]
+        return ahead
 
     def _wants_chats(self, client: Client, room: str) -> bool:
         """False if the member joined ``room`` with a ``filter`` that leaves chats out."""
@@ -367,6 +382,10 @@ class DurableRooms:
         """A closed connection: drop its replay queues."""
         for room in [room for room, states in self.replaying.items() if client in states]:
             self._end_replay(client, room, self.replaying[room][client])
+        for room in [room for room, floors in self.floors.items() if client in floors]:
+            del self.floors[room][client]
+            if not self.floors[room]:
+                del self.floors[room]
 
     # -- library ---------------------------------------------------------------------------------------------
 

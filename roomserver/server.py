@@ -637,6 +637,8 @@ class WebSocketServer:
                 if member in room.clients and member not in excluded:
                     state.pending.append((seq, payload, is_binary))
             excluded = frozenset(excluded) | replaying.keys()
+        if seq is not None and room.name in self.durable.floors:
+            excluded = frozenset(excluded) | self.durable.ahead_of(room.name, seq)
         prepared = self.factory.prepareMessage(payload, is_binary)
         per_codec: dict[Any, Any] = {}  # other codecs' framings of this message, made once each, on demand
         wanted = self.room_protocol.subscriptions.get(room.name) if self.room_protocol is not None else None

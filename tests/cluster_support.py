@@ -133,7 +133,8 @@ class Member:
             message = json.loads(await asyncio.wait_for(ws.recv(), 30))
             kind = message["type"]
             if kind == "chat":
-                assert message["seq"] == self.last_seq + 1, f"expected seq {self.last_seq + 1}, got {message}"
+                assert message["seq"] == self.last_seq + 1, \
+                    f"expected seq {self.last_seq + 1}, got {message} (via {self.nodes}, resumes {self.resumes})"
                 self.texts.append(message["text"])
             elif kind in ("joined", "resumed"):
                 assert message.get("recovered", True) is True, message
