@@ -45,6 +45,7 @@ class Relay:
         self.gap_fetches = 0
         self.skipped = 0
         self.publish_failures = 0
+        self.resets = 0
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
@@ -70,7 +71,7 @@ class Relay:
 
     def stats(self) -> dict[str, Any]:
         return {"rooms": len(self.sequences), "gap_fetches": self.gap_fetches, "skipped": self.skipped,
-                "publish_failures": self.publish_failures,
+                "publish_failures": self.publish_failures, "resets": self.resets,
                 "duplicates": sum(sequence.duplicates for sequence in self.sequences.values())}
 
     # -- membership ------------------------------------------------------------------------------------------
@@ -146,6 +147,9 @@ class Relay:
         def read(page: HistoryPage) -> None:
             if self.sequences.get(name) is not sequence:
                 return
+            if page.last_seq < fetch.since:
+                self._history_reset(name, sequence, page.last_seq)
+                return
             step = sequence.filled(fetch, [(m.seq, m.payload) for m in page.messages], complete=not page.more)
             if sequence.skipped > skipped_before:
                 self.skipped += sequence.skipped - skipped_before
@@ -163,6 +167,26 @@ class Relay:
 
         self.server.durable.store.read(name, since=fetch.since, before=fetch.before, limit=fetch.limit
                                        ).addCallbacks(read, failed)
+
+    def _history_reset(self, name: str, sequence: RoomSequence, last_seq: int) -> None:
+        """The store's seqs went backwards (Redis lost its data: restarted without persistence). The members
+        here saw seqs the room will assign again: close them with 1012 so they reconnect and resume (their
+        resume then says ``recovered: false``), and start the room over from the store's seq."""
+        self.log.error("room {room}: the store's last seq went back from {old} to {new} (Redis lost its data?); "
+                       "closing the room's members here so they resume", room=name, old=sequence.delivered,
+                       new=last_seq)
+        fresh = self.sequences[name] = RoomSequence()
+        fresh.start(last_seq)
+        self.resets += 1
+        room = self.server.registry.get(name)
+        if room is None:
+            return
+        from .client import Client
+        from .core.errors import CloseCode
+
+        for member in room.clients.snapshot():
+            if isinstance(member, Client):
+                member.close(CloseCode.SERVICE_RESTART, "the room's history was reset: reconnect and resume")
 
     def _retry(self, name: str, sequence: RoomSequence) -> None:
         if self.sequences.get(name) is sequence:

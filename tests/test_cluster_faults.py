@@ -25,6 +25,7 @@ from roomserver.redislink import RedisLink, RedisURL
 from .cluster_support import Member, publish
 from .redis_support import RedisServer
 from .support import WSClient, aio, url_of
+from .test_http import metric
 from .web_support import http
 
 
@@ -79,6 +80,9 @@ async def test_redis_down_then_back_degrades_refuses_chats_and_loses_nothing(
     response = await http(a, "GET", "/healthz")
     assert response.code == 503 and response.json()["status"] == "degraded"
     assert response.json()["broker"]["ok"] is False and response.json()["store"]["ok"] is False
+    metrics = (await http(a, "GET", "/metrics")).text
+    assert metric(metrics, "roomserver_backend_up", 'backend="broker",kind="redis"') == 0
+    assert metric(metrics, "roomserver_backend_up", 'backend="store",kind="redis"') == 0
     error = await answer(sender, {"type": "chat", "room": "outage", "text": "m6", "id": 6, "msg_id": "m6"})
     assert (error["type"], error["code"], error["msg_id"]) == ("error", "unavailable", "m6")
     # Local connections are still served: joining another room works.
@@ -87,6 +91,8 @@ async def test_redis_down_then_back_degrades_refuses_chats_and_loses_nothing(
     redis_server.start()
     await aio(until(lambda: a.broker.health()["ok"] and b.broker.health()["ok"], timeout=10))
     assert (await http(b, "GET", "/healthz")).code == 200
+    metrics = (await http(b, "GET", "/metrics")).text
+    assert metric(metrics, "roomserver_backend_up", 'backend="broker",kind="redis"') == 1
     for i in range(6, 11):
         ack = await answer(sender, {"type": "chat", "room": "outage", "text": f"m{i}", "id": i, "msg_id": f"m{i}"})
         assert (ack["type"], ack["seq"]) == ("ack", i)
@@ -124,3 +130,47 @@ async def test_killed_pubsub_connections_resubscribe_and_replay_what_members_mis
         assert b.relay.stats()["gap_fetches"] >= 1, "the missed messages came from the room stream"
     finally:
         await killer.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_redis_that_lost_its_data_makes_members_resume_instead_of_going_silent(
+        make_server: Any, tmp_path: Path) -> None:
+    """Redis restarted empty (no persistence): seqs start again at 1. A node must not drop the new messages as
+    duplicates: it closes its members with 1012 and they resume (``recovered: false``) into the new stream."""
+    redis = RedisServer(tmp_path, persistent=False)
+    redis.start()
+    try:
+        a, b = await two_nodes(make_server, redis)
+        member = await WSClient.connect(url_of(b))
+        session = (await member.recv())["session"]
+        assert (await member.request({"type": "join", "room": "reset"}))["type"] == "joined"
+        sender = await WSClient.connect(url_of(a))
+        await sender.recv()
+        await sender.request({"type": "join", "room": "reset"})
+        for i in range(1, 4):
+            assert (await answer(sender, {"type": "chat", "room": "reset", "text": f"old{i}", "id": i}))["seq"] == i
+        assert [(await member.recv())["seq"] for _ in range(3)] == [1, 2, 3]
+
+        redis.stop()
+        redis.start()  # empty
+        await aio(until(lambda: b.broker.health()["ok"], timeout=10))
+        code, _ = await member.closed(timeout=5)
+        assert code == 1012
+        assert b.relay.stats()["resets"] == 1
+        again = await WSClient.connect(url_of(b))
+        await again.recv()
+        resumed = await again.request({"type": "resume", "session": session, "rooms": {"reset": 3}})
+        assert (resumed["type"], resumed["recovered"]) == ("resumed", False)
+        assert (await sender.closed(timeout=5))[0] == 1012, "the sender was a member on the other node"
+        await aio(until(lambda: a.relay.stats()["resets"] == 1, timeout=5))
+        sender = await WSClient.connect(url_of(a))
+        await sender.recv()
+        await sender.request({"type": "join", "room": "reset"})
+        ack = await answer(sender, {"type": "chat", "room": "reset", "text": "new1", "id": 9})
+        assert ack["seq"] == 1
+        message = await again.recv()
+        assert (message["text"], message["seq"]) == ("new1", 1), "the new stream reaches the member"
+        for client in (again, sender):
+            await client.close()
+    finally:
+        redis.stop()

@@ -62,6 +62,21 @@ class StatsCollector:
         for code, count in sorted(stats.errors.items()):
             errors.add_metric([code], count)
         yield errors
+        from .health import BACKENDS, backend_health, find_backend
+
+        up = GaugeMetricFamily("roomserver_backend_up", "1 while a backend (store, broker) is healthy, else 0 "
+                               "(the node reports degraded)", labels=["backend", "kind"])
+        for name in BACKENDS:
+            report = backend_health(find_backend(self._server, name))
+            up.add_metric([name, str(report.get("backend"))], 1 if report["ok"] else 0)
+        yield up
+        relay = getattr(self._server, "relay", None)
+        if relay is not None and relay.clustered:
+            cluster = relay.stats()
+            yield CounterMetricFamily("roomserver_cluster_gap_fetches", "Missing ranges read from the store to "
+                                      "keep seq order across nodes", value=cluster["gap_fetches"])
+            yield CounterMetricFamily("roomserver_cluster_skipped", "Messages that left the history before this "
+                                      "node could deliver them", value=cluster["skipped"])
 
 
 class MetricsObserver(ServerObserver):
