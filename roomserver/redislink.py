@@ -125,6 +125,7 @@ class RedisLink:
         self.on_lost = on_lost
         self.protocol: Any = None
         self.outages = 0
+        self.lost_at: float | None = None  # reactor time of the last loss
         self.last_error: str | None = None
         self._waiters: list[defer.Deferred[None]] = []
         endpoint: Any = endpoints.TCP4ClientEndpoint(reactor, url.host, url.port, timeout=CONNECT_TIMEOUT)
@@ -210,6 +211,7 @@ class RedisLink:
             return
         self.protocol = None
         self.outages += 1
+        self.lost_at = self.reactor.seconds()
         self.last_error = "connection lost"
         if self._service.running:
             self.log.warn("{name}: lost the connection to {url}; reconnecting", name=self.name, url=self.url)

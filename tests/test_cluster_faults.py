@@ -76,7 +76,7 @@ async def test_redis_down_then_back_degrades_refuses_chats_and_loses_nothing(
     await aio(until(lambda: member.last_seq == 5))
 
     redis_server.stop()
-    await aio(until(lambda: not a.broker.health()["ok"] and not b.broker.health()["ok"]))
+    await aio(until(lambda: not a.broker.health()["ok"] and not b.broker.health()["ok"], timeout=10))
     response = await http(a, "GET", "/healthz")
     assert response.code == 503 and response.json()["status"] == "degraded"
     assert response.json()["broker"]["ok"] is False and response.json()["store"]["ok"] is False
@@ -89,7 +89,8 @@ async def test_redis_down_then_back_degrades_refuses_chats_and_loses_nothing(
     assert (await sender.request({"type": "join", "room": "local-only"}))["type"] == "joined"
 
     redis_server.start()
-    await aio(until(lambda: a.broker.health()["ok"] and b.broker.health()["ok"], timeout=10))
+    await aio(until(lambda: all(node.broker.health()["ok"] and node.durable.store.health()["ok"]
+                                for node in (a, b)), timeout=15))
     assert (await http(b, "GET", "/healthz")).code == 200
     metrics = (await http(b, "GET", "/metrics")).text
     assert metric(metrics, "roomserver_backend_up", 'backend="broker",kind="redis"') == 1
@@ -116,11 +117,14 @@ async def test_killed_pubsub_connections_resubscribe_and_replay_what_members_mis
         await aio(asyncio.wait_for(asyncio.gather(*(member.ready.wait() for member in members)), 5))
         publisher = asyncio.ensure_future(publish(url_of(a), "kill-pubsub", [f"m{i}" for i in range(1, total + 1)],
                                                   window=10))
-        await aio(until(lambda: members[1].last_seq >= total // 4))
+        await aio(until(lambda: members[1].last_seq >= total // 4, timeout=30))
         outages = b.broker.health()["outages"]
+        killed_at = reactor.seconds()
         killed = await killer.command("CLIENT", "KILL", "TYPE", "pubsub")
         assert int(killed) >= 2, "both nodes' subscriber connections were killed"
-        await aio(until(lambda: b.broker.health()["outages"] > outages, timeout=2))  # noticed within 2 s
+        await aio(until(lambda: b.broker.health()["outages"] > outages, timeout=10))
+        lost_at = b.broker.subscriber.lost_at
+        assert lost_at is not None and lost_at - killed_at < 2, "the node noticed within 2 s"
         acked = await aio(asyncio.wait_for(publisher, 30))
         await aio(asyncio.wait_for(asyncio.gather(*tasks), 30))
         assert sorted(acked.values()) == list(range(1, total + 1))
