@@ -39,7 +39,9 @@ from ..redislink import RedisLink, RedisUnavailable, RedisURL
 
 OPEN_TIMEOUT = 5.0
 
-APPEND = b"""
+# The shebang makes Redis 7 check for OOM before a script runs, not at its first write: a write script either
+# runs entirely or not at all. Reads are flagged no-writes.
+APPEND = b"""#!lua
 local room, now, size, ttl, window = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], tonumber(ARGV[5])
 local cutoff = now - window
 local expired = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', '(' .. cutoff)
@@ -88,7 +90,7 @@ end
 return out
 """
 
-READ = b"""
+READ = b"""#!lua flags=no-writes
 local last = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
 local since, before, limit, now, ttl = ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
 local oldest = nil
@@ -143,7 +145,7 @@ end
 return out
 """
 
-DELETE = b"""
+DELETE = b"""#!lua
 redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
 return 1
