@@ -166,8 +166,14 @@ class RedisLink:
                 detail = f" ({self.last_error})" if self.last_error else ""
                 waiter.errback(RedisUnavailable(f"cannot reach Redis at {self.url}{detail}"))
 
-        self.reactor.callLater(timeout, expire)
-        return waiter
+        timer = self.reactor.callLater(timeout, expire)
+
+        def settled(result: Any) -> Any:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        return waiter.addBoth(settled)
 
     def command(self, *args: Any) -> defer.Deferred[Any]:
         """Run one command; fails at once with ``RedisUnavailable`` when there is no connection."""
