@@ -169,6 +169,13 @@ function measureStart() {
   return { wall: nowUs(), server: serverCpuSeconds(config.pid), own: ownCpuSeconds() };
 }
 
+// With --ready_file (bench/profile.py), say "set-up done" and give a profiler time to attach before measuring.
+async function phaseReady() {
+  if (!config.ready_file) return;
+  fs.writeFileSync(config.ready_file, 'ready\n');
+  await sleep(config.ready_pause_ms || 1500);
+}
+
 function measureEnd(start, deliveries, tally) {
   const elapsed = (nowUs() - start.wall) / 1e6;
   const serverCpu = serverCpuSeconds(config.pid) - start.server;
@@ -222,6 +229,7 @@ async function fanout() {
     };
   }
   await sleep(200); // let the joins settle before measuring
+  await phaseReady();
   const start = measureStart();
   for (let i = 0; i < Math.min(window, messages); i++) publish();
   await withTimeout(tally.finished, config.timeout_ms || 120000, 'fanout');
@@ -241,6 +249,7 @@ async function rate() {
   const tally = new Tally(count * messages);
   for (const member of members) member.onchat = (m, ts, sender, seq) => tally.deliver(m, ts, seq);
   await sleep(200);
+  await phaseReady();
   const start = measureStart();
   let sent = 0;
   const publisher = members[0];
@@ -264,6 +273,7 @@ async function rate() {
 // Opens `connections` connections, `concurrency` at a time; each counts once the server's welcome arrived.
 async function connectRate() {
   const { connections, concurrency = 64 } = config;
+  await phaseReady();
   const start = measureStart();
   const members = await connectAll(connections, concurrency, null);
   const result = measureEnd(start, 0, null);
@@ -308,6 +318,7 @@ async function rooms() {
       if (sender === m.index && sent < messages) publish();
     };
   }
+  await phaseReady();
   const start = measureStart();
   for (let i = 0; i < Math.min(window, messages); i++) publish();
   await withTimeout(tally.finished, config.timeout_ms || 120000, 'rooms');

@@ -3,7 +3,8 @@
 Usage: python -m bench.profile [--server roomserver] [--scenario fanout1000] [--scale 1.0] [--top 25]
 
 py-spy (``pip install py-spy``; a profiling tool, not a dependency of roomserver) samples the server process
-from the outside while the load generator runs the scenario, so the server runs unmodified. The output is the
+from the outside, so the server runs unmodified, and only during the measured phase: the load generator writes
+a ready file once its connections are set up and waits for py-spy to attach. The output is the
 functions with the most samples on top of the stack (self time) and the most samples anywhere on the stack
 (total time), plus the collapsed stacks file for a flame graph tool.
 """
@@ -16,6 +17,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -54,17 +57,25 @@ def main() -> int:
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     server = ServerProcess(args.server, args.out.parent)
+    outcome: dict[str, object] = {}
     try:
         server.wait_ready()
+        ready_file = Path(tempfile.mkdtemp()) / "ready"
+        config = dict(SCENARIOS[args.scenario].at_scale(args.scale), ready_file=str(ready_file), ready_pause_ms=1500)
+        runner = threading.Thread(target=lambda: outcome.update(result=run_scenario(server, config, timeout=600)))
+        runner.start()
+        deadline = time.monotonic() + 600
+        while not ready_file.exists() and runner.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
         spy = subprocess.Popen([py_spy, "record", "--pid", str(server.proc.pid), "--format", "raw", "--rate", "250",
                                 "--output", str(args.out), "--nonblocking"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(1.0)
-        result = run_scenario(server, SCENARIOS[args.scenario].at_scale(args.scale), timeout=600)
+        runner.join(600)
         spy.send_signal(signal.SIGINT)
         spy.wait(30)
     finally:
         server.stop()
+    result: dict[str, object] = outcome.get("result", {})  # type: ignore[assignment]
     print({k: result.get(k) for k in ("deliveries", "cpu_us_per_delivery", "deliveries_per_s", "p99_ms")})
     print(summarize(args.out, args.top))
     return 0
