@@ -166,3 +166,45 @@ async def publish(url: str, room: str, texts: list[str], window: int = 50) -> di
     finally:
         ws.transport.abort()
     return acked
+
+
+class SteadyPublisher:
+    """Sends ``total`` chats at a steady pace through any node; when its node goes away it reconnects to the
+    next and sends again, in order and with the same ``msg_id``, whatever was not acknowledged."""
+
+    def __init__(self, urls: list[str], room: str, total: int, pause: float = 0.005, window: int = 20) -> None:
+        self.urls = urls
+        self.room = room
+        self.total = total
+        self.pause = pause
+        self.window = window
+        self.acked: dict[int, int] = {}  # message number -> seq
+        self.duplicates = 0
+        self.connections = 0
+
+    async def run(self) -> None:
+        urls = list(self.urls)
+        following = 1
+        while len(self.acked) < self.total:
+            ws, _ = await open_ws(urls)
+            self.connections += 1
+            try:
+                await asyncio.wait_for(ws.recv(), 10)
+                await ws.send(json.dumps({"type": "join", "room": self.room}))
+                following = min([n for n in range(1, following) if n not in self.acked], default=following)
+                while len(self.acked) < self.total:
+                    while following <= self.total and following - len(self.acked) <= self.window:
+                        await ws.send(json.dumps({"type": "chat", "room": self.room, "text": f"m{following}",
+                                                  "id": following, "msg_id": f"m{following}"}))
+                        following += 1
+                        await asyncio.sleep(self.pause)
+                    message = json.loads(await asyncio.wait_for(ws.recv(), 30))
+                    if message["type"] == "ack":
+                        self.acked[message["id"]] = message["seq"]
+                        self.duplicates += bool(message.get("duplicate"))
+                    elif message["type"] == "error":
+                        assert message["code"] == "unavailable", message
+            except ConnectionClosed:
+                urls = urls[1:] + urls[:1]
+            finally:
+                ws.transport.abort()

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 
-from .cluster_support import Member, Node, publish
+from .cluster_support import Member, Node, SteadyPublisher, publish
 from .redis_support import REDIS_URL, delete_prefix_now, unique_prefix
 from .support import WSClient, aio
 
@@ -79,6 +79,32 @@ async def test_every_node_reports_the_cluster_view_of_all_live_nodes(cluster: li
     assert sorted(node["connections"] for node in view["per_node"]) == [1, 1, 2]
     for client in clients:
         await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_rolling_restart_of_every_node_under_steady_publishing_loses_and_repeats_nothing(
+        cluster: list[Node]) -> None:
+    total = 600
+    urls = [node.url for node in cluster]
+    members = [Member(urls[i % 3:] + urls[:i % 3], "rolling", total) for i in range(6)]
+    tasks = [asyncio.ensure_future(member.run()) for member in members]
+    await aio(asyncio.wait_for(asyncio.gather(*(member.ready.wait() for member in members)), 20))
+    publisher = SteadyPublisher(urls[1:] + urls[:1], "rolling", total, pause=0.01)
+    publishing = asyncio.ensure_future(publisher.run())
+    loop = asyncio.get_running_loop()
+    for node in cluster:  # SIGTERM (clients get 1001 and resume elsewhere), then start it again
+        await aio(asyncio.sleep(0.3))
+        await aio(loop.run_in_executor(None, node.stop))
+        await aio(loop.run_in_executor(None, lambda node=node: node.start().wait()))
+    await aio(asyncio.wait_for(publishing, 90))
+    await aio(asyncio.wait_for(asyncio.gather(*tasks), 60))
+    assert sorted(publisher.acked.values()) == list(range(1, total + 1)), "every chat stored exactly once"
+    by_seq = {seq: f"m{number}" for number, seq in publisher.acked.items()}
+    expected = [by_seq[seq] for seq in range(1, total + 1)]
+    for member in members:
+        assert member.texts == expected, "0 gaps, 0 duplicates, one order"
+    assert all(member.resumes for member in members), "every member was moved at least once"
+    assert publisher.connections > 1, "the publisher's node was restarted under it too"
 
 
 @pytest_twisted.ensureDeferred
