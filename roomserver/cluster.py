@@ -52,7 +52,7 @@ class Relay:
     def start(self) -> defer.Deferred[None]:
         if hasattr(self.broker, "report"):
             self.broker.report = self._report
-        return self.broker.start(self._received, self._resubscribed)
+        return self.broker.start(self._received, self._resubscribed, self._subscribed)
 
     def _report(self) -> dict[str, Any]:
         """This node's part of the cluster view."""
@@ -127,6 +127,12 @@ class Relay:
         sequence = self.sequences.get(name)
         if sequence is not None:
             self._apply(name, sequence, sequence.offer(seq, payload))
+
+    def _subscribed(self, name: str) -> None:
+        """A room's subscription took effect: fetch whatever was published between the baseline and now."""
+        sequence = self.sequences.get(name)
+        if sequence is not None:
+            self._apply(name, sequence, sequence.catch_up())
 
     def _resubscribed(self) -> None:
         for name, sequence in list(self.sequences.items()):

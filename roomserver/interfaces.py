@@ -133,10 +133,12 @@ class Broker(Protocol):
 
     name: str
 
-    def start(self, on_message: Callable[[str, int, bytes], None],
-              on_resubscribed: Callable[[], None]) -> defer.Deferred[None]:
+    def start(self, on_message: Callable[[str, int, bytes], None], on_resubscribed: Callable[[], None],
+              on_subscribed: Callable[[str], None]) -> defer.Deferred[None]:
         """Connect; ``on_message(room, seq, payload)`` for every message another node published to a subscribed
-        room. Fails if the broker cannot be reached at start (the server then refuses to start)."""
+        room; ``on_subscribed(room)`` once a new subscription is in effect (what was published before it is
+        read from the store). Fails if the broker cannot be reached at start (the server then refuses to
+        start)."""
 
     def stop(self) -> defer.Deferred[None]:
         """Unsubscribe everything and disconnect."""

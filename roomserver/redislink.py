@@ -203,14 +203,16 @@ class RedisLink:
         self.last_error = None
         connection.whenDisconnected().addCallback(self._lost)
         self.log.info("{name}: connected to {url}", name=self.name, url=self.url)
+        # on_ready first: what it sends (script loads, subscriptions) goes ahead of whatever the waiters send.
+        ready: Any = connection
+        if self.on_ready is not None:
+            ready = defer.maybeDeferred(self.on_ready, connection).addErrback(
+                lambda failure: self.log.failure("{name}: setting up the connection failed", failure,
+                                                 name=self.name))
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             waiter.callback(None)
-        if self.on_ready is not None:
-            return defer.maybeDeferred(self.on_ready, connection).addErrback(
-                lambda failure: self.log.failure("{name}: setting up the connection failed", failure,
-                                                 name=self.name))
-        return connection
+        return ready
 
     def _lost(self, connection: Any) -> None:
         if self.protocol is not connection:

@@ -103,3 +103,12 @@ def test_any_arrival_order_with_duplicates_delivers_each_seq_once_in_order(
             step = room.filled(fetch, [(s, p(s)) for s in range(fetch.since + 1, high)][:fetch.limit], complete=True)
             delivered += seqs(step.deliver)
     assert delivered == list(range(1, 31))
+
+
+def test_a_subscription_confirmed_before_the_baseline_catches_up_once_it_is_known() -> None:
+    room = RoomSequence()
+    assert room.catch_up().fetch is None, "no baseline yet: owed"
+    step = room.start(4)
+    assert step.fetch == Fetch(4, None, 1000), "what was published before the subscription took effect"
+    step = room.filled(Fetch(4, None, 1000), [(5, p(5)), (6, p(6))], complete=True)
+    assert seqs(step.deliver) == [5, 6] and step.fetch is None

@@ -22,8 +22,8 @@ class MemoryBroker:
     def __init__(self) -> None:
         self.rooms: set[str] = set()
 
-    def start(self, on_message: Callable[[str, int, bytes], None],
-              on_resubscribed: Callable[[], None]) -> defer.Deferred[None]:
+    def start(self, on_message: Callable[[str, int, bytes], None], on_resubscribed: Callable[[], None],
+              on_subscribed: Callable[[str], None]) -> defer.Deferred[None]:
         return defer.succeed(None)
 
     def stop(self) -> defer.Deferred[None]:

@@ -93,6 +93,7 @@ class RedisBroker:
         self._rooms_dirty = True
         self._on_message: Callable[[str, int, bytes], None] | None = None
         self._on_resubscribed: Callable[[], None] | None = None
+        self._on_subscribed: Callable[[str], None] | None = None
         self._ping_sent: float | None = None
         self._sync_pending = False
         self._pinger: task.LoopingCall | None = None
@@ -138,10 +139,11 @@ class RedisBroker:
         self._heart.clock = self.reactor
         self._heart.start(HEARTBEAT_INTERVAL, now=True)
 
-    def start(self, on_message: Callable[[str, int, bytes], None],
-              on_resubscribed: Callable[[], None]) -> defer.Deferred[None]:
+    def start(self, on_message: Callable[[str, int, bytes], None], on_resubscribed: Callable[[], None],
+              on_subscribed: Callable[[str], None]) -> defer.Deferred[None]:
         self._on_message = on_message
         self._on_resubscribed = on_resubscribed
+        self._on_subscribed = on_subscribed
         return defer.ensureDeferred(self._start())
 
     async def _stop(self) -> None:
@@ -275,6 +277,14 @@ class RedisBroker:
         kind = reply[0]
         if kind == b"message":
             self._message(bytes(reply[1]), bytes(reply[2]))
+        elif kind == b"subscribe" and not self._sync_pending and self._on_subscribed is not None:
+            # One room's new subscription is in effect: the node reads what was published just before it.
+            head = self.prefix + b"c:"
+            channel = bytes(reply[1])
+            if channel.startswith(head):
+                room = channel[len(head):].decode("utf-8", "surrogateescape")
+                if room in self.rooms:
+                    self._on_subscribed(room)
         elif kind == b"pong":
             self._ping_sent = None
             if self._sync_pending:

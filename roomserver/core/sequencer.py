@@ -69,7 +69,11 @@ class RoomSequence:
             baseline = min(baseline, min(self.pending) - 1)
         self.delivered = baseline
         self.pending = {seq: payload for seq, payload in self.pending.items() if seq > baseline}
-        return self._drain()
+        step = self._drain()
+        if step.fetch is None and self.behind:
+            self.behind = False
+            step.fetch = self.catch_up().fetch
+        return step
 
     def offer(self, seq: int, payload: bytes) -> Step:
         if (self.delivered is not None and seq <= self.delivered) or seq in self.pending:
@@ -81,10 +85,9 @@ class RoomSequence:
         return self._drain()
 
     def catch_up(self) -> Step:
-        """Fetch everything after the last delivered seq (unless a fetch is already running)."""
-        if self.delivered is None:
-            return Step()
-        if self.fetching:
+        """Fetch everything after the last delivered seq (unless a fetch is already running; before the baseline
+        is known, once it is)."""
+        if self.delivered is None or self.fetching:
             self.behind = True
             return Step()
         self.fetching = True
