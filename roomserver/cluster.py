@@ -42,6 +42,7 @@ class Relay:
         self.broker = broker
         self.clustered = bool(getattr(broker, "clustered", False))
         self.sequences: dict[str, RoomSequence] = {}
+        self._broadcast: dict[str, int] = {}  # one node: per room with members, the last seq fanned out
         self.gap_fetches = 0
         self.skipped = 0
         self.publish_failures = 0
@@ -66,6 +67,8 @@ class Relay:
 
     def delivered(self, name: str) -> int:
         """The last seq of room ``name`` this node delivered to its members (0 if unknown)."""
+        if not self.clustered:
+            return self._broadcast.get(name, 0)
         sequence = self.sequences.get(name)
         return sequence.delivered or 0 if sequence is not None else 0
 
@@ -90,6 +93,7 @@ class Relay:
         if room.clients:
             return
         self.sequences.pop(room.name, None)
+        self._broadcast.pop(room.name, None)
         self.broker.unsubscribe(room.name)
 
     def _read_baseline(self, name: str, sequence: RoomSequence) -> None:
@@ -202,4 +206,6 @@ class Relay:
         room = self.server.registry.get(name)
         if room is not None:
             room.last_seq = max(room.last_seq, seq)
+            if not self.clustered and room.clients:
+                self._broadcast[name] = max(self._broadcast.get(name, 0), seq)
             self.server._fan_out(room, payload, False, seq=seq)

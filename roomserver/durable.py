@@ -14,6 +14,11 @@ Why that is gap-free: a chat is broadcast only after the store confirmed it, and
 append. So a message broadcast before the member was registered as replaying is in the history read (issued
 after the registration), and one broadcast after it is in the queue; a message in both is skipped by seq.
 
+Why it is duplicate-free: a read may also see an append the store has committed but whose confirmation has not
+reached the hub yet (SQLite commits in its writer thread; the reader thread's answer can overtake the writer's),
+so its broadcast comes after the replay ended. The member's replay then went further than this node's
+broadcasts (``Relay.delivered``): its ``floors`` entry keeps those late broadcasts from it.
+
 Why broadcast order equals seq order although a SQLite append is asynchronous: ``AppendPipeline`` keeps at most
 one append batch per room in flight, and the store assigns seqs in call order. Chats that arrive meanwhile wait
 and go to the store together as the next batch (a group commit): fewer transactions under load, and with the
@@ -153,8 +158,9 @@ class DurableRooms:
             self.store, "append_now", None)
         self.replaying: dict[str, dict[Any, ReplayState]] = {}
         self.floors: dict[str, dict[Any, int]] = {}
-        """Cluster only: per room, members whose replay went further than this node has delivered yet (they
-        resumed here from a node that was ahead): live messages up to their floor are not sent to them again."""
+        """Per room, members whose replay went further than this node has broadcast yet (they resumed here
+        from a node that was ahead, or the replay read a message whose append confirmation had not arrived):
+        live messages up to their floor are not sent to them again."""
         self._open = False
         self._session_sweeper: task.LoopingCall | None = None
 
@@ -342,7 +348,11 @@ class DurableRooms:
                 if seq is None or wants_chats:
                     self.server.send_payload(client, payload, is_binary)
                 last = seq if seq is not None else last
-        if self.server.relay.clustered and last > self.server.relay.delivered(effect.room):
+        if last > self.server.relay.delivered(effect.room):
+            # The read saw messages whose broadcast has not reached this node's members yet: in a cluster,
+            # stored by a node that is ahead; on one node, committed by the store while its confirmation was
+            # still on its way (SQLite's writer thread commits before the reactor hears of it). Their broadcast
+            # must not reach this member a second time.
             self.floors.setdefault(effect.room, {})[client] = last
 
     def ahead_of(self, room: str, seq: int) -> frozenset[Any]:

@@ -55,6 +55,7 @@ class Member:
         self.texts: list[str] = []
         self.resumes: list[dict[str, Any]] = []
         self.ready = asyncio.Event()
+        self.trace: list[Any] = []  # connections (server ids, for twistd.out) and (re)joins, for a failure's message
 
     @property
     def last_seq(self) -> int:
@@ -66,6 +67,7 @@ class Member:
             ws = await open_ws(self.url)
             try:
                 welcome = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                self.trace.append(("conn", welcome["id"], self.last_seq))
                 if session is None:
                     await ws.send(json.dumps({"type": "join", "room": ROOM, "since": 0}))
                 else:
@@ -83,12 +85,14 @@ class Member:
             message = json.loads(await asyncio.wait_for(ws.recv(), 30))
             kind = message["type"]
             if kind == "chat":
-                assert message["seq"] == self.last_seq + 1, f"expected seq {self.last_seq + 1}, got {message}"
+                assert message["seq"] == self.last_seq + 1, \
+                    f"expected seq {self.last_seq + 1}, got {message} trace={self.trace[-6:]} kill={self.kill_at}"
                 self.texts.append(message["text"])
                 if self.kill_at and self.last_seq >= self.kill_at[0]:
                     self.kill_at.pop(0)
                     return  # the caller aborts the TCP connection: no close frame, like a pulled cable
             elif kind in ("joined", "resumed"):
+                self.trace.append((kind, self.last_seq, message))
                 assert message.get("recovered", True) is True, message
                 if kind == "resumed":
                     self.resumes.append(message)
