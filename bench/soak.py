@@ -199,7 +199,11 @@ async def leak(args: argparse.Namespace, reactor: Any) -> None:
     from roomserver import ServerOptions, WebSocketServer
 
     server = WebSocketServer(ServerOptions(
-        port=0, host="127.0.0.1", room_protocol=True, max_clients=args.concurrency * 2, rate_limit=0))
+        port=0, host="127.0.0.1", room_protocol=True, max_clients=args.concurrency * 2, rate_limit=0,
+        # What the server keeps on purpose is bounded by these, not by the number of cycles: each room's last
+        # history_size messages and each closed connection's resume session for resume_ttl. Small values let
+        # the run reach that steady state early, so RSS growth after it can only be a leak.
+        history_size=10, resume_ttl=2))
     closed = 0
 
     def on_connection(client: Any) -> None:
