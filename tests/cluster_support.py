@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -16,7 +14,7 @@ from typing import Any
 import websockets
 from websockets.exceptions import ConnectionClosed
 
-from .test_tap import ROOT, free_port, wait_for_port
+from .twistd_support import free_port, twistd, wait_for_port
 
 
 class Node:
@@ -40,12 +38,9 @@ class Node:
 
     def start(self) -> Node:
         with self.log.open("ab") as log:
-            self.process = subprocess.Popen(
-                [str(Path(sys.executable).parent / "twistd"), "--nodaemon", "--pidfile=", "roomserver",
-                 "--port", f"tcp:{self.port}:interface=127.0.0.1", "--store", self.redis_url,
-                 "--broker", self.redis_url, "--rate-limit", "0", "--shutdown-timeout", "2", *self.extra],
-                cwd=self.workdir, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log,
-                stderr=subprocess.STDOUT)
+            self.process = twistd(
+                self.workdir, "--port", f"tcp:{self.port}:interface=127.0.0.1", "--store", self.redis_url,
+                "--broker", self.redis_url, "--rate-limit", "0", "--shutdown-timeout", "2", *self.extra, stdout=log)
         return self
 
     def wait(self) -> Node:

@@ -16,7 +16,7 @@ import pytest_twisted
 from .cluster_support import Member, Node, publish
 from .redis_support import REDIS_URL, delete_prefix_now, unique_prefix
 from .support import aio
-from .test_tap import ROOT, free_port, wait_for_port
+from .twistd_support import ROOT, free_port, wait_for_port
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 pytestmark = pytest.mark.skipif(not Path(HAPROXY).exists(), reason="haproxy is not installed")

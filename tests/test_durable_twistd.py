@@ -5,37 +5,15 @@ one clear line."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 from websockets.sync.client import connect
 
-from .test_tap import ROOT, free_port, wait_for_port
+from .twistd_support import free_port, stop, twistd, wait_for_port
 
 TOKEN = "durable-admin-token-0123456789abcdef"
-
-
-def twistd(cwd: Path, *args: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [str(Path(sys.executable).parent / "twistd"), "--nodaemon", "--pidfile=", "roomserver", *args],
-        cwd=cwd, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )
-
-
-def stop(process: subprocess.Popen[bytes]) -> str:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(15)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(5)
-    return process.stdout.read().decode() if process.stdout else ""
 
 
 def admin(port: int, method: str, path: str, body: Any = None) -> Any:

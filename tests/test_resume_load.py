@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
 import signal
 import subprocess
-import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -27,7 +25,7 @@ import websockets
 from websockets.exceptions import ConnectionClosed
 
 from .support import aio, url_of
-from .test_tap import ROOT, free_port, wait_for_port
+from .twistd_support import free_port, twistd, wait_for_port
 
 MEMBERS = 50
 VICTIMS = 10
@@ -179,15 +177,9 @@ async def test_resume_under_load_loses_and_duplicates_nothing(make_server: Any) 
 
 
 def start_twistd(port: int, database: Path, cwd: Path) -> subprocess.Popen[bytes]:
-    log = (cwd / "twistd.out").open("ab")  # a file, not a pipe nobody reads while the load runs
-    process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "twistd"), "--nodaemon", "--pidfile=", "roomserver",
-         "--port", f"tcp:{port}:interface=127.0.0.1", "--store", f"sqlite:{database}", "--max-clients", "100",
-         "--rate-limit", "0",
-         "--shutdown-timeout", "2"],
-        cwd=cwd, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log, stderr=subprocess.STDOUT,
-    )
-    log.close()
+    with (cwd / "twistd.out").open("ab") as log:  # a file, not a pipe nobody reads while the load runs
+        process = twistd(cwd, "--port", f"tcp:{port}:interface=127.0.0.1", "--store", f"sqlite:{database}",
+                         "--max-clients", "100", "--rate-limit", "0", "--shutdown-timeout", "2", stdout=log)
     wait_for_port(port, process)
     return process
 

@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,13 +10,7 @@ from twisted.python import usage
 
 from roomserver.tap import Options, makeService
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from .twistd_support import free_port, twistd, wait_for_port
 
 
 def test_options_map_to_server_options() -> None:
@@ -63,31 +52,13 @@ def test_help_documents_every_option() -> None:
         assert option in text
 
 
-def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"twistd exited early: {process.stdout.read() if process.stdout else ''!r}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError("twistd did not start listening")
-
-
 def test_twistd_plugin_serves_clients_and_sigterm_sends_1001(tmp_path: Path) -> None:
     """Start ``twistd -n roomserver`` for real, chat through it, then SIGTERM: the client sees 1001."""
     from websockets.exceptions import ConnectionClosed
     from websockets.sync.client import connect
 
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "twistd"), "--nodaemon", "--pidfile=", "roomserver",
-         "--port", f"tcp:{port}:interface=127.0.0.1", "--path", "/ws", "--max-clients", "10"],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )
+    process = twistd(tmp_path, "--port", f"tcp:{port}:interface=127.0.0.1", "--path", "/ws", "--max-clients", "10")
     try:
         wait_for_port(port, process)
         with connect(f"ws://127.0.0.1:{port}/ws", open_timeout=5) as ws:

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 
@@ -15,7 +12,7 @@ from twisted.python import usage
 
 from roomserver.tap import Options, makeService
 
-from .test_tap import ROOT, free_port, wait_for_port
+from .twistd_support import free_port, twistd, wait_for_port
 
 TOKEN = "a-long-enough-admin-token-0001"
 
@@ -60,12 +57,8 @@ def test_twistd_json_logs_one_line_per_event_and_no_token(tmp_path: Path) -> Non
     from websockets.sync.client import connect
 
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "ROOMSERVER_ADMIN_TOKEN": TOKEN}
-    process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "twistd"), "--nodaemon", "--pidfile=", "roomserver",
-         "--port", f"tcp:{port}:interface=127.0.0.1", "--log-format", "json"],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )
+    process = twistd(tmp_path, "--port", f"tcp:{port}:interface=127.0.0.1", "--log-format", "json",
+                     env={"ROOMSERVER_ADMIN_TOKEN": TOKEN})
     try:
         wait_for_port(port, process)
         with connect(f"ws://127.0.0.1:{port}/ws?token={TOKEN}", open_timeout=5) as ws:
