@@ -174,6 +174,8 @@ class Options(usage.Options):
         values["history_ttl"] = values["history_ttl"] or None
         values["compression"] = bool(self["compression"])
         values["testee"] = bool(self["testee"])
+        if values["testee"] and self["store"] == DEFAULT_STORE:
+            values["store"] = "memory"  # the echo testee stores nothing: no database file for it to create
         values["allow_query_token"] = bool(self["allow-query-token"])
         options = ServerOptions(room_protocol=True, **values)
         return as_testee(options) if options.testee else options

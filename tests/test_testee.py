@@ -91,6 +91,7 @@ def test_twistd_flags() -> None:
     options = config.server_options()
     assert options.testee and options.compression and not options.room_protocol
     assert options.max_message_size == TESTEE_MESSAGE_SIZE and options.ping_interval == 0
+    assert options.store == "memory", "the echo testee creates no database file"
     default = Options()
     default.parseOptions([])
     assert not default.server_options().compression and not default.server_options().testee
