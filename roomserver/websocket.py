@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from autobahn.twisted.util import extract_peer_certificate, transport_channel_id
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
 
@@ -20,6 +21,7 @@ from .closing import GracefulCloseMixin
 from .compression import compression_hook
 from .core.ratelimit import FloodGuard
 from .options import ServerOptions
+from .transport import GuardedConnection
 
 if TYPE_CHECKING:
     from .client import Client
@@ -51,6 +53,33 @@ class RoomServerProtocol(GracefulCloseMixin, WebSocketServerProtocol):  # type: 
     def onConnect(self, request: Any) -> Any:
         """Called from Autobahn with the parsed upgrade request; raising ConnectionDeny refuses it."""
         return self.factory.hub.on_connect(self, request)
+
+    def connectionMade(self) -> None:
+        """Called from Twisted. Autobahn reads the transport's details (peer, TLS) here and only recognises TLS
+        on the TLS protocol itself; our transport is the connection guard wrapping it (transport.py), which
+        mirrors its interfaces. So Autobahn reads them from what the guard wraps, and writes still go through
+        the guard afterwards."""
+        guard = self.transport
+        inner = getattr(guard, "transport", None)
+        if not isinstance(guard, GuardedConnection) or inner is None:
+            super().connectionMade()
+            return
+        self.transport = inner
+        try:
+            super().connectionMade()
+        finally:
+            self.transport = guard
+
+    def _onOpen(self) -> None:
+        """Called from Autobahn's Twisted layer once the handshake succeeded; it records the TLS channel id and
+        peer certificate, which it can only read from the TLS protocol itself. Our transport is the connection
+        guard wrapping it (transport.py), so look through the guard; then go on as Autobahn does."""
+        details: Any = self._transport_details
+        if details.is_secure:
+            tls = getattr(self.transport, "transport", self.transport)
+            details.channel_id = {"tls-unique": transport_channel_id(tls, details.is_server, "tls-unique")}
+            details.peer_cert = extract_peer_certificate(tls)
+        self.onOpen()
 
     def onOpen(self) -> None:
         """Called from Autobahn once the opening handshake succeeded."""
