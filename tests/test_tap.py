@@ -10,7 +10,7 @@ from twisted.python import usage
 
 from roomserver.tap import Options, makeService
 
-from .twistd_support import free_port, twistd, wait_for_port
+from .twistd_support import free_port, reap, twistd, wait_for_port
 
 
 def test_options_map_to_server_options() -> None:
@@ -74,10 +74,7 @@ def test_twistd_plugin_serves_clients_and_sigterm_sends_1001(tmp_path: Path) -> 
         # twistd re-raises the signal after a clean shutdown so the exit status tells why it stopped
         assert process.wait(15) in (0, -signal.SIGTERM)
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(5)
-    output = process.stdout.read().decode() if process.stdout else ""
+        output = reap(process)
     assert "Traceback" not in output, output
 
 

@@ -12,7 +12,7 @@ from twisted.python import usage
 
 from roomserver.tap import Options, makeService
 
-from .twistd_support import free_port, twistd, wait_for_port
+from .twistd_support import free_port, reap, twistd, wait_for_port
 
 TOKEN = "a-long-enough-admin-token-0001"
 
@@ -72,10 +72,7 @@ def test_twistd_json_logs_one_line_per_event_and_no_token(tmp_path: Path) -> Non
         process.send_signal(signal.SIGTERM)
         assert process.wait(15) in (0, -signal.SIGTERM)
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(5)
-    output = process.stdout.read().decode() if process.stdout else ""
+        output = reap(process)
     lines = [json.loads(line) for line in output.splitlines() if line.strip()]
     assert lines, output
     events = [line.get("event") for line in lines]

@@ -54,3 +54,11 @@ def stop(process: subprocess.Popen[bytes]) -> str:
         process.kill()
         process.wait(5)
     return process.stdout.read().decode() if process.stdout else ""
+
+
+def reap(process: subprocess.Popen[bytes]) -> str:
+    """Kill the process if a failed test left it running; returns what it wrote to its pipe."""
+    if process.poll() is None:
+        process.kill()
+        process.wait(5)
+    return process.stdout.read().decode() if process.stdout else ""
