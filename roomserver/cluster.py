@@ -10,11 +10,16 @@ hub's own appends (delivered at once, then published once through the broker) an
 A gap (a message that overtook another, or one lost while the subscription was down) is filled by reading the
 shared store; after the broker resubscribes, every room catches up from the store.
 
+The relay also builds this node's report for the cluster view (``_report``, sent with every broker
+heartbeat) and reads the view back as ``ClusterStats`` (``cluster_stats``, behind
+``server.get_cluster_stats()``).
+
 The baseline of a room this node starts serving is the store's last seq when the first local member joined.
 """
 
 from __future__ import annotations
 
+import socket
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
@@ -24,6 +29,7 @@ from twisted.python.failure import Failure
 from .core.history import HistoryPage
 from .core.rooms import Room
 from .core.sequencer import Fetch, RoomSequence, Step
+from .core.stats import NODE_DEGRADED, NODE_OK, ClusterStats, RateMeter, cluster_from_view, single_node
 from .interfaces import Broker
 
 if TYPE_CHECKING:
@@ -47,6 +53,7 @@ class Relay:
         self.skipped = 0
         self.publish_failures = 0
         self.resets = 0
+        self.rates = RateMeter()
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
@@ -56,10 +63,56 @@ class Relay:
         return self.broker.start(self._received, self._resubscribed, self._subscribed)
 
     def _report(self) -> dict[str, Any]:
-        """This node's part of the cluster view."""
+        """This node's part of the cluster view, sent with every heartbeat (the broker adds ``node`` and
+        ``heartbeat``). The rates are measured here, between consecutive heartbeats, so every viewer of the
+        view sees the same figures without keeping history of its own."""
         stats = self.server.get_stats()
-        return {"connections": stats.connections, "rooms": stats.rooms, "messages_sent": stats.messages_sent,
-                "messages_received": stats.messages_received}
+        rate_in, rate_out = self.rates.update(self.server.reactor.seconds(),  # type: ignore[attr-defined]
+                                              stats.messages_received, stats.messages_sent)
+        return {"address": self.address, "status": self.status(), "connections": stats.connections,
+                "rooms": stats.rooms, "messages_sent": stats.messages_sent,
+                "messages_received": stats.messages_received, "messages_in_per_s": round(rate_in, 3),
+                "messages_out_per_s": round(rate_out, 3)}
+
+    @property
+    def node_id(self) -> str:
+        """This node's id in the cluster view (the broker's), else its address."""
+        return str(getattr(self.broker, "node_id", None) or self.address)
+
+    @property
+    def address(self) -> str:
+        """``host:port``: where this node listens (the name the dashboard's samples carry)."""
+        port = self.server.port
+        return f"{socket.gethostname()}:{port}" if port else socket.gethostname()
+
+    def status(self) -> str:
+        """``ok``, or ``degraded`` while the broker or the store reports trouble or the server is stopping
+        (what ``/healthz`` says, without the HTTP side)."""
+        if self.server._stopping:
+            return NODE_DEGRADED
+        for backend in (self.broker, self.server.durable.store):
+            probe = getattr(backend, "health", None)
+            if callable(probe):
+                try:
+                    if not probe().get("ok", False):
+                        return NODE_DEGRADED
+                except Exception:
+                    return NODE_DEGRADED
+        return NODE_OK
+
+    def cluster_stats(self) -> ClusterStats:
+        """The view behind ``server.get_cluster_stats()`` (see ``roomserver.core.stats.ClusterStats``).
+
+        One node: this node's live counters. A cluster: the view the broker read at its last heartbeat (at
+        most one heartbeat interval old), or this node alone, live, until the first view is read.
+        """
+        view = getattr(self.broker, "cluster_view", None) if self.clustered else None
+        if view is None:
+            return single_node(self.server.get_stats(), self.node_id, self.address, self.status(),
+                               clustered=self.clustered)
+        late_after = 2 * float(getattr(self.broker, "heartbeat_interval", 2.0))
+        return cluster_from_view(view.get("per_node", ()), int(view.get("rooms", 0)), self.node_id,
+                                 view.get("as_of"), late_after=late_after)
 
     def stop(self) -> defer.Deferred[None]:
         self.sequences.clear()

@@ -41,7 +41,7 @@ from .core.ratelimit import FloodGuard, Verdict
 from .core.rooms import Room, RoomRegistry
 from .core.session import Announce, Append, Effect, ReadHistory, Replay, Reply, RoomProtocol, TakeOver
 from .core.sessions import SessionTable
-from .core.stats import ServerStats, StatsCounters
+from .core.stats import ClusterStats, ServerStats, StatsCounters
 from .durable import DurableRooms, History
 from .events import EventEmitter
 from .fanout import STATE_OPEN, send_prepared
@@ -261,7 +261,16 @@ class WebSocketServer:
         return self._fan_out(room_obj, payload, is_binary, exclude)
 
     def get_stats(self) -> ServerStats:
+        """This node's counters (in a cluster too: see ``get_cluster_stats`` for every node)."""
         return self.counters.snapshot(rooms=len(self.registry))
+
+    def get_cluster_stats(self) -> ClusterStats:
+        """Connections, rooms and messages over every live node of the cluster, with each node's own figures.
+
+        With the Redis broker, the view every node reads at its heartbeat (every 2 s; ``as_of`` says when);
+        with the memory broker, this node alone (``clustered=False``), read now. docs/cluster.md.
+        """
+        return self.relay.cluster_stats()
 
     def start(self) -> defer.Deferred[WebSocketServer]:
         """Start listening; the Deferred fires with the server once the port is bound (``server.port`` set)."""

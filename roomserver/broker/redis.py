@@ -76,6 +76,7 @@ class RedisBroker:
 
     name = "redis"
     clustered = True
+    heartbeat_interval = HEARTBEAT_INTERVAL
     log = Logger()
 
     def __init__(self, url: str | RedisURL, reactor: Any, *, node_id: str | None = None) -> None:
@@ -236,7 +237,7 @@ class RedisBroker:
         self.cluster_view = {
             "nodes": len(nodes), "rooms": int(count),
             "connections": sum(int(node.get("connections", 0)) for node in nodes),
-            "per_node": sorted(nodes, key=lambda node: str(node.get("node"))),
+            "per_node": sorted(nodes, key=lambda node: str(node.get("node"))), "as_of": now,
         }
 
     def _subscriber_ready(self, connection: Any) -> None:

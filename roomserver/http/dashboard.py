@@ -6,6 +6,11 @@
 ``window`` seconds are kept, so a viewer that connects gets the recent history at once and its charts are
 never empty.
 
+Every sample (and the snapshot) also carries ``cluster``: ``server.get_cluster_stats()`` as JSON. In a cluster
+(Redis broker) that is every live node's figures and the totals, as of the last heartbeat, so the page shows
+each node without asking anything of the other nodes; with one node it is this node alone and the page
+leaves its nodes table out.
+
 Viewers connect to ``/dashboard/ws``, a WebSocket of its own beside the room path: viewers are not room clients,
 so watching the server never changes its numbers. When an admin token is configured, a viewer's first message
 gets ``{"type":"auth_required"}`` and its first message
@@ -87,11 +92,17 @@ class DashboardFeed(ServerObserver):
             room_state={room.name: (len(room.clients), room.last_seq) for room in self.server.registry},
         )
 
+    def cluster(self) -> dict[str, Any]:
+        """The cluster view pushed with every sample: every live node's figures and the totals (one node:
+        this node alone, ``clustered`` false, and the page shows no nodes table)."""
+        return self.server.get_cluster_stats().as_json()
+
     def tick(self) -> None:
         sample = self.series.add(self.read())
         if not self.viewers:
             return
-        payload = orjson.dumps({"type": "sample", "node": self.node, "sample": sample.as_json()})
+        payload = orjson.dumps({"type": "sample", "node": self.node, "sample": sample.as_json(),
+                                "cluster": self.cluster()})
         prepared = None
         for viewer in list(self.viewers):
             if prepared is None:
@@ -106,6 +117,7 @@ class DashboardFeed(ServerObserver):
             "interval": self.interval,
             "window": self.series.samples.maxlen,
             "history": self.series.history(),
+            "cluster": self.cluster(),
         })
 
     # -- viewers -----------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 /* The live dashboard: one WebSocket (/dashboard/ws) pushes a sample per second; nothing is polled.
  *
- * The first message is a snapshot with the recent history, then one "sample" per tick. When the server has an
+ * The first message is a snapshot with the recent history, then one "sample" per tick; both carry the cluster
+ * view (every live node), drawn as the nodes table when the server is clustered. When the server has an
  * admin token, the page asks for it, sends it as the first message ({"type":"auth"}) and keeps it only in this
  * tab's sessionStorage. Charts are drawn on a canvas by hand: nothing is loaded from anywhere else.
  */
@@ -96,6 +97,50 @@
     document.body.dataset.samples = String(samples.length);
   }
 
+  // The cluster view (every live node, pushed with each sample); shown only when the server is clustered.
+  function rate(value) { return value === null || value === undefined ? "–" : fmt.format(value); }
+
+  function fill(row, entry) {
+    row.querySelector(".connections").textContent = entry.connections;
+    row.querySelector(".rooms").textContent = entry.rooms;
+    row.querySelector(".in-rate").textContent = rate(entry.messages_in_per_s);
+    row.querySelector(".out-rate").textContent = rate(entry.messages_out_per_s);
+    row.querySelector(".received").textContent = entry.messages_received;
+    row.querySelector(".sent").textContent = entry.messages_sent;
+  }
+
+  function renderCluster(cluster) {
+    var card = $("nodes-card");
+    if (!cluster || !cluster.clustered) { card.hidden = true; return; }
+    card.hidden = false;
+    var body = $("nodes").tBodies[0];
+    body.textContent = "";
+    cluster.nodes.forEach(function (entry) {
+      var row = body.insertRow();
+      row.dataset.node = entry.node;
+      row.dataset.status = entry.status;
+      if (entry.local) row.className = "local";
+      row.insertCell().textContent = entry.node + (entry.local ? " (this node)" : "");
+      row.insertCell().textContent = entry.address;
+      var status = row.insertCell();
+      status.className = "status-cell";
+      var badge = document.createElement("span");
+      badge.className = "status " + (entry.status === "ok" ? "open" : "closed");
+      badge.textContent = entry.status;
+      status.appendChild(badge);
+      ["connections", "rooms", "in-rate", "out-rate", "received", "sent"].forEach(function (name) {
+        row.insertCell().className = "n " + name;
+      });
+      fill(row, entry);
+    });
+    var totals = cluster.totals;
+    $("cluster-nodes").textContent = totals.nodes;
+    var foot = $("cluster-totals");
+    foot.dataset.status = cluster.nodes.every(function (n) { return n.status === "ok"; }) ? "ok" : "degraded";
+    foot.querySelector(".status-cell").textContent = foot.dataset.status;
+    fill(foot, totals);
+  }
+
   function askForToken(message) {
     $("auth").hidden = false;
     $("dash").hidden = true;
@@ -125,10 +170,12 @@
         $("auth").hidden = true; $("dash").hidden = false;
         setStatus("open", "live");
         render();
+        renderCluster(message.cluster);
       } else if (message.type === "sample") {
         samples.push(message.sample);
         if (samples.length > capacity) samples.shift();
         render();
+        renderCluster(message.cluster);
       }
     };
     ws.onclose = function (event) {
