@@ -119,6 +119,17 @@ async def dashboard_totals(page: Page) -> dict[str, int]:
     return values
 
 
+NODE_COLUMNS = ("connections", "rooms", "received", "sent")
+
+
+async def expect_node_row(page: Page, node: str, figures: dict[str, int], status: str = "ok") -> None:
+    """Wait until the dashboard's nodes table shows ``figures`` (``NODE_COLUMNS`` -> value) for ``node``."""
+    row = page.locator(f"#nodes tbody tr[data-node='{node}']")
+    await expect(row).to_have_attribute("data-status", status)
+    for column, value in figures.items():
+        await expect(row.locator(f"td.{column}")).to_have_text(str(value))
+
+
 async def _screenshots(directory: str) -> None:
     """Start a server, fill it with a little life, and photograph the chat page and the dashboard."""
     from pathlib import Path

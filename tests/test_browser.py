@@ -12,7 +12,8 @@ from playwright.async_api import expect
 
 from roomserver import ServerOptions, WebSocketServer
 
-from .browser import CHROMIUM, ChatPage, chromium, dashboard_totals, open_dashboard, two_pages_chat
+from .browser import CHROMIUM, ChatPage, chromium, dashboard_totals, expect_node_row, open_dashboard, two_pages_chat
+from .redis_support import REDIS_URL, delete_prefix, unique_prefix
 from .support import WSClient, aio, url_of
 
 
@@ -127,6 +128,7 @@ async def test_dashboard_counters_match_get_stats(make_server: Any, tmp_path: Pa
             await expect(page.locator("#rate-limit-hits")).to_have_text(str(refused + stats.drops.get("flood", 0)))
             await expect(page.locator("#errors tr[data-key='rate_limited'] td.n")).to_have_text(str(refused))
             await expect(page.locator("#slow-consumers")).to_have_text(str(stats.drops.get("slow_consumer", 0)))
+            await expect(page.locator("#nodes-card")).to_be_hidden()  # one node: no nodes table
             return await dashboard_totals(page)
 
     shown = await aio(scenario())
@@ -141,6 +143,68 @@ async def test_dashboard_counters_match_get_stats(make_server: Any, tmp_path: Pa
     await flooder.close()
     for ws in members:
         await ws.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_dashboard_of_one_node_shows_every_node_of_the_cluster(make_server: Any) -> None:
+    """Two nodes on Redis: the dashboard page of node A shows both nodes (pushed, the page polls nothing), each
+    row with exactly what that node's ``get_stats()`` says, and the cluster's totals; when node B stops, its
+    row goes away."""
+    prefix = unique_prefix()
+    url = f"{REDIS_URL}?prefix={prefix}"
+    a = await make_server(room_protocol=True, store=url, broker=url, rate_limit=0)
+    b = await make_server(room_protocol=True, store=url, broker=url, rate_limit=0)
+    members = []
+    for server, room in ((a, "spans"), (b, "spans"), (b, "spans"), (b, "only-on-b")):
+        ws = await WSClient.connect(url_of(server))
+        await ws.recv()
+        await ws.request({"type": "join", "room": room})
+        members.append(ws)
+    for i in range(4):
+        await members[i % 3].send({"type": "chat", "room": "spans", "text": f"n{i}", "id": i})
+    for ws in members[:3]:
+        for _ in range(4):
+            while (await ws.recv())["type"] != "chat":
+                pass
+    node_a, node_b = a.broker.node_id, b.broker.node_id
+
+    def figures(server: WebSocketServer) -> dict[str, int]:
+        stats = server.get_stats()
+        return {"connections": stats.connections, "rooms": stats.rooms, "received": stats.messages_received,
+                "sent": stats.messages_sent}
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        async with chromium() as browser:
+            page = await open_dashboard(browser, base_url(a))
+            await expect(page.locator("#nodes-card")).to_be_visible()
+            await expect(page.locator("#nodes tbody tr")).to_have_count(2)
+            expected_a, expected_b = figures(a), figures(b)
+            assert (expected_a["connections"], expected_b["connections"], expected_b["rooms"]) == (1, 3, 2)
+            await expect_node_row(page, node_a, expected_a)
+            await expect_node_row(page, node_b, expected_b)
+            await expect(page.locator(f"#nodes tbody tr[data-node='{node_a}'] td").first).to_contain_text(
+                "(this node)")
+            totals = page.locator("#cluster-totals")
+            await expect(totals.locator("td.connections")).to_have_text("4")
+            await expect(totals.locator("td.rooms")).to_have_text("2")  # "spans" counts once
+            await expect(totals.locator("td.sent")).to_have_text(str(expected_a["sent"] + expected_b["sent"]))
+            await expect(totals.locator("td.received")).to_have_text(
+                str(expected_a["received"] + expected_b["received"]))
+            await expect(page.locator("#cluster-nodes")).to_have_text("2")
+            # The top figures stay this node's own.
+            await expect(page.locator("#connections")).to_have_text(str(expected_a["connections"]))
+            await b.stop().asFuture(loop)
+            await expect(page.locator("#nodes tbody tr")).to_have_count(1, timeout=15_000)
+            await expect(page.locator(f"#nodes tbody tr[data-node='{node_a}']")).to_be_visible()
+
+    try:
+        await aio(scenario())
+    finally:
+        for ws in members:
+            await ws.close()
+        await a.stop()
+        await delete_prefix(prefix)
 
 
 @pytest_twisted.ensureDeferred
