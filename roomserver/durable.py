@@ -290,9 +290,43 @@ class DurableRooms:
             current.followers.append(effect)  # one replay per member and room at a time, each fully answered
             return
         state = states[client] = ReplayState()
-        read = defer.ensureDeferred(self._read_after(effect.room, effect.since))
+        read = defer.ensureDeferred(self._members_then_read(effect))
         read.addCallbacks(self._replay_read, self._replay_failed, callbackArgs=(client, effect, state),
                           errbackArgs=(client, effect, state))
+
+    async def _members_then_read(self, effect: Replay) -> tuple[HistoryPage, list[StoredMessage]]:
+        """In a cluster, a ``joined`` reply that lists members lists those of every node (read first)."""
+        cluster = self.server.cluster_presence
+        if cluster is not None and "members" in effect.reply:
+            effect.reply["members"] = await cluster.members(effect.room)
+        return await self._read_after(effect.room, effect.since)
+
+    def hold_reply(self, client: Client, reply: dict[str, Any], members: defer.Deferred[Any]) -> None:
+        """Send a ``joined`` reply once ``members`` (its member list) is known; the room's live messages to the
+        joiner wait behind it meanwhile, as behind a replay."""
+        room = reply["room"]
+        states = self.replaying.setdefault(room, {})
+        if client in states:  # already replaying this room: its messages are held by that replay
+            members.addCallback(lambda listed: self.server._reply(client, {**reply, "members": listed}))
+            return
+        state = states[client] = ReplayState()
+
+        def send(listed: list[dict[str, Any]]) -> None:
+            current = self._end_replay(client, room, state)
+            if not client.open:
+                return
+            try:
+                self.server._reply(client, {**reply, "members": listed})  # even if it left meanwhile: it asked
+                if current:
+                    wants_chats = self._wants_chats(client, room)
+                    for seq, payload, is_binary in state.pending:
+                        if seq is None or wants_chats:
+                            self.server.send_payload(client, payload, is_binary)
+            finally:
+                self._run_followers(client, state)
+
+        members.addCallback(send).addErrback(
+            lambda failure: self.log.failure("could not answer a join in room {room}", failure, room=room))
 
     async def _read_after(self, room: str, since: int) -> tuple[HistoryPage, list[StoredMessage]]:
         """Everything the history holds after ``since`` (one page unless the window is larger than a page)."""

@@ -117,6 +117,9 @@ class ServerOptions:
     """Seconds a closed connection's session can still be resumed (0 = sessions are never continued)."""
     dedupe_window: float = 300.0
     """Seconds a chat's ``msg_id`` is remembered: a retry within it is acknowledged, not sent again."""
+    presence_ttl: float = 30.0
+    """With the Redis broker: seconds after which the members of a node that stopped heartbeating (killed,
+    cut off from Redis) leave the rooms everywhere (docs/cluster.md)."""
 
     def __post_init__(self) -> None:
         if not self.path.startswith("/"):
@@ -165,6 +168,8 @@ class ServerOptions:
             raise ValueError("resume_ttl must be >= 0")
         if self.dedupe_window < 0:
             raise ValueError("dedupe_window must be >= 0")
+        if self.presence_ttl < 1:
+            raise ValueError("presence_ttl must be at least 1 second")
 
     @property
     def effective_ping_timeout(self) -> float:

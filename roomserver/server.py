@@ -25,7 +25,7 @@ from twisted.internet.interfaces import IReactorCore
 from twisted.logger import Logger
 
 from .access import AccessControl, Authenticate, Authorize
-from .broker import create_broker
+from .broker import create_broker, create_cluster_presence
 from .client import Client, serialize
 from .cluster import Relay
 from .core import filters as builtin_filters
@@ -123,6 +123,7 @@ class WebSocketServer:
         self.durable = DurableRooms(self)
         self.broker = create_broker(self.options, reactor)
         self.relay = Relay(self, self.broker)
+        self.cluster_presence = create_cluster_presence(self, self.broker)
         if self.options.testee:
             install_echo(self)
         self._clients: dict[str, Client] = {}
@@ -318,9 +319,13 @@ class WebSocketServer:
         except BaseException:
             await self.durable.stop()
             raise
+        if self.cluster_presence is not None:
+            self.cluster_presence.start()
         try:
             self._listening = await self._endpoint().listen(self.connections)
         except BaseException:
+            if self.cluster_presence is not None:
+                await self.cluster_presence.stop()
             await self.relay.stop()
             await self.durable.stop()
             raise
@@ -347,6 +352,8 @@ class WebSocketServer:
             await everything_closed
             if deadline.active():
                 deadline.cancel()
+        if self.cluster_presence is not None:
+            await self.cluster_presence.stop()
         await self.relay.stop()
         await self.durable.stop()
         self.log.info("roomserver stopped")
@@ -684,7 +691,12 @@ class WebSocketServer:
             self.send_payload(client, client.codec.encode(event), client.codec.binary, encoded=True)
 
     def _announce(self, effect: Announce) -> None:
-        """Send a presence event to the room's presence subscribers, encoded once per codec."""
+        """Send a presence event to the room's presence subscribers, encoded once per codec.
+
+        In a cluster the node-level events the core returns are not the room's: the cluster presence decides
+        (and announces) them instead."""
+        if self.cluster_presence is not None:
+            return
         encoded: dict[Any, bytes] = {}
         for subscriber in self.presence_tracker.subscribers(effect.room):
             if subscriber is effect.exclude or not isinstance(subscriber, Client):
@@ -694,10 +706,28 @@ class WebSocketServer:
                 encoded[codec] = codec.encode(effect.event)
             self.send_payload(subscriber, encoded[codec], codec.binary, encoded=True)
 
+    def _reply_with_cluster_members(self, client: Client, event: dict[str, Any]) -> None:
+        """A ``joined`` or ``presence`` reply, with the room's members on every node (one Redis read). A
+        ``joined`` holds the room's live messages to the joiner until it is sent, so it still comes first."""
+        assert self.cluster_presence is not None
+        members = self.cluster_presence.members(event["room"])
+        if event.get("type") == "joined":
+            self.durable.hold_reply(client, event, members)
+            return
+
+        def send(listed: list[dict[str, Any]]) -> None:
+            if client.open:
+                self._reply(client, {**event, "members": listed})
+
+        members.addCallback(send)
+
     def _execute(self, client: Client, effects: list[Effect]) -> None:
         for effect in effects:
             if isinstance(effect, Reply):
-                self._reply(client, effect.event)
+                if self.cluster_presence is not None and "members" in effect.event:
+                    self._reply_with_cluster_members(client, effect.event)
+                else:
+                    self._reply(client, effect.event)
             elif isinstance(effect, Append):
                 self.durable.append(client, effect)
             elif isinstance(effect, Replay):

@@ -147,6 +147,8 @@ class Options(usage.Options):
         ["dedupe-window", None, _DEFAULTS.dedupe_window,
          "Seconds a chat's msg_id is remembered to acknowledge retries instead of sending them again.",
          _non_negative_float],
+        ["presence-ttl", None, _DEFAULTS.presence_ttl, "With --broker redis: seconds after which the members "
+         "of a node that stopped heartbeating leave everywhere.", _non_negative_float],
     ]
 
 

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from ..interfaces import Broker
     from ..options import ServerOptions
+    from ..server import WebSocketServer
+    from .presence import ClusterPresence
 
 BROKER_SPECS = "memory or redis://HOST:PORT/DB"
 
@@ -39,3 +41,14 @@ def create_broker(options: ServerOptions, reactor: Any) -> Broker:
     from .memory import MemoryBroker
 
     return MemoryBroker()
+
+
+def create_cluster_presence(server: WebSocketServer, broker: Broker) -> ClusterPresence | None:
+    """Presence across the nodes (roomserver/broker/presence.py) when the broker is Redis; None on one node."""
+    from .redis import RedisBroker
+
+    if not isinstance(broker, RedisBroker):
+        return None
+    from .presence import ClusterPresence
+
+    return ClusterPresence(server, broker, server.options.presence_ttl)

@@ -100,6 +100,11 @@ class RedisBroker:
         self._pinger: task.LoopingCall | None = None
         self._heart: task.LoopingCall | None = None
         self.report: Callable[[], dict[str, Any]] = lambda: {}
+        self.on_presence: Callable[[str, bytes, bytes], None] | None = None
+        """(room, sender node, event) for every cluster presence event on a subscribed room's channel
+        (``p <node> <json>``, published by roomserver/broker/presence.py's scripts), this node's own included."""
+        self.publisher_ready: list[Callable[[Any], None]] = []
+        """Called with each new publisher connection (the cluster presence resyncs on it)."""
         self.cluster_view: dict[str, Any] | None = None
         broker = self
 
@@ -303,6 +308,11 @@ class RedisBroker:
             return
         seq_text, _, rest = data.partition(b" ")
         sender, _, payload = rest.partition(b" ")
+        if seq_text == b"p":  # a cluster presence event: every node forwards it to its local subscribers once
+            room = channel[len(head):].decode("utf-8", "surrogateescape")
+            if room in self.rooms and self.on_presence is not None:
+                self.on_presence(room, sender, payload)
+            return
         if sender == self._node:
             return  # our own message: already delivered locally
         try:
@@ -337,6 +347,8 @@ class RedisBroker:
 
     def _publisher_ready(self, connection: Any) -> None:
         self._rooms_dirty = True
+        for hook in self.publisher_ready:
+            hook(connection)
         owed, self._owed = self._owed, {}
         for room, (seq, payload) in owed.items():
             self.publish(room, seq, payload).addErrback(lambda failure: None)

@@ -6,13 +6,19 @@ presence event to announce, if any: a user's ``join`` fires on its first connect
 
 Connections that asked for presence events (``"presence": true`` on join) are tracked per room as
 subscribers; the hub sends join/leave events to them only.
+
+In a cluster (docs/cluster.md) this is the node's own part of the presence: ``listener`` hears of every change
+of a (room, user) here so the node can mirror it into Redis, and ``cluster_members`` merges the per-node
+entries Redis holds into the member list, users counted once over all nodes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+import orjson
 
 
 @dataclass
@@ -47,6 +53,9 @@ class Presence:
     def __init__(self) -> None:
         self._rooms: dict[str, dict[str, Member]] = {}
         self._subscribers: dict[str, set[Hashable]] = {}
+        self.listener: Callable[[str, str, PresenceEvent | None], None] | None = None
+        """Called with (room, user, the node-level event if any) after every change of that member here
+        (connections or meta): what a cluster mirrors into Redis."""
 
     def join(self, room: str, user: str, connection: Hashable, meta: Mapping[str, Any] | None = None
              ) -> PresenceEvent | None:
@@ -58,7 +67,10 @@ class Presence:
         if meta:
             member.meta = dict(meta)
         member.connections.add(connection)
-        return PresenceEvent(room, "join", user, member.meta) if first else None
+        event = PresenceEvent(room, "join", user, member.meta) if first else None
+        if self.listener is not None:
+            self.listener(room, user, event)
+        return event
 
     def leave(self, room: str, user: str, connection: Hashable) -> PresenceEvent | None:
         self.unsubscribe(room, connection)
@@ -66,13 +78,18 @@ class Presence:
         if members is None or user not in members:
             return None
         member = members[user]
-        member.connections.discard(connection)
-        if member.connections:
+        if connection not in member.connections:
             return None
-        del members[user]
-        if not members:
-            del self._rooms[room]
-        return PresenceEvent(room, "leave", user, member.meta)
+        member.connections.discard(connection)
+        event = None
+        if not member.connections:
+            del members[user]
+            if not members:
+                del self._rooms[room]
+            event = PresenceEvent(room, "leave", user, member.meta)
+        if self.listener is not None:
+            self.listener(room, user, event)
+        return event
 
     def members(self, room: str) -> list[dict[str, Any]]:
         return [member.as_json() for member in self._rooms.get(room, {}).values()]
@@ -81,6 +98,15 @@ class Presence:
         """How many connections ``user`` has in ``room``."""
         member = self._rooms.get(room, {}).get(user)
         return len(member.connections) if member is not None else 0
+
+    def member(self, room: str, user: str) -> Member | None:
+        return self._rooms.get(room, {}).get(user)
+
+    def entries(self) -> Iterator[tuple[str, Member]]:
+        """Every (room, member) here: the whole of this node's presence, for a cluster resync."""
+        for room, members in self._rooms.items():
+            for member in members.values():
+                yield room, member
 
     def users(self, room: str) -> frozenset[str]:
         return frozenset(self._rooms.get(room, {}))
@@ -100,3 +126,26 @@ class Presence:
 
     def room_count(self) -> int:
         return len(self._rooms)
+
+
+def cluster_members(entries: Iterable[tuple[str, bytes | str]]) -> list[dict[str, Any]]:
+    """The member list of a room from its cluster entries: field ``<node>|<user>`` -> ``{"c": connections,
+    "m": meta}``, one per node the user is on. A user on two nodes is one member whose connections add up
+    (its meta is the one of the node that sorts first: each node holds its latest join's). Sorted by user."""
+    merged: dict[str, dict[str, Any]] = {}
+    for key, value in sorted(entries):
+        node, separator, user = key.partition("|")
+        if not separator or not node:
+            continue
+        try:
+            entry = orjson.loads(value)
+            connections = int(entry.get("c", 0))
+            meta = entry.get("m") or {}
+        except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
+            continue
+        member = merged.get(user)
+        if member is None:
+            merged[user] = {"user": user, "connections": connections, "meta": dict(meta)}
+        else:
+            member["connections"] += connections
+    return [merged[user] for user in sorted(merged)]

@@ -1,0 +1,229 @@
+"""Presence across the nodes of a Redis cluster (roomserver/broker/presence.py), with two in-process nodes on
+one Redis prefix: one member per user over all nodes, each event once at every subscriber, cluster-wide member
+lists, dead nodes reaped once, a resync after Redis lost this node's writes, and no key left behind."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+
+from roomserver import WebSocketServer
+from roomserver.redislink import RedisLink, RedisURL
+
+from .redis_support import REDIS_URL, RedisServer, delete_prefix, scan, unique_prefix
+from .support import WSClient, aio, eventually, start_server, url_of
+from .test_presence_filters_codecs import SECRET, token
+
+
+@pytest.fixture
+def secret_file(tmp_path: Path) -> str:
+    path = tmp_path / "secret"
+    path.write_text(SECRET)
+    return str(path)
+
+
+async def connect_as(server: Any, user: str, **claims: Any) -> WSClient:
+    ws = await WSClient.connect(url_of(server), additional_headers={"Authorization": f"Bearer {token(user, **claims)}"})
+    assert (await ws.recv())["type"] == "welcome"
+    return ws
+
+
+async def quiet(ws: WSClient, timeout: float = 0.4) -> list[Any]:
+    """What ``ws`` receives within ``timeout`` (nothing, when a test expects no further event)."""
+    received = []
+    while True:
+        try:
+            received.append(await ws.recv(timeout=timeout))
+        except TimeoutError:
+            return received
+
+
+async def redis_link(url: str = REDIS_URL) -> RedisLink:
+    link = RedisLink(RedisURL.parse(url), reactor, name="test")
+    link.start()
+    await link.when_connected(5)
+    return link
+
+
+async def presence_keys(link: RedisLink, prefix: str) -> list[str]:
+    return sorted(key.decode()[len(prefix):] for key in await scan(link, prefix)
+                  if key.decode()[len(prefix):].startswith(("p:", "pu:", "pn:")))
+
+
+@pytest_twisted.async_yield_fixture
+async def prefix() -> Any:
+    chosen = unique_prefix()
+    yield chosen
+    await delete_prefix(chosen)
+
+
+@pytest_twisted.async_yield_fixture
+async def make_node(prefix: str) -> Any:
+    """Start in-process nodes on the test's Redis prefix; stopped before the prefix's keys are deleted."""
+    started: list[WebSocketServer] = []
+
+    async def make(**options: Any) -> WebSocketServer:
+        started.append(await start_server(**options))
+        return started[-1]
+
+    yield make
+    for server in started:
+        await server.stop()
+
+
+async def two_nodes(make_node: Any, prefix: str, secret_file: str, **options: Any) -> tuple[Any, Any]:
+    url = f"{REDIS_URL}?prefix={prefix}"
+    nodes = [await make_node(room_protocol=True, store=url, broker=url, rate_limit=0, jwt_secret_file=secret_file,
+                             **options) for _ in range(2)]
+    return nodes[0], nodes[1]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_user_on_two_nodes_is_one_member_and_every_event_comes_once(
+        make_node: Any, prefix: str, secret_file: str) -> None:
+    a, b = await two_nodes(make_node, prefix, secret_file)
+    link = await redis_link()
+    try:
+        watch_a = await connect_as(a, "watch-a")
+        watch_b = await connect_as(b, "watch-b")
+        joined = await watch_a.request({"type": "join", "room": "lobby", "presence": True})
+        assert [m["user"] for m in joined["members"]] == ["watch-a"]
+        joined = await watch_b.request({"type": "join", "room": "lobby", "presence": True})
+        assert [m["user"] for m in joined["members"]] == ["watch-a", "watch-b"], "the member list spans the nodes"
+        assert await watch_a.recv() == {"type": "presence", "room": "lobby", "event": "join", "user": "watch-b"}
+
+        alice_a = await connect_as(a, "alice")
+        await alice_a.request({"type": "join", "room": "lobby", "meta": {"name": "Alice"}})
+        event = {"type": "presence", "room": "lobby", "event": "join", "user": "alice", "meta": {"name": "Alice"}}
+        assert await watch_a.recv() == event
+        assert await watch_b.recv() == event
+        alice_b = await connect_as(b, "alice")
+        await alice_b.request({"type": "join", "room": "lobby", "meta": {"name": "Alice"}})
+        alice_b2 = await connect_as(b, "alice")
+        await alice_b2.request({"type": "join", "room": "lobby"})
+        listed = await watch_b.request({"type": "presence", "room": "lobby", "id": 1})
+        assert listed["id"] == 1
+        assert {m["user"]: m["connections"] for m in listed["members"]} == {"watch-a": 1, "watch-b": 1, "alice": 3}
+        assert await quiet(watch_a) == [] and await quiet(watch_b) == [], "alice's other connections: no event"
+
+        await alice_a.request({"type": "leave", "room": "lobby"})
+        await alice_b.close()
+        assert await quiet(watch_a) == [] and await quiet(watch_b) == [], "alice is still there on node b"
+        await alice_b2.close()
+        leave = {"type": "presence", "room": "lobby", "event": "leave", "user": "alice"}
+        assert await watch_a.recv() == leave
+        assert await watch_b.recv() == leave
+        assert await quiet(watch_a) == [] and await quiet(watch_b) == [], "the leave fires once"
+        await alice_a.close()
+
+        await watch_b.close()
+        assert await watch_a.recv() == {"type": "presence", "room": "lobby", "event": "leave", "user": "watch-b"}
+        await watch_a.close()
+        await eventually(lambda: len(a.registry) == 0 and len(b.registry) == 0)
+        await eventually(lambda: a.presence_tracker.room_count() == 0)
+        keys: list[str] = ["not yet read"]
+        for _ in range(100):
+            keys = await presence_keys(link, prefix)
+            if not keys:
+                break
+            await aio(asyncio.sleep(0.02))
+        assert keys == [], "everyone left: no presence key is left in Redis"
+    finally:
+        await link.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_join_with_since_and_presence_lists_every_nodes_members_before_the_replay(
+        make_node: Any, prefix: str, secret_file: str) -> None:
+    a, b = await two_nodes(make_node, prefix, secret_file)
+    bob = await connect_as(a, "bob")
+    await bob.request({"type": "join", "room": "r1", "meta": {"n": 1}})
+    await bob.request({"type": "chat", "room": "r1", "text": "hi", "id": 1})  # chat, then its ack
+    carol = await connect_as(b, "carol")
+    joined = await carol.request({"type": "join", "room": "r1", "since": 0, "presence": True})
+    assert joined["type"] == "joined" and joined["recovered"] is True
+    assert joined["members"] == [{"user": "bob", "connections": 1, "meta": {"n": 1}},
+                                 {"user": "carol", "connections": 1, "meta": {}}]
+    assert (await carol.recv())["text"] == "hi"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_dead_nodes_members_are_reaped_once_and_a_user_also_elsewhere_stays(
+        make_node: Any, prefix: str, secret_file: str) -> None:
+    """A node that stopped heartbeating (written here by hand: a dead node's entries and its past deadline)
+    is reaped by the live nodes: its only-there users leave once, at every subscriber; users also on a live
+    node stay."""
+    a, b = await two_nodes(make_node, prefix, secret_file, presence_ttl=2)
+    link = await redis_link()
+    try:
+        watch_a = await connect_as(a, "watch-a")
+        await watch_a.request({"type": "join", "room": "lobby", "presence": True})
+        watch_b = await connect_as(b, "watch-b")
+        await watch_b.request({"type": "join", "room": "lobby", "presence": True})
+        await watch_a.recv()  # watch-b's join
+        dave = await connect_as(a, "dave")
+        await dave.request({"type": "join", "room": "lobby"})
+        assert (await watch_b.recv())["user"] == "dave"
+        await watch_a.recv()
+        p = prefix.encode()
+        ghost = b"deadbeef0000"
+        for user in (b"zed", b"dave"):
+            await link.command("HSET", p + b"p:lobby", ghost + b"|" + user, b'{"c":1,"m":{}}')
+            await link.command("HINCRBY", p + b"pu:lobby", user, 1)
+            await link.command("SADD", p + b"pn:" + ghost, b"lobby\n" + user)
+        await link.command("ZADD", p + b"pnodes", 1, ghost)
+        listed = await watch_b.request({"type": "presence", "room": "lobby"})
+        before = {m["user"]: m["connections"] for m in listed["members"]}
+        # The ghost may already be reaped by now (its deadline is long past): then zed's leave is on its way.
+        assert before.get("dave") in (1, 2) and before.get("zed", 1) == 1
+        leave = {"type": "presence", "room": "lobby", "event": "leave", "user": "zed"}
+        if "zed" in before:
+            assert await watch_a.recv(timeout=5) == leave
+            assert await watch_b.recv(timeout=5) == leave
+        assert await quiet(watch_a, 1.2) == [] and await quiet(watch_b) == [], "once, and dave stays"
+        listed = await watch_a.request({"type": "presence", "room": "lobby"})
+        assert {m["user"]: m["connections"] for m in listed["members"]} == {"watch-a": 1, "watch-b": 1, "dave": 1}
+        assert await link.command("EXISTS", p + b"pn:" + ghost) == 0
+        assert await link.command("ZSCORE", p + b"pnodes", ghost) is None
+        assert a.cluster_presence.reaped + b.cluster_presence.reaped >= (1 if "zed" in before else 0)
+    finally:
+        await link.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_away_keeps_local_presence_and_the_node_resyncs_when_it_is_back(
+        make_server: Any, tmp_path: Path, secret_file: str) -> None:
+    redis = RedisServer(tmp_path)  # not persistent: a restart loses every key, as an emptied Redis would
+    redis.start()
+    prefix = unique_prefix()
+    url = f"{redis.url}?prefix={prefix}"
+    try:
+        a = await make_server(room_protocol=True, store=url, broker=url, rate_limit=0, jwt_secret_file=secret_file)
+        watcher = await connect_as(a, "watcher")
+        await watcher.request({"type": "join", "room": "r", "presence": True})
+        redis.stop()
+        await eventually(lambda: not a.broker.publisher.connected, timeout=5)
+        erin = await connect_as(a, "erin")
+        joined = await erin.request({"type": "join", "room": "r", "presence": True})
+        assert {m["user"] for m in joined["members"]} == {"watcher", "erin"}, "this node's members meanwhile"
+        assert await watcher.recv() == {"type": "presence", "room": "r", "event": "join", "user": "erin"}, \
+            "local presence events go on without Redis"
+        redis.start()
+        await eventually(lambda: a.cluster_presence.syncs >= 1 and not a.cluster_presence.dirty, timeout=15)
+        link = await redis_link(redis.url)
+        try:
+            fields = await link.command("HGETALL", (prefix + "p:r").encode())
+            users = sorted(bytes(fields[i]).decode().partition("|")[2] for i in range(0, len(fields), 2))
+            assert users == ["erin", "watcher"], "the node's whole presence is back in Redis"
+            assert orjson.loads(fields[1]) == {"c": 1, "m": {}}
+        finally:
+            await link.stop()
+        assert await quiet(watcher) == [], "the resync does not announce erin's join here a second time"
+    finally:
+        redis.stop()
