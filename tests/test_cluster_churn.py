@@ -49,7 +49,7 @@ async def test_ten_thousand_rooms_created_and_emptied_leave_nothing_in_redis(mak
         assert channels == [], "no room subscription is left"
         keys = sorted(key.decode()[len(prefix):] for key in await scan(link, prefix))
         node = server.broker.node_id
-        assert set(keys) <= {"meta", "nodes", f"n:{node}"}, keys
+        assert set(keys) <= {"meta", "nodes", f"n:{node}", "pnodes"}, keys
     finally:
         await link.stop()
         await server.stop()

@@ -5,6 +5,7 @@ lists, dead nodes reaped once, a resync after Redis lost this node's writes, and
 from __future__ import annotations
 
 import asyncio
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,8 @@ from twisted.internet import reactor
 from roomserver import WebSocketServer
 from roomserver.redislink import RedisLink, RedisURL
 
-from .redis_support import REDIS_URL, RedisServer, delete_prefix, scan, unique_prefix
+from .cluster_support import Node
+from .redis_support import REDIS_URL, RedisServer, delete_prefix, delete_prefix_now, scan, unique_prefix
 from .support import WSClient, aio, eventually, start_server, url_of
 from .test_presence_filters_codecs import SECRET, token
 
@@ -216,6 +218,8 @@ async def test_redis_away_keeps_local_presence_and_the_node_resyncs_when_it_is_b
             "local presence events go on without Redis"
         redis.start()
         await eventually(lambda: a.cluster_presence.syncs >= 1 and not a.cluster_presence.dirty, timeout=15)
+        assert a.broker.health()["presence"]["in_sync"] is True
+        assert a.broker.health()["presence"]["failures"] >= 1, "erin's join could not be written at first"
         link = await redis_link(redis.url)
         try:
             fields = await link.command("HGETALL", (prefix + "p:r").encode())
@@ -227,3 +231,91 @@ async def test_redis_away_keeps_local_presence_and_the_node_resyncs_when_it_is_b
         assert await quiet(watcher) == [], "the resync does not announce erin's join here a second time"
     finally:
         redis.stop()
+
+
+# -- three twistd nodes, one killed with SIGKILL ----------------------------------------------------------------
+
+TTL = 3.0
+
+
+async def ws_as(url: str, user: str) -> tuple[WSClient, str]:
+    """A connection to ``url`` as ``user``; returns it and its session token."""
+    ws = await WSClient.connect(url, additional_headers={"Authorization": f"Bearer {token(user)}"})
+    welcome = await ws.recv()
+    assert welcome["type"] == "welcome"
+    return ws, welcome["session"]
+
+
+def redis_keys(prefix: str) -> list[str]:
+    listed = subprocess.run(["redis-cli", "--scan", "--pattern", prefix + "*"], capture_output=True, check=True,
+                            timeout=10).stdout.decode().split()
+    return sorted(key[len(prefix):] for key in listed)
+
+
+@pytest_twisted.ensureDeferred
+async def test_killed_nodes_members_leave_everywhere_once_within_the_ttl_and_resumed_ones_stay(
+        tmp_path: Path, secret_file: str) -> None:
+    prefix = unique_prefix()
+    url = f"{REDIS_URL}?prefix={prefix}"
+    nodes = [Node(url, tmp_path, f"node{i}", "--jwt-secret-file", secret_file, "--presence-ttl", str(TTL)).start()
+             for i in range(3)]
+    loop = asyncio.get_running_loop()
+    try:
+        for node in nodes:
+            await aio(loop.run_in_executor(None, node.wait))
+        watchers = []
+        for i in (0, 1):
+            watcher, _ = await ws_as(nodes[i].url, f"watch{i}")
+            await watcher.request({"type": "join", "room": "kp", "presence": True})
+            watchers.append(watcher)
+        assert (await watchers[0].recv())["user"] == "watch1"
+        on_dead = {}
+        sessions = {}
+        for user in ("victim", "resumer", "both"):
+            on_dead[user], sessions[user] = await ws_as(nodes[2].url, user)
+            assert (await on_dead[user].request({"type": "join", "room": "kp"}))["type"] == "joined"
+        both_alive, _ = await ws_as(nodes[1].url, "both")
+        assert (await both_alive.request({"type": "join", "room": "kp"}))["type"] == "joined"
+        for watcher in watchers:
+            joins = [event["user"] for event in await quiet(watcher, 0.5)]
+            assert sorted(joins) == ["both", "resumer", "victim"], "each join once at every watcher"
+        listed = await watchers[1].request({"type": "presence", "room": "kp"})
+        assert {m["user"]: m["connections"] for m in listed["members"]} == {
+            "watch0": 1, "watch1": 1, "victim": 1, "resumer": 1, "both": 2}
+
+        await aio(loop.run_in_executor(None, nodes[2].kill))
+        killed_at = loop.time()
+        resumed, _ = await ws_as(nodes[0].url, "resumer")  # the client of the dead node moves, within the ttl
+        reply = await resumed.request({"type": "resume", "session": sessions["resumer"], "rooms": {"kp": 0}})
+        assert reply["type"] == "resumed" and reply["room"] == "kp"
+        leave = {"type": "presence", "room": "kp", "event": "leave", "user": "victim"}
+        for watcher in watchers:
+            assert await watcher.recv(timeout=TTL + 3) == leave
+        assert loop.time() - killed_at < TTL + 1.5, "the dead node's members left within presence_ttl (+ slack)"
+        for watcher in watchers:
+            assert await quiet(watcher, 1.0) == [], "the leave fires once; resumer and both never left"
+        listed = await watchers[0].request({"type": "presence", "room": "kp"})
+        assert {m["user"]: m["connections"] for m in listed["members"]} == {
+            "watch0": 1, "watch1": 1, "resumer": 1, "both": 1}
+        keys = redis_keys(prefix)
+        assert not any(key.startswith("pn:") and key != f"pn:{node_id(nodes[0])}" and
+                       key != f"pn:{node_id(nodes[1])}" for key in keys), keys
+
+        for client in (resumed, both_alive, *watchers):
+            await client.close()
+        for node in nodes[:2]:
+            await aio(loop.run_in_executor(None, node.stop))
+        keys = redis_keys(prefix)
+        assert [key for key in keys if key.startswith(("p:", "pu:", "pn:", "pnodes"))] == [], \
+            "everyone left and the nodes stopped: no presence key is left"
+    finally:
+        for node in nodes:
+            node.stop()
+        delete_prefix_now(prefix)
+    for node in nodes:
+        assert not node.tracebacks(), node.tracebacks()
+
+
+def node_id(node: Node) -> str:
+    _, health = node.health()
+    return str(health["broker"]["node"])

@@ -180,6 +180,7 @@ class ClusterPresence:
     def start(self) -> None:
         self.tracker.listener = self._changed
         self.broker.on_presence = self._received
+        self.broker.presence_report = self.stats
         self.broker.publisher_ready.append(self._reconnected)
         self._load_scripts(self.link.protocol)
         self._heart = task.LoopingCall(self._beat)

@@ -105,6 +105,7 @@ class RedisBroker:
         (``p <node> <json>``, published by roomserver/broker/presence.py's scripts), this node's own included."""
         self.publisher_ready: list[Callable[[Any], None]] = []
         """Called with each new publisher connection (the cluster presence resyncs on it)."""
+        self.presence_report: Callable[[], dict[str, Any]] | None = None
         self.cluster_view: dict[str, Any] | None = None
         broker = self
 
@@ -183,6 +184,8 @@ class RedisBroker:
         }
         if self.cluster_view is not None:
             report["cluster"] = self.cluster_view
+        if self.presence_report is not None:
+            report["presence"] = self.presence_report()
         if not ok:
             report["state"] = "resubscribing" if self.subscriber.connected else "reconnecting"
         return report
