@@ -36,7 +36,7 @@ def test_entries_list_the_whole_node() -> None:
 
 
 def test_cluster_members_count_a_user_on_two_nodes_once_with_all_its_connections() -> None:
-    entries = [
+    entries: list[tuple[str, bytes | str]] = [
         ("n2|alice", b'{"c":2,"m":{"name":"A2"}}'),
         ("n1|alice", b'{"c":1,"m":{"name":"A1"}}'),
         ("n1|bob|x", '{"c":1,"m":{}}'),
