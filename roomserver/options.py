@@ -52,6 +52,10 @@ class ServerOptions:
     """A client that keeps sending at more than this many times ``rate_limit`` is closed with 1008."""
     max_send_buffer: int = 4 * MIB
     """Bytes queued for a client that does not read; beyond it the client is closed with 4008 (slow consumer)."""
+    socket_send_buffer: int = 256 * KIB
+    """``SO_SNDBUF`` of every plain-TCP WebSocket connection (0 = the kernel's autotuning, up to 4 MiB per
+    connection on Linux). It bounds what a client that does not read pins in kernel memory before the
+    ``max_send_buffer`` count starts; the kernel doubles the value for its bookkeeping."""
     allowed_origins: tuple[str, ...] = ()
     """Browser origins allowed to connect (``*`` wildcards; ``*`` = any). Empty: same origin only. Requests
     without an Origin header (non-browser clients) are allowed; ``null`` origins are refused."""
@@ -134,6 +138,8 @@ class ServerOptions:
             raise ValueError("ping_timeout must be at least 1 second")
         if self.max_message_size <= 0:
             raise ValueError("max_message_size must be > 0")
+        if self.socket_send_buffer < 0:
+            raise ValueError("socket_send_buffer must be >= 0")
         if self.max_fragments < 1 or self.max_send_buffer < 1 or self.max_handshake_size < 256:
             raise ValueError("max_fragments and max_send_buffer must be > 0, max_handshake_size >= 256")
         if self.max_send_buffer < 2 * self.max_message_size:

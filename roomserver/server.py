@@ -424,7 +424,8 @@ class WebSocketServer:
             )
         if isinstance(protocol.transport, GuardedConnection):
             protocol.transport.watch_send_buffer(
-                self.options.max_send_buffer, lambda: self._drop_slow_consumer(protocol)
+                self.options.max_send_buffer, lambda: self._drop_slow_consumer(protocol),
+                socket_buffer=self.options.socket_send_buffer,
             )
         self.observers.connection_opened(client)
         if self.access.enabled:

@@ -40,6 +40,13 @@ def _non_negative_float(value: str) -> float:
     return number
 
 
+def _non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise ValueError("must be >= 0")
+    return number
+
+
 def _origins(value: str) -> tuple[str, ...]:
     return tuple(origin.strip() for origin in value.split(",") if origin.strip())
 
@@ -111,6 +118,8 @@ class Options(usage.Options):
          "this many times the rate limit.", float],
         ["max-send-buffer", None, _DEFAULTS.max_send_buffer, "Bytes queued for a client that does not read; "
          "beyond it close 4008 (slow consumer).", _positive_int],
+        ["socket-send-buffer", None, _DEFAULTS.socket_send_buffer, "SO_SNDBUF of WebSocket connections in bytes "
+         "(0 = kernel autotuning): bounds the kernel memory a client that does not read pins.", _non_negative_int],
         ["allowed-origins", None, "", "Comma-separated browser origins allowed to connect (* wildcards; * = any). "
          "Default: same origin only. Requests without Origin are allowed; 'null' is refused.", _origins],
         ["max-handshake-size", None, _DEFAULTS.max_handshake_size, "Bytes of HTTP request head; beyond it "

@@ -15,9 +15,11 @@ bounded whether a client stops reading or floods pings it never reads the pongs 
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from twisted.internet import tcp
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import connectionDone
 from twisted.protocols.policies import ProtocolWrapper
@@ -98,24 +100,29 @@ class GuardedConnection(ProtocolWrapper):
     and leave together when ``WriteBatcher`` flushes, in the order they were written, as one
     ``transport.write``: a burst of broadcasts costs one pass through Twisted's write path per connection
     instead of one per message. Back-pressure and the send-buffer watch see the same bytes as before, one
-    reactor turn later. (Sending a flush straight on the socket when Twisted's buffer is empty was measured
-    too: docs/performance.md says what it saved and why it is not in.)
+    reactor turn later. A flush that finds Twisted's buffer empty goes straight to the socket (``_send_now``).
     """
 
     watch: SendBufferWatch | None = None
     batcher: WriteBatcher | None = None
     _batch: list[bytes] | None = None
+    _direct = False  # plain TCP (no TLS layer in between): flushes may go straight to the socket
 
-    def watch_send_buffer(self, limit: int, on_overflow: Callable[[], None]) -> None:
+    def watch_send_buffer(self, limit: int, on_overflow: Callable[[], None], socket_buffer: int = 0) -> None:
         """Start counting queued bytes (called once the connection became a WebSocket).
 
         The HTTP channel registered itself as the transport's producer before the upgrade; it no longer owns
-        the connection, so the watch takes its place.
+        the connection, so the watch takes its place. ``socket_buffer`` (``SO_SNDBUF``, 0 = the kernel's
+        autotuning) bounds what the kernel holds for a peer that does not read: beyond it, bytes queue in
+        Twisted's buffer where the watch counts them.
         """
         transport: Any = self.transport
         if transport is None:
             return
         self.watch = SendBufferWatch(limit, on_overflow)
+        self._direct = isinstance(transport, tcp.Connection) and not transport.TLS
+        if self._direct and socket_buffer > 0:
+            transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, socket_buffer)
         transport.unregisterProducer()
         transport.registerProducer(self.watch, True)
 
@@ -152,10 +159,38 @@ class GuardedConnection(ProtocolWrapper):
         transport: Any = self.transport
         if transport is None:
             return
-        transport.write(data)
         watch = self.watch
+        if self._direct and watch is not None and not watch.paused:
+            data = self._send_now(transport, data)
+            if not data:
+                return
+        transport.write(data)
         if watch is not None and watch.paused:
             watch.wrote(len(data))
+
+    @staticmethod
+    def _send_now(transport: Any, data: bytes) -> bytes:
+        """Hand ``data`` to the kernel at once when Twisted has nothing queued for this socket; return what the
+        kernel did not take (it then goes through Twisted's buffer, in order, as before).
+
+        Twisted's own ``write`` only queues the bytes and registers the socket with epoll for writing; the send
+        happens in the next poll, and the socket is unregistered again: two ``epoll_ctl`` calls and a pass
+        through the reactor's dispatch for every flush. When a member gets one message per reactor iteration
+        (many small rooms, a fixed low rate) that is most of a delivery's cost. The order of bytes is kept:
+        this path is taken only when Twisted's buffers are empty. Plain TCP only (TLS must go through the TLS
+        layer), and never once the connection is closing. Slow consumers are still found: once the kernel stops
+        taking bytes they go to Twisted's buffer, which pauses the watch, which counts from there on.
+        """
+        if (transport.disconnecting or not transport.connected or transport.dataBuffer
+                or transport._tempDataBuffer):
+            return data
+        try:
+            sent = transport.socket.send(data)
+        except OSError:
+            # EAGAIN (the kernel buffer is full), or the connection broke: Twisted's buffer takes the bytes, and
+            # its next write attempt finds and reports the error the usual way.
+            return data
+        return data[sent:] if sent < len(data) else b""
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.watch = None

@@ -7,18 +7,20 @@ sockets on loopback.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
 from typing import Any
 
 import pytest_twisted
-from twisted.internet import task
+from twisted.internet import defer, task
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 
-from roomserver.transport import GuardedConnection
+from roomserver.transport import GuardedConnection, SendBufferWatch
 from roomserver.web import TrackingFactory
 
-from .support import RawClient, WSClient, frame, url_of
+from .support import RawClient, WSClient, aio, frame, url_of
 
 
 class CountingTransport(StringTransport):
@@ -77,8 +79,79 @@ def test_without_a_reactor_writes_go_straight_through() -> None:
     assert transport.value() == b"now"
 
 
-async def _joined_raw(server: Any, room: str) -> RawClient:
-    raw = await RawClient.connect(server)
+class KernelSocket:
+    """A socket whose kernel buffer takes ``room`` more bytes (``BlockingIOError`` when it takes none)."""
+
+    def __init__(self, room: int) -> None:
+        self.room = room
+        self.wire = b""
+
+    def send(self, data: bytes) -> int:
+        if self.room == 0:
+            raise BlockingIOError
+        taken = min(self.room, len(data))
+        self.room -= taken
+        self.wire += data[:taken]
+        return taken
+
+
+class TwistedBuffer:
+    """What ``_send_now`` looks at on a ``tcp.Connection``: Twisted's own buffers, and its write path."""
+
+    TLS = False
+    connected = True
+    disconnecting = False
+
+    def __init__(self, socket: KernelSocket) -> None:
+        self.socket = socket
+        self.dataBuffer = b""
+        self._tempDataBuffer: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self._tempDataBuffer.append(data)
+
+    def doWrite(self) -> None:
+        """Twisted's next write attempt: its buffer goes to the kernel (which has room for all of it here)."""
+        pending = self.dataBuffer + b"".join(self._tempDataBuffer)
+        self.dataBuffer, self._tempDataBuffer = b"", []
+        self.socket.wire += pending
+
+
+def direct_connection(kernel_room: int) -> tuple[GuardedConnection, TwistedBuffer]:
+    connection, _ = guarded(None)
+    transport = TwistedBuffer(KernelSocket(kernel_room))
+    connection.transport = transport  # type: ignore[assignment]
+    connection._direct = True
+    connection.watch = SendBufferWatch(1 << 20, lambda: None)
+    return connection, transport
+
+
+def test_direct_sends_never_overtake_bytes_waiting_in_twisteds_buffer() -> None:
+    connection, transport = direct_connection(kernel_room=4)
+    connection.write(b"hello")  # the kernel takes "hell", Twisted's buffer keeps "o"
+    assert transport.socket.wire == b"hell" and transport._tempDataBuffer == [b"o"]
+    transport.socket.room = 100  # the peer read: the kernel has room again, Twisted has not written yet
+    connection.write(b" world")  # must queue behind "o", not go straight to the kernel
+    assert transport.socket.wire == b"hell"
+    transport.doWrite()
+    assert transport.socket.wire == b"hello world"
+    connection.write(b"!")  # Twisted's buffer is empty again: straight to the kernel
+    assert transport.socket.wire == b"hello world!" and transport._tempDataBuffer == []
+
+
+def test_a_full_or_closing_socket_leaves_the_bytes_to_twisted() -> None:
+    connection, transport = direct_connection(kernel_room=0)
+    connection.write(b"later")
+    assert transport.socket.wire == b"" and transport._tempDataBuffer == [b"later"]
+
+    connection, transport = direct_connection(kernel_room=100)
+    transport.disconnecting = True
+    connection.write(b"bye")
+    assert transport.socket.wire == b"" and transport._tempDataBuffer == [b"bye"]
+
+
+async def _joined_raw(server: Any, room: str, recv_buffer: int | None = None) -> RawClient:
+    raw = await RawClient.connect(server, recv_buffer=recv_buffer)
     await raw.read_frame()  # welcome
     raw.send(frame(0x1, json.dumps({"type": "join", "room": room}).encode()))
     opcode, payload = await raw.read_frame()
@@ -131,6 +204,50 @@ async def test_websocket_connections_have_tcp_nodelay(make_server: Any) -> None:
     (wrapper,) = list(server.connections.protocols)
     assert wrapper.transport.getTcpNoDelay()
     await ws.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_socket_send_buffer_bounds_the_kernel_queue(make_server: Any) -> None:
+    server = await make_server(room_protocol=True, socket_send_buffer=64 * 1024)
+    ws = await WSClient.connect(url_of(server))
+    await ws.recv()
+    (wrapper,) = list(server.connections.protocols)
+    # Linux doubles SO_SNDBUF for its bookkeeping; without the option it would autotune up to tcp_wmem's max.
+    assert wrapper.transport.socket.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == 2 * 64 * 1024
+    await ws.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_direct_sends_and_twisted_buffer_keep_every_byte_in_order(make_server: Any) -> None:
+    """Flushes go straight to the socket while Twisted's buffer is empty, and to Twisted's buffer once the
+    kernel takes only part of them. With a tiny kernel buffer, chats arriving one by one and a member that
+    reads in slow bursts, both paths alternate many times; every message must arrive whole, once, in order."""
+    server = await make_server(room_protocol=True, rate_limit=0, socket_send_buffer=4096,
+                               max_message_size=64 * 1024)
+    reader = await _joined_raw(server, "big", recv_buffer=4096)
+    sender = await _joined_raw(server, "big")
+    texts = [f"{i:04d}" + "x" * (1000 + 97 * i) for i in range(120)]  # 1 to 12.5 KB each, 0.8 MB in all
+
+    async def send_one_by_one() -> None:
+        for text in texts:
+            sender.send(frame(0x1, json.dumps({"type": "chat", "room": "big", "text": text}).encode()))
+            assert json.loads((await sender.read_frame())[1])["text"] == text  # its own copy: one at a time
+
+    async def read_in_slow_bursts() -> list[dict[str, Any]]:
+        events = []
+        for index in range(len(texts)):
+            if index % 10 == 0:
+                await aio(asyncio.sleep(0.02))  # let the kernel buffer fill while the server keeps sending
+            events.append(json.loads((await reader.read_frame())[1]))
+        return events
+
+    sending = defer.ensureDeferred(send_one_by_one())
+    events = await read_in_slow_bursts()
+    await sending
+    assert [event["text"] for event in events] == texts
+    assert [event["seq"] for event in events] == list(range(1, len(texts) + 1))
+    reader.close()
+    sender.close()
 
 
 def test_autobahn_uses_its_native_masking_and_utf8_validation() -> None:
