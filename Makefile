@@ -50,7 +50,11 @@ compliance: install
 bench/node_modules/.package-lock.json: bench/package.json bench/package-lock.json
 	cd bench && npm ci --no-audit --no-fund
 
-bench-deps: bench/node_modules/.package-lock.json
+$(VENV)/.bench-stamp: setup.cfg | $(VENV)/.install-stamp
+	$(BIN)/python -m pip install --quiet '.[bench]'
+	touch $@
+
+bench-deps: bench/node_modules/.package-lock.json $(VENV)/.bench-stamp
 
 # roomserver beside its peers, alternately, medians of RUNS runs, ratios in the same run (docs/performance.md).
 RUNS ?= 3

@@ -79,6 +79,7 @@ SERVERS: dict[str, Callable[[int], list[str]]] = {
     "autobahn-naive": lambda port: [sys.executable, "-m", "bench.peers.autobahn_peer", str(port), "naive"],
     "autobahn-prepared": lambda port: [sys.executable, "-m", "bench.peers.autobahn_peer", str(port), "prepared"],
     "node-ws": lambda port: ["node", str(BENCH / "peers" / "ws_peer.js"), str(port)],
+    "uws-pubsub": lambda port: [sys.executable, "-m", "bench.peers.uws_peer", str(port)],
 }
 # Other checkouts of roomserver measured beside this one (--baseline NAME=DIR), e.g. before an optimization.
 BASELINES: dict[str, Path] = {}

@@ -23,12 +23,12 @@ ROOMS = Rooms()
 MODE = "naive"
 
 
-def broadcast_naive(members: set[Any], payload: bytes) -> None:
+def broadcast_naive(room: str, members: set[Any], payload: bytes) -> None:
     for member in members:
         member.sendMessage(payload)
 
 
-def broadcast_prepared(members: set[Any], payload: bytes) -> None:
+def broadcast_prepared(room: str, members: set[Any], payload: bytes) -> None:
     prepared = FACTORY.prepareMessage(payload)
     for member in members:
         member.sendPreparedMessage(prepared)

@@ -34,14 +34,15 @@ def error(code: str, message: str) -> bytes:
 
 
 class Rooms:
-    """Members and seq per room; ``handle`` returns a reply for the sender and, for a chat, what to broadcast."""
+    """Members and seq per room; ``handle`` returns a reply for the sender and, for a chat, calls
+    ``broadcast(room, members, payload)``."""
 
     def __init__(self) -> None:
         self.members: dict[str, set[Any]] = {}
         self.seqs: dict[str, int] = {}
 
     def handle(self, member: Any, member_id: str, payload: bytes | str,
-               broadcast: Callable[[set[Any], bytes], None]) -> bytes | None:
+               broadcast: Callable[[str, set[Any], bytes], None]) -> bytes | None:
         try:
             message = json.loads(payload)
         except ValueError:
@@ -60,7 +61,8 @@ class Rooms:
             if members is None or member not in members:
                 return error("not_in_room", f"join room {room!r} first")
             seq = self.seqs[room] = self.seqs[room] + 1
-            broadcast(members, encode({"type": "chat", "room": room, "from": member_id, "text": text, "seq": seq}))
+            event = {"type": "chat", "room": room, "from": member_id, "text": text, "seq": seq}
+            broadcast(room, members, encode(event))
             return None
         if kind == "join":
             members = self.members.setdefault(room, set())

@@ -17,7 +17,7 @@ from .rooms import Rooms, new_id, welcome
 ROOMS = Rooms()
 
 
-def _broadcast(members: set[Any], payload: bytes) -> None:
+def _broadcast(room: str, members: set[Any], payload: bytes) -> None:
     broadcast(members, payload.decode("utf-8"))  # a str goes out as a text frame, framed once per recipient
 
 
