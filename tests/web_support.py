@@ -7,9 +7,12 @@ from contextlib import contextmanager
 from typing import Any
 
 import orjson
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import globalLogPublisher
-from twisted.web.client import Agent, readBody
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, ResponseDone
+from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 
 from roomserver import WebSocketServer
@@ -33,6 +36,30 @@ class Response:
         return self.body.decode("utf-8")
 
 
+class _BodyCollector(Protocol):
+    """The whole response body. (``twisted.web.client.readBody`` warns that the Agent's transport cannot be
+    aborted: true here and harmless, since every test reads bodies to the end.)"""
+
+    def __init__(self, done: defer.Deferred[bytes]) -> None:
+        self.done = done
+        self.chunks: list[bytes] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.chunks.append(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(b"".join(self.chunks))
+        else:
+            self.done.errback(reason)
+
+
+def read_body(response: Any) -> defer.Deferred[bytes]:
+    done: defer.Deferred[bytes] = defer.Deferred()
+    response.deliverBody(_BodyCollector(done))
+    return done
+
+
 async def http(server: WebSocketServer, method: str, path: str, body: bytes | None = None,
                token: str | None = None, headers: dict[str, str] | None = None) -> Response:
     """One real HTTP request to the server on loopback."""
@@ -50,7 +77,7 @@ async def http(server: WebSocketServer, method: str, path: str, body: bytes | No
         method.encode("ascii"), f"http://127.0.0.1:{server.port}{path}".encode("ascii"),
         Headers({k: [v] for k, v in all_headers.items()}), producer,
     )
-    return Response(response.code, response.headers, await readBody(response))
+    return Response(response.code, response.headers, await read_body(response))
 
 
 @contextmanager
