@@ -27,7 +27,7 @@ memory store, whose Deferreds have already fired, no waiting at all.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +38,7 @@ from twisted.python.failure import Failure
 
 from .core import messages
 from .core.errors import CloseCode, ErrorCode
+from .core.filters import SubscriptionFilter
 from .core.history import (
     Appended,
     HistoryPage,
@@ -74,8 +75,9 @@ class History:
 
 @dataclass(eq=False)
 class ReplayState:
-    """Live payloads (seq, payload, is_binary) that reached a replaying member's room during its replay, and
-    further replays of the same room the member asked for meanwhile (run, in order, once this one is done)."""
+    """Live payloads (seq, payload, is_binary) that reached a replaying member's room during its replay and that
+    the member wants (``DurableRooms.hold_back``), and further replays of the same room the member asked for
+    meanwhile (run, in order, once this one is done)."""
 
     pending: list[tuple[int | None, bytes, bool]] = field(default_factory=list)
     followers: list[Replay] = field(default_factory=list)
@@ -318,15 +320,40 @@ class DurableRooms:
             try:
                 self.server._reply(client, {**reply, "members": listed})  # even if it left meanwhile: it asked
                 if current:
-                    wants_chats = self._wants_chats(client, room)
-                    for seq, payload, is_binary in state.pending:
-                        if seq is None or wants_chats:
-                            self.server.send_payload(client, payload, is_binary)
+                    for _, payload, is_binary in state.pending:  # already filtered (hold_back)
+                        self.server.send_payload(client, payload, is_binary)
             finally:
                 self._run_followers(client, state)
 
         members.addCallback(send).addErrback(
             lambda failure: self.log.failure("could not answer a join in room {room}", failure, room=room))
+
+    def hold_back(
+        self,
+        room: Room,
+        replaying: dict[Any, ReplayState],
+        excluded: Container[Any],
+        seq: int | None,
+        payload: bytes,
+        is_binary: bool,
+        wanted: dict[Any, SubscriptionFilter] | None,
+        kind: str | None,
+    ) -> None:
+        """Queue a live message for the members of ``room`` still replaying it, each as its join filter says.
+
+        ``wanted`` is the room's per-member type filters and ``kind`` the message's type, as the fan-out computed
+        them once for every member. The filter is applied here, when the message arrives, rather than when the
+        queue is flushed: that is the moment a live member's copy is filtered too, so a replaying member gets
+        exactly what it would have got live, whatever filter a later join of the same room sets; the payload
+        need not be parsed again per member at flush time; and a filtered-out message takes no room in the
+        queue of a long replay.
+        """
+        for member, state in replaying.items():
+            if member not in room.clients or member in excluded:
+                continue
+            if wanted and member in wanted and not wanted[member].wants(kind):
+                continue
+            state.pending.append((seq, payload, is_binary))
 
     async def _read_after(self, room: str, since: int) -> tuple[HistoryPage, list[StoredMessage]]:
         """Everything the history holds after ``since`` (one page unless the window is larger than a page)."""
@@ -377,10 +404,9 @@ class DurableRooms:
                 if wants_chats:
                     self.server.send_payload(client, message.payload, False)
                 last = message.seq
-        for seq, payload, is_binary in state.pending:
+        for seq, payload, is_binary in state.pending:  # already filtered by the join filter (hold_back)
             if seq is None or seq > last:
-                if seq is None or wants_chats:
-                    self.server.send_payload(client, payload, is_binary)
+                self.server.send_payload(client, payload, is_binary)
                 last = seq if seq is not None else last
         if last > self.server.relay.delivered(effect.room):
             # The read saw messages whose broadcast has not reached this node's members yet: in a cluster,

@@ -647,19 +647,17 @@ class WebSocketServer:
         else:
             excluded = frozenset(exclude)
         started = perf_counter()
+        wanted = self.room_protocol.subscriptions.get(room.name) if self.room_protocol is not None else None
+        kind = _message_type(payload, is_binary) if wanted else None
         replaying = self.durable.replaying.get(room.name)
         if replaying:
             # Members still receiving a history replay get live messages after it (durable.py explains why).
-            for member, state in replaying.items():
-                if member in room.clients and member not in excluded:
-                    state.pending.append((seq, payload, is_binary))
+            self.durable.hold_back(room, replaying, excluded, seq, payload, is_binary, wanted, kind)
             excluded = frozenset(excluded) | replaying.keys()
         if seq is not None and room.name in self.durable.floors:
             excluded = frozenset(excluded) | self.durable.ahead_of(room.name, seq)
         prepared = self.factory.prepareMessage(payload, is_binary)
         per_codec: dict[Any, Any] = {}  # other codecs' framings of this message, made once each, on demand
-        wanted = self.room_protocol.subscriptions.get(room.name) if self.room_protocol is not None else None
-        kind = _message_type(payload, is_binary) if wanted else None
         sent = 0
         for member in room.clients.snapshot():
             if member in excluded or not isinstance(member, Client):

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from twisted.internet import defer
 
 from roomserver import WebSocketServer
 
@@ -341,3 +342,43 @@ async def test_a_replay_honours_the_join_filter(make_server: Any) -> None:
     assert reply["recovered"] is True
     server.broadcast("r", {"type": "notice", "room": "r", "text": "hello"})
     assert (await quiet.recv())["type"] == "notice", "the filtered-out chat was not replayed"
+
+
+@pytest_twisted.ensureDeferred
+async def test_app_broadcasts_queued_during_a_replay_honour_the_join_filter(make_server: Any) -> None:
+    """A member replaying history (join with ``since``) gets the application broadcasts sent meanwhile after its
+    replay: only the types its join filter asks for, and in order among its chats."""
+    server = await make_server(room_protocol=True)
+    a, _ = await joined(server)
+    await chat(a, "one")
+    assert (await a.recv())["seq"] == 1
+    store = server.durable.store
+    real_read = store.read
+    gate: defer.Deferred[None] = defer.Deferred()
+
+    def held_read(*args: Any, **kwargs: Any) -> defer.Deferred[Any]:
+        """The real read, answered only once ``gate`` fires: the replay stays in flight meanwhile."""
+        return real_read(*args, **kwargs).addCallback(lambda page: gate.addCallback(lambda _: page))
+
+    store.read = held_read
+    quiet, _ = await connect(server)
+    await quiet.send({"type": "join", "room": "r", "since": 0, "filter": {"types": ["alert", "chat"]}})
+    await eventually(lambda: server.durable.replaying.get("r"))
+    server.broadcast("r", {"type": "note", "n": 1})
+    server.broadcast("r", {"type": "alert", "n": 1})
+    await chat(a, "two")
+    seen = [await a.recv() for _ in range(3)]
+    assert seen[-1]["seq"] == 2, "the chat was broadcast while the replay was in flight"
+    server.broadcast("r", b"\x00binary")
+    server.broadcast("r", {"type": "note", "n": 2})
+    server.broadcast("r", {"type": "alert", "n": 2})
+    store.read = real_read
+    gate.callback(None)
+
+    reply = await quiet.recv()
+    assert (reply["type"], reply["recovered"]) == ("joined", True)
+    received = [await quiet.recv() for _ in range(4)]
+    assert [(m["type"], m.get("text") or m.get("n")) for m in received] == [
+        ("chat", "one"), ("alert", 1), ("chat", "two"), ("alert", 2)]
+    server.broadcast("r", {"type": "alert", "n": 3})
+    assert await quiet.recv() == {"type": "alert", "n": 3}, "no filtered-out broadcast was queued before it"
