@@ -14,11 +14,22 @@ message in time gets close 1008. A token that expires mid-session closes the con
 without a hook, every connection is an anonymous user (its client id) allowed everywhere.
 
 Tokens are never logged or echoed: errors say what is wrong with a token, not what it was.
+
+After the upgrade, every message passes through here before the room protocol acts on it (the hub only wires):
+
+- ``handle_auth_message``: ``auth`` messages (first-message authentication, token refresh) are consumed here,
+  and an unauthenticated connection's other messages are answered ``unauthenticated`` and dropped.
+- ``authorize_command``: a join, resume or chat is checked against the token's claims and the application's
+  ``authorize`` hook, which may answer later (a Deferred). The command comes in parsed, once, by the hub and
+  goes on to the room protocol as such.
+- While such an answer is pending, the connection's later messages wait in its ``inbox`` (``enqueue``) and are
+  processed in arrival order once it comes (``_drain_inbox``), so replies keep the order of the requests.
 """
 
 from __future__ import annotations
 
 import os
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,8 +38,9 @@ from autobahn.websocket.types import ConnectionDeny
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from .core import messages
 from .core.auth import Action, AuthError, Identity, TokenVerifier
-from .core.errors import CloseCode
+from .core.errors import CloseCode, ErrorCode, RoomServerError
 from .options import ServerOptions
 
 if TYPE_CHECKING:
@@ -62,7 +74,9 @@ def verifier_from_options(options: ServerOptions, environ: dict[str, str] | None
 
 
 class AccessControl:
-    """Per-server authentication state: the verifier, the hooks and each connection's timers."""
+    """Per-server access decisions: the verifier, the hooks, each connection's timers, and the gate every
+    message passes (authentication messages, authorization of joins and chats, the order behind a pending
+    decision)."""
 
     log = Logger()
 
@@ -201,3 +215,104 @@ class AccessControl:
     def _hook_error(self, failure: Any) -> bool:
         self.log.failure("the authorize hook failed; refusing", failure)
         return False
+
+    # -- messages: authentication, authorization and their order -----------------------------------------------
+
+    def handle_auth_message(self, client: Client, request: Any) -> bool:
+        """Handle ``auth`` messages (first-message authentication and token refresh); True if consumed.
+
+        Until a client is authenticated, nothing else it sends is acted upon: it gets error ``unauthenticated``.
+        ``request`` is the raw JSON payload, or the map another codec decoded; raw JSON is only decoded here when
+        it may be an ``auth`` message or the client is not authenticated yet, so an authenticated client's
+        ordinary messages are not decoded twice."""
+        if isinstance(request, bytes):
+            if client.identity is not None and b'"auth"' not in request:
+                return False
+            try:
+                request = messages.decode(request)
+            except RoomServerError:
+                request = None
+        if not isinstance(request, dict) or request.get("type") != "auth":
+            if client.identity is None:
+                self.server._reply(client, messages.error(
+                    ErrorCode.UNAUTHENTICATED, 'send {"type":"auth","token":...} first',
+                    messages.request_id_of(request)))
+                return True
+            return False
+        first = client.identity is None
+        identity = self.accept_token(client, request.get("token"))
+        if identity is None:
+            return True
+        self.server._reply(client, messages.authenticated(identity.user, messages.request_id_of(request)))
+        if first:
+            self.server._start_session(client)
+        return True
+
+    def authorize_command(self, client: Client, command: messages.Command, proceed: Callable[[], None]) -> bool:
+        """Let ``command`` through (``proceed()``) if ``client`` may do it, else answer ``forbidden``; True if it
+        did not go through now (refused, or waiting for the hook's answer).
+
+        Joins, resumes (each listed room) and chats are decided by ``decide``; other commands go through. When
+        any decision is asynchronous, the command waits for all of them and the client's later messages queue
+        behind it in its ``inbox``: a chat sent right after a join must not overtake the join (it would be
+        answered ``not_in_room``), and replies must come in the order of the requests."""
+        if isinstance(command, messages.Join):
+            action, rooms = Action.JOIN, [command.room]
+        elif isinstance(command, messages.Resume):
+            action, rooms = Action.JOIN, [name for name, _ in command.rooms]
+        elif isinstance(command, messages.Chat):
+            action, rooms = Action.PUBLISH, [command.room]
+        else:
+            proceed()
+            return False
+        decisions = [self.decide(client, action, room) for room in rooms]
+        if all(decision is True for decision in decisions):
+            proceed()
+            return False
+        if not any(isinstance(decision, defer.Deferred) for decision in decisions):
+            self._refuse(client, action, rooms, decisions, command.id)
+            return True
+        client.inbox = deque()
+        gathered = defer.gatherResults(
+            [decision if isinstance(decision, defer.Deferred) else defer.succeed(decision) for decision in decisions],
+            consumeErrors=True)
+
+        def decided(results: list[bool]) -> None:
+            if not client.open:
+                return  # closed meanwhile: nothing to answer, and the hub dropped its inbox
+            try:
+                if all(results):
+                    proceed()
+                else:
+                    self._refuse(client, action, rooms, results, command.id)
+            except Exception:
+                self.server._internal_error(client)
+                return
+            self._drain_inbox(client)
+
+        gathered.addCallback(decided).addErrback(lambda failure: self.log.failure("authorization failed", failure))
+        return True
+
+    def enqueue(self, client: Client, payload: bytes, is_binary: bool) -> None:
+        """Keep a message that arrived while an authorization decision is pending (``client.inbox`` is set)."""
+        assert client.inbox is not None
+        client.inbox.append((payload, is_binary))
+
+    def _drain_inbox(self, client: Client) -> None:
+        """Process the messages that waited for a decision, in order, until one waits for a decision again."""
+        inbox, client.inbox = client.inbox, None
+        while inbox and client.open:
+            payload, is_binary = inbox.popleft()
+            self.server._process(client, payload, is_binary)
+            if client.inbox is not None:  # paused again: keep the rest, in order, behind the new decision
+                client.inbox.extend(inbox)
+                return
+
+    def _refuse(self, client: Client, action: Action, rooms: list[str], decisions: list[Any],
+                request_id: messages.RequestId) -> None:
+        """One ``forbidden`` error per room that was refused (the connection stays)."""
+        verb = "join" if action is Action.JOIN else "publish to"
+        for room, decision in zip(rooms, decisions, strict=True):
+            if decision is not True:
+                self.server._reply(client, messages.error(
+                    ErrorCode.FORBIDDEN, f"you may not {verb} room {room!r}", request_id))

@@ -2,6 +2,8 @@
 
 The hub's job is small and on the hot path: admit or refuse connections, hand each message to the room protocol
 (if switched on) and the application's handlers, carry out the effects the core returns, and fan messages out.
+Who may do what (authentication, the ``authorize`` hook and the order of messages behind its pending answers) is
+decided in ``access.py``; the hub only wires it in.
 A broadcast encodes its message once and frames it once (``prepareMessage``); each member then costs one write.
 
 Cleanup is driven by Autobahn's ``onClose``, which fires exactly once per connection, opened or not: the client
@@ -12,7 +14,6 @@ keeps a closed connection alive.
 from __future__ import annotations
 
 import dataclasses
-from collections import deque
 from collections.abc import Callable, Iterable
 from time import perf_counter
 from typing import Any
@@ -30,7 +31,6 @@ from .client import Client, serialize
 from .cluster import Relay
 from .core import filters as builtin_filters
 from .core import messages
-from .core.auth import Action
 from .core.codecs import JSON_PROTOCOL, Codec, CodecRegistry
 from .core.errors import CloseCode, ErrorCode, RoomServerError
 from .core.filters import Filter, Pipeline
@@ -450,13 +450,14 @@ class WebSocketServer:
             if verdict is not Verdict.ALLOW:
                 self._rate_limited(protocol, client, verdict)
                 return
-        if client.inbox is not None:
-            client.inbox.append((payload, is_binary))  # an authorization decision is pending: keep the order
+        if client.inbox is not None:  # an authorization decision is pending: wait behind it, in order
+            self.access.enqueue(client, payload, is_binary)
             return
         self._process(client, payload, is_binary)
 
     def _process(self, client: Client, payload: bytes, is_binary: bool) -> None:
-        """Authenticate, authorize and handle one message (rate limit and ordering already checked)."""
+        """Decode, let access control see it, and handle one message (rate limit and ordering already checked;
+        ``AccessControl`` also calls this for the messages that waited behind an authorization decision)."""
         request: Any = payload
         try:
             if client.codec is not self.json_codec:
@@ -473,106 +474,36 @@ class WebSocketServer:
                     self._reply(client, messages.error(ErrorCode.INVALID_MESSAGE, "a message must be a map"))
                     return
                 is_binary = False
-            if self.access.enabled and self._authentication_message(client, request):
+            if self.access.enabled and self.access.handle_auth_message(client, request):
                 return
-            if (self.access.authorize is not None and self.room_protocol is not None
-                    and self._awaiting_authorization(client, request, is_binary)):
+            if self.room_protocol is not None and self._handle_request(client, self.room_protocol, request,
+                                                                       is_binary):
                 return
-            if self.room_protocol is not None:
-                self._execute(client, self.room_protocol.handle(client, request, is_binary))
         except Exception:
-            # A bug of ours, never the client's input: log it, tell the client nothing but 1011.
-            self.log.failure("internal error while handling a message from {id}", id=client.id)
-            self.counters.dropped("internal_error")
-            client.close(CloseCode.INTERNAL_ERROR, "internal error")
+            self._internal_error(client)
             return
         if client._events.has("message"):
             client._events.emit("message", payload if is_binary or client.codec.binary else payload.decode("utf-8"))
 
-    def _authentication_message(self, client: Client, request: Any) -> bool:
-        """Handle ``auth`` messages (first-message authentication and token refresh); True if consumed.
-
-        Until a client is authenticated, nothing else it sends is acted upon."""
-        if isinstance(request, bytes):
-            if client.identity is not None and b'"auth"' not in request:
-                return False  # the common case: an authenticated client's ordinary message, not decoded twice
-            try:
-                request = messages.decode(request)
-            except RoomServerError:
-                request = None
-        if not isinstance(request, dict) or request.get("type") != "auth":
-            if client.identity is None:
-                self._reply(client, messages.error(ErrorCode.UNAUTHENTICATED, 'send {"type":"auth","token":...} first',
-                                                   messages.request_id_of(request)))
-                return True
+    def _handle_request(self, client: Client, protocol: RoomProtocol, request: Any, is_binary: bool) -> bool:
+        """Parse a room-protocol request once and act on it; True if access control held it back (refused, or
+        waiting for the application's ``authorize`` hook, which sees the parsed command first and lets it go on
+        to the room protocol, now or once it answered)."""
+        command = protocol.parse(request, is_binary)
+        if isinstance(command, Reply):
+            self._execute(client, [command])
             return False
-        first = client.identity is None
-        identity = self.access.accept_token(client, request.get("token"))
-        if identity is None:
-            return True
-        self._reply(client, messages.authenticated(identity.user, messages.request_id_of(request)))
-        if first:
-            self._start_session(client)
-        return True
-
-    def _awaiting_authorization(self, client: Client, request: Any, is_binary: bool) -> bool:
-        """Ask the application's ``authorize`` hook about a join or publish; True if the message waits for an
-        asynchronous answer (the client's later messages queue behind it) or was refused."""
-        try:
-            command = messages.parse(request, self.options.max_meta_size)
-        except RoomServerError:
-            return False  # the room protocol answers with the error
-        if isinstance(command, messages.Join):
-            action, rooms = Action.JOIN, [command.room]
-        elif isinstance(command, messages.Resume):
-            action, rooms = Action.JOIN, [name for name, _ in command.rooms]
-        elif isinstance(command, messages.Chat):
-            action, rooms = Action.PUBLISH, [command.room]
-        else:
+        if self.access.authorize is None:
+            self._execute(client, protocol.handle_command(client, command))
             return False
-        decisions = [self.access.decide(client, action, room) for room in rooms]
-        if all(decision is True for decision in decisions):
-            return False
-        if not any(isinstance(decision, defer.Deferred) for decision in decisions):
-            self._refuse(client, action, rooms, decisions, command.id)
-            return True
-        client.inbox = deque()
-        gathered = defer.gatherResults(
-            [decision if isinstance(decision, defer.Deferred) else defer.succeed(decision) for decision in decisions],
-            consumeErrors=True)
+        return self.access.authorize_command(
+            client, command, lambda: self._execute(client, protocol.handle_command(client, command)))
 
-        def decided(results: list[bool]) -> None:
-            if not client.open:
-                return
-            if all(results):
-                self._handle_now(client, request, is_binary)
-            else:
-                self._refuse(client, action, rooms, results, command.id)
-            self._drain_inbox(client)
-
-        gathered.addCallback(decided).addErrback(lambda failure: self.log.failure("authorization failed", failure))
-        return True
-
-    def _refuse(self, client: Client, action: Action, rooms: list[str], decisions: list[Any],
-                request_id: messages.RequestId) -> None:
-        verb = "join" if action is Action.JOIN else "publish to"
-        for room, decision in zip(rooms, decisions, strict=True):
-            if decision is not True:
-                self._reply(client, messages.error(ErrorCode.FORBIDDEN, f"you may not {verb} room {room!r}",
-                                                   request_id))
-
-    def _handle_now(self, client: Client, request: Any, is_binary: bool) -> None:
-        if self.room_protocol is not None:
-            self._execute(client, self.room_protocol.handle(client, request, is_binary))
-
-    def _drain_inbox(self, client: Client) -> None:
-        inbox, client.inbox = client.inbox, None
-        while inbox and client.open:
-            payload, is_binary = inbox.popleft()
-            self._process(client, payload, is_binary)
-            if client.inbox is not None:  # paused again: keep the rest, in order, behind the new decision
-                client.inbox.extend(inbox)
-                return
+    def _internal_error(self, client: Client) -> None:
+        """A bug of ours, never the client's input: log it, tell the client nothing but 1011."""
+        self.log.failure("internal error while handling a message from {id}", id=client.id)
+        self.counters.dropped("internal_error")
+        client.close(CloseCode.INTERNAL_ERROR, "internal error")
 
     def on_close(self, protocol: RoomServerProtocol, was_clean: bool, code: int | None, reason: str | None) -> None:
         if protocol.admitted:

@@ -211,3 +211,50 @@ def test_verifier_configuration(tmp_path: Path) -> None:
     key.write_text("not a key")
     with pytest.raises(ValueError):
         verifier_from_options(ServerOptions(jwt_public_key_file=str(key)), environ={})  # HS256 with a public key
+
+
+@pytest_twisted.ensureDeferred
+async def test_with_an_authorize_hook_each_request_is_parsed_once(make_server: Any,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hook is asked about the parsed join or chat, and that same command goes on to the room protocol."""
+    from roomserver.core import messages
+
+    server = await make_server(room_protocol=True)
+    reactor = server.reactor
+    server.authorize = lambda identity, action, room: (
+        task.deferLater(reactor, 0.01, lambda: True) if action is Action.JOIN else True)
+    ws = await WSClient.connect(url_of(server))
+    assert (await ws.recv())["type"] == "welcome"
+    real_parse = messages.parse
+    parsed: list[Any] = []
+
+    def counting_parse(*args: Any, **kwargs: Any) -> Any:
+        parsed.append(args[0])
+        return real_parse(*args, **kwargs)
+
+    monkeypatch.setattr(messages, "parse", counting_parse)
+    assert (await ws.request({"type": "join", "room": "r", "id": 1}))["type"] == "joined"
+    await ws.send({"type": "chat", "room": "r", "text": "hi", "id": 2})
+    assert {(await ws.recv())["type"] for _ in range(2)} == {"chat", "ack"}
+    assert len(parsed) == 2, f"parsed {len(parsed)} times for two requests"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_bug_after_an_asynchronous_decision_closes_with_1011(make_server: Any,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """An internal error while acting on a request the hook allowed later is handled like one on the spot: the
+    connection closes with 1011, rather than staying open with its later messages queued forever."""
+    server = await make_server(room_protocol=True)
+    reactor = server.reactor
+    server.authorize = lambda identity, action, room: task.deferLater(reactor, 0.01, lambda: True)
+
+    def broken(member: Any, command: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(server.room_protocol, "handle_command", broken)
+    ws = await WSClient.connect(url_of(server))
+    assert (await ws.recv())["type"] == "welcome"
+    await ws.send({"type": "join", "room": "r", "id": 1})
+    code, _ = await ws.closed()
+    assert code == 1011
+    assert server.get_stats().drops.get("internal_error") == 1

@@ -238,10 +238,20 @@ class RoomProtocol:
     def handle(self, member: Identified, payload: bytes | str | dict[str, Any], is_binary: bool = False
                ) -> list[Effect]:
         """One request: raw JSON, or a dict another codec (msgpack) already decoded."""
+        command = self.parse(payload, is_binary)
+        if isinstance(command, Reply):
+            return [command]
+        return self.handle_command(member, command)
+
+    def parse(self, payload: bytes | str | dict[str, Any], is_binary: bool = False) -> messages.Command | Reply:
+        """The request's command, or the error reply it gets if it is not one.
+
+        Separate from ``handle_command`` so that a caller which must look at the command first (the hub asks
+        the application's ``authorize`` hook about joins and chats) parses it once and hands it on."""
         if is_binary and not isinstance(payload, dict):
-            return [Reply(messages.error(ErrorCode.UNSUPPORTED, "binary frames are not part of the JSON protocol"))]
+            return Reply(messages.error(ErrorCode.UNSUPPORTED, "binary frames are not part of the JSON protocol"))
         try:
-            command = messages.parse(payload, self.max_meta_bytes)
+            return messages.parse(payload, self.max_meta_bytes)
         except RoomServerError as exc:
             request_id = None
             if isinstance(payload, dict):
@@ -251,7 +261,10 @@ class RoomProtocol:
                     request_id = messages.request_id_of(messages.decode(payload))
                 except RoomServerError:
                     request_id = None
-            return [Reply(messages.error(exc.code, exc.message, request_id))]
+            return Reply(messages.error(exc.code, exc.message, request_id))
+
+    def handle_command(self, member: Identified, command: messages.Command) -> list[Effect]:
+        """One parsed request (from ``parse``)."""
         try:
             return self._execute(member, command)
         except RoomServerError as exc:
