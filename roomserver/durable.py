@@ -165,6 +165,10 @@ class DurableRooms:
         live messages up to their floor are not sent to them again."""
         self._open = False
         self._session_sweeper: task.LoopingCall | None = None
+        self._in_flight: dict[Any, int] = {}
+        """Per client, its chats sent to the store and not yet acknowledged or refused (a drain closes a
+        client only once these are answered: ``settled``)."""
+        self._settle_waiters: dict[Any, list[defer.Deferred[None]]] = {}
 
     def _expire_sessions(self) -> None:
         """Forget resume sessions past their ttl even when no connection closes to trigger it, and announce the
@@ -245,8 +249,31 @@ class DurableRooms:
                 self._appended(result, client, effect)
             return
         stored = self.pipeline.submit(effect.room, message)
+        self._in_flight[client] = self._in_flight.get(client, 0) + 1
         stored.addCallbacks(self._appended, self._append_failed, callbackArgs=(client, effect),
                             errbackArgs=(client, effect))
+        stored.addBoth(self._answered, client)
+
+    def settled(self, client: Client) -> defer.Deferred[None]:
+        """Fires once every chat of ``client`` in flight to the store was answered (ack or error)."""
+        if not self._in_flight.get(client):
+            return defer.succeed(None)
+        waiter: defer.Deferred[None] = defer.Deferred()
+        self._settle_waiters.setdefault(client, []).append(waiter)
+        return waiter
+
+    def _answered(self, result: Any, client: Client) -> Any:
+        left = self._in_flight.get(client, 0) - 1
+        if left > 0:
+            self._in_flight[client] = left
+        else:
+            self._release(client)
+        return result
+
+    def _release(self, client: Client) -> None:
+        self._in_flight.pop(client, None)
+        for waiter in self._settle_waiters.pop(client, []):
+            waiter.callback(None)
 
     def _appended(self, result: Appended, client: Client, effect: Append) -> None:
         if not result.duplicate:
@@ -449,7 +476,8 @@ class DurableRooms:
                 self.replay(client, follower)
 
     def forget(self, client: Client) -> None:
-        """A closed connection: drop its replay queues."""
+        """A closed connection: drop its replay queues (and its in-flight count: nothing can reach it now)."""
+        self._release(client)
         for room in [room for room, states in self.replaying.items() if client in states]:
             self._end_replay(client, room, self.replaying[room][client])
         for room in [room for room, floors in self.floors.items() if client in floors]:

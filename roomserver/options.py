@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .core.drain import DrainPlan
+
 KIB = 1024
 MIB = 1024 * KIB
 
@@ -92,7 +94,13 @@ class ServerOptions:
     close_handshake_timeout: float = 2.0
     """Seconds to wait for the peer's close frame before dropping the TCP connection."""
     shutdown_timeout: float = 5.0
-    """Seconds ``stop()`` waits for clients to answer the 1001 close before aborting them."""
+    """Seconds ``stop()`` waits, after the drain's last batch, for clients to answer the 1001 close before
+    aborting them."""
+    drain_batch: int = 100
+    """``stop()`` drains clients in batches of this many (docs/deploy.md#draining-a-node)."""
+    drain_interval: float = 0.2
+    """Seconds between two drain batches; also the window of the hinted reconnect delay, and twice the time
+    between a batch's reconnect hint and its 1001 close (0: every client at once, no delay hinted)."""
     http_pages: bool = True
     """Serve the HTTP pages beside the WebSocket path (demo chat, dashboard, /metrics, /healthz, admin API,
     roomserver.js); False serves the WebSocket path only (every other path is 404)."""
@@ -170,12 +178,17 @@ class ServerOptions:
             raise ValueError("history_size must be >= 1")
         if self.history_ttl is not None and self.history_ttl <= 0:
             raise ValueError("history_ttl must be > 0 (or None for no ttl)")
+        DrainPlan(self.drain_batch, self.drain_interval)  # validates both
         if self.resume_ttl < 0:
             raise ValueError("resume_ttl must be >= 0")
         if self.dedupe_window < 0:
             raise ValueError("dedupe_window must be >= 0")
         if self.presence_ttl < 1:
             raise ValueError("presence_ttl must be at least 1 second")
+
+    @property
+    def drain_plan(self) -> DrainPlan:
+        return DrainPlan(self.drain_batch, self.drain_interval)
 
     @property
     def effective_ping_timeout(self) -> float:

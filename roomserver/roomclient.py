@@ -15,7 +15,10 @@ by the server's ``ack`` where it sends one, else by the client's own copy of the
 handles one connection's requests in order, so those echoes come back in the order the chats were sent).
 
 After a drop the client reconnects by itself with exponential backoff and jitter (``core/backoff.py``) unless
-the close code says not to (1002, 1003, 1008, 1009, 4500-4999) or ``close()`` was called. Coming back it resumes:
+the close code says not to (1002, 1003, 1008, 1009, 4500-4999) or ``close()`` was called. A node that shuts
+down first sends ``{"type":"reconnect","after_ms":N}`` (docs/protocol.md): the client then holds new chats
+(and those the node refuses with ``unavailable``) for the next connection, and reconnects N ms after the close
+instead of after its backoff delay, so a drained node's clients come back spread over time. Coming back it resumes:
 with a server that gives sessions (its welcome carries ``session``) it sends ``{"type":"resume","session":...,
 "rooms":{room: last_seq}}`` and the server replays what was missed; otherwise it joins its rooms again and asks
 for the history after the last seq it saw (servers with history), or starts afresh (``recovered: false``).
@@ -50,6 +53,7 @@ TERMINAL_CODES = frozenset({1002, 1003, 1008, 1009})
 TERMINAL_HTTP_STATUSES = frozenset({400, 401, 403, 404})
 CLOSE_HANDSHAKE_REFUSED = 4400  # what a terminal handshake refusal is reported as (close events, state detail)
 _UPGRADE_FAILED = re.compile(r"upgrade failed \[(\d{3})\]")
+_RECONNECT_AFTER = re.compile(r"reconnect after (\d+) ms")  # the hint in a draining node's 1001 close reason
 
 
 def is_terminal(code: int | None) -> bool:
@@ -82,6 +86,9 @@ class _Pending:
     room: str | None = None
     chat: dict[str, Any] | None = None
     """For a chat: the request itself, so it can be sent again (same ``msg_id``) after a resume."""
+    order: int = 0
+    """The request id (or, for a chat held back while the node drains, the id it would have had): chats sent
+    again go in the order the application sent them."""
 
 
 class RoomClientProtocol(WebSocketClientProtocol):  # type: ignore[misc]
@@ -164,6 +171,8 @@ class RoomClient:
         self._close_waiters: list[defer.Deferred[None]] = []
         self._closed_by_user = False
         self._ever_opened = False
+        self._draining = False  # the server sent a reconnect hint: this connection is about to close
+        self._hinted_delay: float | None = None
 
     # -- events ----------------------------------------------------------------------------------------------
 
@@ -242,9 +251,13 @@ class RoomClient:
             self._set_state("closed", code=code)
             self._fail_connect_waiters(RoomClientError("closed", f"could not connect (code {code})"))
             return
-        delay = backoff_delay(self.attempt, self._random, self.min_delay, self.max_delay, self.factor)
+        hinted, self._hinted_delay = self._hinted_delay, None
+        if hinted is not None:
+            delay = hinted  # the draining node chose when: its clients come back spread over time
+        else:
+            delay = backoff_delay(self.attempt, self._random, self.min_delay, self.max_delay, self.factor)
         self.attempt += 1
-        self._set_state("reconnecting", attempt=self.attempt, delay=delay, code=code)
+        self._set_state("reconnecting", attempt=self.attempt, delay=delay, code=code, hinted=hinted is not None)
         self._retry = self.reactor.callLater(delay, self._retry_now)
 
     def _retry_now(self) -> None:
@@ -256,6 +269,11 @@ class RoomClient:
             return
         self._protocol = None
         was_open = self.state == "open"
+        self._draining = False
+        if code == 1001 and self._hinted_delay is None and reason:
+            hint = _RECONNECT_AFTER.search(reason)
+            if hint is not None:
+                self._hint(int(hint.group(1)))
         terminal = self._closed_by_user or not self.reconnect or is_terminal(code)
         self._fail_pending("disconnected", f"the connection closed (code {code})",
                            keep_chats=not terminal and self.session is not None)
@@ -295,7 +313,7 @@ class RoomClient:
             return defer.fail(error)
         deferred: defer.Deferred[dict[str, Any]] = defer.Deferred()
         timer = self.reactor.callLater(self.request_timeout, self._timed_out, request_id, message.get("type"))
-        self._pending[request_id] = _Pending(deferred, timer, room, chat)
+        self._pending[request_id] = _Pending(deferred, timer, room, chat, request_id)
         return deferred
 
     def _timed_out(self, request_id: int, kind: Any) -> None:
@@ -339,7 +357,7 @@ class RoomClient:
 
     def _flush_outbox(self) -> None:
         outbox, self._outbox = self._outbox, []
-        for entry in outbox:
+        for entry in sorted(outbox, key=lambda entry: entry.order):
             if entry.chat is not None:
                 self._send_chat(entry.chat).chainDeferred(entry.deferred)
 
@@ -366,6 +384,12 @@ class RoomClient:
         return self._send_chat({"type": "chat", "room": room, "text": text, "msg_id": secrets.token_hex(12)})
 
     def _send_chat(self, chat: dict[str, Any]) -> defer.Deferred[dict[str, Any]]:
+        if self._draining:
+            # The node asked us to move: keep the chat for the next connection (sent after the resume).
+            held: defer.Deferred[dict[str, Any]] = defer.Deferred()
+            self._outbox.append(_Pending(held, None, chat["room"], chat, self._next_id))
+            self._next_id += 1
+            return held
         request_id = self._next_id
         deferred = self.request(chat, room=chat["room"], chat=chat)
         if request_id in self._pending:
@@ -409,7 +433,14 @@ class RoomClient:
             self._acks_seen = True
             self._dequeue_echo(request_id)
             self._settle(request_id, message)
+        elif kind == "reconnect":
+            self._draining = True
+            after_ms = message.get("after_ms")
+            self._hint(after_ms if isinstance(after_ms, (int, float)) and not isinstance(after_ms, bool) else 0)
+            self._events.emit("message", message)
         elif kind == "error":
+            if self._draining and message.get("code") == "unavailable" and self._hold_refused_chat(request_id):
+                return
             error = RoomClientError(str(message.get("code")), str(message.get("message")), message)
             if self._settle(request_id, None, error):
                 self._dequeue_echo(request_id)
@@ -429,6 +460,21 @@ class RoomClient:
                 self._events.emit("presence", message)
             if not self._settle(request_id, message):
                 self._events.emit("message", message)
+
+    def _hint(self, after_ms: float) -> None:
+        self._hinted_delay = min(max(float(after_ms), 0.0), self.max_delay * 1000) / 1000
+
+    def _hold_refused_chat(self, request_id: Any) -> bool:
+        """A chat the draining node refused (not stored): keep it for the next connection; True if it was one."""
+        entry = self._pending.get(request_id) if isinstance(request_id, int) else None
+        if entry is None or entry.chat is None:
+            return False
+        del self._pending[request_id]
+        if entry.timer.active():
+            entry.timer.cancel()
+        self._dequeue_echo(request_id)
+        self._outbox.append(entry)
+        return True
 
     def _dequeue_echo(self, request_id: Any) -> None:
         for queue in self._echo_queue.values():

@@ -28,6 +28,7 @@ from twisted.logger import Logger
 from .access import AccessControl, Authenticate, Authorize
 from .broker import create_broker, create_cluster_presence
 from .client import Client, serialize
+from .closing import DEFAULT_FLUSH_TIMEOUT
 from .cluster import Relay
 from .core import filters as builtin_filters
 from .core import messages
@@ -42,6 +43,7 @@ from .core.rooms import Room, RoomRegistry
 from .core.session import Announce, Append, Effect, ReadHistory, Replay, Reply, RoomProtocol, TakeOver
 from .core.sessions import SessionTable
 from .core.stats import ClusterStats, ServerStats, StatsCounters
+from .draining import Drainer
 from .durable import DurableRooms, History
 from .events import EventEmitter
 from .fanout import STATE_OPEN, send_prepared
@@ -129,6 +131,7 @@ class WebSocketServer:
         self._clients: dict[str, Client] = {}
         self._admitted = 0
         self._stopping = False
+        self._drained: set[Client] = set()  # told to reconnect (stop() is draining them): chats are refused
         self._listening: Any = None  # IListeningPort once started
         self.observers = Observers()
         self.observers.add(ConnectionLog(self.reactor))
@@ -278,7 +281,8 @@ class WebSocketServer:
         return defer.ensureDeferred(self._start())
 
     def stop(self) -> defer.Deferred[None]:
-        """Stop accepting, close every client with 1001 and fire once every connection is gone."""
+        """Stop accepting, drain the clients (reconnect hint, then 1001, in batches of ``drain_batch`` every
+        ``drain_interval`` seconds) and fire once every connection is gone."""
         return defer.ensureDeferred(self._stop())
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
@@ -335,14 +339,26 @@ class WebSocketServer:
         self.observers.started(self)
         return self
 
+    @property
+    def draining(self) -> bool:
+        """``stop()`` began: new upgrades are refused (503), ``/healthz`` says ``draining``."""
+        return self._stopping
+
     async def _stop(self) -> None:
         self._stopping = True
         self.observers.stopping(self)
-        listening, self._listening = self._listening, None
-        if listening is not None:
-            await defer.maybeDeferred(listening.stopListening)
-        for client in list(self._clients.values()):
-            client.close(CloseCode.GOING_AWAY, "server shutdown")
+        if self.options.reuse_port or not self._clients:
+            # Processes sharing the port (--workers): the kernel sends new connections to the others only once
+            # this one stops listening. Otherwise the port stays open during the drain, for /healthz to say
+            # "draining" and for new upgrades to get a 503 a load balancer retries elsewhere.
+            await self._stop_listening()
+        drainer: Drainer[Client] = Drainer(self.reactor, self.options.drain_plan)
+        await drainer.run(list(self._clients.values()), self._drain_hint, self._drain_close)
+        await self._stop_listening()
+        for client in list(self._clients.values()):  # opened during the drain: their handshake was under way
+            if client not in self._drained:
+                self._drain_hint(client, 0)
+                self._drain_close(client, 0)
         self.connections.each_connection(self._close_if_not_websocket)
         everything_closed = self.connections.when_empty()
         if not everything_closed.called:
@@ -357,6 +373,38 @@ class WebSocketServer:
         await self.relay.stop()
         await self.durable.stop()
         self.log.info("roomserver stopped")
+
+    async def _stop_listening(self) -> None:
+        listening, self._listening = self._listening, None
+        if listening is not None:
+            await defer.maybeDeferred(listening.stopListening)
+
+    def _drain_hint(self, client: Client, after_ms: int) -> None:
+        """Tell the client to reconnect (room protocol: a ``reconnect`` message) and, from now on, refuse its
+        chats with ``unavailable``: it will send them again on the node it resumes on."""
+        if client._protocol is None:
+            return  # gone already
+        self._drained.add(client)
+        if self.room_protocol is not None:
+            self._reply(client, messages.reconnect(after_ms))
+
+    def _drain_close(self, client: Client, after_ms: int) -> None:
+        """Close with 1001 once the client's chats in flight to the store are answered (bounded by the close
+        handshake timeout: a store that hangs must not hold the shutdown)."""
+        reason = f"server shutdown; reconnect after {after_ms} ms"
+        settled = self.durable.settled(client)
+        if settled.called:
+            client.close(CloseCode.GOING_AWAY, reason)
+            return
+        settled.addTimeout(self.options.close_handshake_timeout or DEFAULT_FLUSH_TIMEOUT, self.reactor)
+        settled.addBoth(lambda _: client.close(CloseCode.GOING_AWAY, reason))
+
+    def _refuse_while_draining(self, client: Client, effect: Append) -> None:
+        event = messages.error(ErrorCode.UNAVAILABLE, "this node is shutting down: the message was not stored; "
+                               "send it again (same msg_id) after reconnecting", effect.request_id, room=effect.room)
+        if effect.msg_id is not None:
+            event["msg_id"] = effect.msg_id
+        self._reply(client, event)
 
     @staticmethod
     def _close_if_not_websocket(wrapper: Any) -> None:
@@ -515,6 +563,7 @@ class WebSocketServer:
             return
         protocol.client = None
         self._clients.pop(client.id, None)
+        self._drained.discard(client)
         self.counters.disconnected()
         rooms = self.registry.remove_member(client)
         self.access.closed(client)
@@ -659,7 +708,10 @@ class WebSocketServer:
                 else:
                     self._reply(client, effect.event)
             elif isinstance(effect, Append):
-                self.durable.append(client, effect)
+                if client in self._drained:
+                    self._refuse_while_draining(client, effect)
+                else:
+                    self.durable.append(client, effect)
             elif isinstance(effect, Replay):
                 self.durable.replay(client, effect)
             elif isinstance(effect, ReadHistory):

@@ -1,11 +1,20 @@
 """``RoomServerService``: a ``twisted.application`` service around a ``WebSocketServer``.
 
 twistd starts it with the reactor and, on SIGTERM, calls ``stopService`` and waits for the Deferred it returns,
-which is what gives every client its 1001 close before the process exits.
+which is what drains the clients (reconnect hint, 1001, in batches) before the process exits.
+
+A start that fails (the store cannot be opened, the port is taken) logs one critical line and stops the
+reactor. twistd itself has no way to exit with a status other than 0 after its reactor stopped, so with
+``exit_status_on_failure`` (what ``twistd roomserver`` sets) the process ends with status 1 once twistd has
+finished its own clean-up (an ``atexit`` hook: log flushed, pid file removed), and supervisors see the failure.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -20,9 +29,11 @@ class RoomServerService(service.Service):
 
     name = "roomserver"
 
-    def __init__(self, server: WebSocketServer) -> None:
+    def __init__(self, server: WebSocketServer, exit_status_on_failure: int | None = None) -> None:
         self.server = server
         self.on_listening: Callable[[], None] | None = None
+        self.exit_status_on_failure = exit_status_on_failure
+        self.failed = False
 
     def startService(self) -> None:
         super().startService()
@@ -34,19 +45,40 @@ class RoomServerService(service.Service):
             self.on_listening()
 
     def _failed_to_start(self, failure: Any) -> None:
+        from twisted.internet.error import CannotListenError
         from twisted.logger import Logger
 
         from .interfaces import StoreError
 
-        if failure.check(StoreError):
-            # An operator's problem (a path, a permission), not a bug: one clear line, no traceback.
+        if failure.check(StoreError, CannotListenError):
+            # An operator's problem (a path, a permission, a port in use), not a bug: one line, no traceback.
             Logger().critical("roomserver could not start: {error}", error=failure.value)
         else:
             Logger().failure("roomserver could not start", failure)
+        self.failed = True
+        if self.exit_status_on_failure is not None:
+            atexit.register(_exit_with, self.exit_status_on_failure)
         reactor: Any = self.server.reactor
         if reactor.running:
             reactor.stop()
+        else:  # failed within startService (a port in use fails at once), before twistd ran the reactor
+            reactor.callWhenRunning(reactor.stop)
 
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
+        if self.failed:
+            return defer.succeed(None)  # nothing was started: _start undid what it had begun
         return self.server.stop()
+
+
+def _exit_with(status: int) -> None:
+    """An ``atexit`` hook of a process whose service failed to start: flush what may be buffered, then end it
+    with ``status`` (registered last, it runs first: nothing after it needs to run in a process that did not
+    start)."""
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(status)

@@ -110,6 +110,10 @@ class Options(usage.Options):
          "Seconds to wait for the peer's close frame.", _non_negative_float],
         ["shutdown-timeout", None, _DEFAULTS.shutdown_timeout,
          "Seconds to wait for clients to close on shutdown before aborting them.", _non_negative_float],
+        ["drain-batch", None, _DEFAULTS.drain_batch, "On shutdown, clients closed (1001, with a reconnect hint) "
+         "per batch.", _positive_int],
+        ["drain-interval", None, _DEFAULTS.drain_interval, "Seconds between two shutdown batches (0 = every "
+         "client at once).", _non_negative_float],
         ["max-fragments", None, _DEFAULTS.max_fragments, "Frames per message; beyond it close 1008.", _positive_int],
         ["rate-limit", None, _DEFAULTS.rate_limit, "Messages per second per client (0 = off); over it error "
          "rate_limited and the message is dropped.", _non_negative_float],
@@ -218,7 +222,7 @@ def makeService(config: Options) -> service.MultiService:
         server = WebSocketServer(config.server_options())
     except ValueError as exc:
         raise usage.UsageError(str(exc)) from exc
-    serving = RoomServerService(server)
+    serving = RoomServerService(server, exit_status_on_failure=1)  # twistd exits 1 when the start fails
     serving.setServiceParent(root)
     if config["workers"] > 1:
         import sys

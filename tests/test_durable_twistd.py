@@ -83,9 +83,10 @@ def test_twistd_refuses_to_start_on_an_unusable_database(tmp_path: Path) -> None
     process = twistd(tmp_path, "--port", f"tcp:{port}:interface=127.0.0.1", "--store",
                      f"sqlite:{tmp_path / 'missing-dir' / 'rooms.db'}")
     try:
-        process.wait(20)
+        status = process.wait(20)
     finally:
         output = stop(process)
     assert "roomserver could not start: SQLite store" in output and "unable to open database file" in output, \
         output
     assert "Traceback" not in output, output
+    assert status == 1, f"a failed start is a failure for supervisors: exit status {status}\n{output}"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import signal
+import socket
 from pathlib import Path
 
 import pytest
@@ -68,14 +70,48 @@ def test_twistd_plugin_serves_clients_and_sigterm_sends_1001(tmp_path: Path) -> 
             ws.send('{"type":"chat","room":"lobby","text":"over twistd"}')
             assert '"seq":1' in ws.recv(timeout=5)
             process.send_signal(signal.SIGTERM)
+            hint = json.loads(ws.recv(timeout=5))
+            assert hint["type"] == "reconnect" and hint["resume"] is True, hint
+            assert 0 <= hint["after_ms"] <= 200, "within one --drain-interval (0.2 s by default)"
             with pytest.raises(ConnectionClosed):
                 ws.recv(timeout=5)
             assert ws.close_code == 1001
+            assert ws.close_reason == f"server shutdown; reconnect after {hint['after_ms']} ms"
         # twistd re-raises the signal after a clean shutdown so the exit status tells why it stopped
         assert process.wait(15) in (0, -signal.SIGTERM)
     finally:
         output = reap(process)
     assert "Traceback" not in output, output
+
+
+def test_twistd_exits_1_when_its_port_is_taken(tmp_path: Path) -> None:
+    """A start that fails is a failure for supervisors (systemd, a shell's ``&&``): one critical line, no
+    traceback, exit status 1 (twistd alone would exit 0, or wait forever for a port bound before its reactor
+    ran)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        process = twistd(tmp_path, "--port", f"tcp:{port}:interface=127.0.0.1", "--store", "memory")
+        try:
+            status = process.wait(20)
+        finally:
+            output = reap(process)
+    assert status == 1, output
+    assert "roomserver could not start: Couldn't listen on 127.0.0.1" in output, output
+    assert "Traceback" not in output and "roomserver stopped" not in output, output
+
+
+def test_drain_options_map_to_server_options() -> None:
+    config = Options()
+    config.parseOptions([])
+    assert (config.server_options().drain_batch, config.server_options().drain_interval) == (100, 0.2)
+    config = Options()
+    config.parseOptions(["--drain-batch", "25", "--drain-interval", "0.5"])
+    assert (config.server_options().drain_batch, config.server_options().drain_interval) == (25, 0.5)
+    for argv in (["--drain-batch", "0"], ["--drain-interval", "-1"]):
+        with pytest.raises(usage.UsageError):
+            Options().parseOptions(argv)
 
 
 def test_durable_options_map_to_server_options() -> None:

@@ -290,6 +290,12 @@ def ack(seq: int, request_id: RequestId = None, msg_id: str | None = None, dupli
     return event
 
 
+def reconnect(after_ms: int) -> dict[str, Any]:
+    """The hint a draining node sends before its 1001 close: reconnect (to any node) after ``after_ms`` and
+    resume the session; a client that honours it spreads the drained node's clients over time."""
+    return {"type": "reconnect", "after_ms": after_ms, "resume": True, "reason": "server shutdown"}
+
+
 def left(room: str, request_id: RequestId = None) -> dict[str, Any]:
     return with_id({"type": "left", "room": room}, request_id)
 

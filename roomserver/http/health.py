@@ -1,7 +1,8 @@
 """``/healthz``: is this node fit to receive traffic? JSON for humans, the status code for load balancers.
 
 ``{"status": "ok"}`` with HTTP 200 while the server listens and every backend it has reports healthy;
-``{"status": "degraded"}`` with HTTP 503 while it is shutting down or a backend reports trouble, so a load
+``{"status": "degraded"}`` with HTTP 503 while a backend reports trouble, and ``{"status": "draining"}`` with
+HTTP 503 once it is shutting down (SIGTERM, ``stop()``: it still answers during the drain), so a load
 balancer stops sending new clients to it. Backends (a message store, a cross-node broker) are found as the
 server's ``store`` and ``broker`` attributes (or those of its durable-rooms component, ``server.durable``);
 each reports itself through ``health()`` (a dict with at least ``"ok": bool``) or a ``state`` string. A server
@@ -69,11 +70,12 @@ def health_report(server: WebSocketServer, now: float, started_at: float | None)
         rooms=stats.rooms,
         uptime=round(now - started_at, 3) if started_at is not None and listening else 0.0,
     )
-    return {"status": "ok" if healthy else "degraded", **report}
+    status = "draining" if server._stopping else "ok" if healthy else "degraded"
+    return {"status": status, **report}
 
 
 class HealthPage(Resource):
-    """``GET /healthz``: 200 ``{"status":"ok",...}`` or 503 ``{"status":"degraded",...}``."""
+    """``GET /healthz``: 200 ``{"status":"ok",...}`` or 503 ``{"status":"degraded"|"draining",...}``."""
 
     isLeaf = True
 

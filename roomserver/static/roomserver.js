@@ -12,6 +12,9 @@
  * {"type":"resume","session":...,"rooms":{room: last_seq}} and the server replays what was missed; with one that
  * does not, it joins its rooms again and, if the server keeps history, asks for what came after the last seq.
  * Chat events are delivered once each: a seq already seen in a room is not delivered again.
+ * A server that shuts down first sends {"type":"reconnect","after_ms":N}: the client then holds new chats (and
+ * those the server refuses with "unavailable") for the next connection, and reconnects N ms after the close
+ * instead of after its backoff delay, so a drained node's clients come back spread over time.
  */
 (function (global) {
   "use strict";
@@ -65,6 +68,8 @@
     this._retryTimer = null;
     this._connectWaiters = [];
     this._resuming = false;
+    this._draining = false;       // the server sent a reconnect hint: this connection is about to close
+    this._hintedDelay = null;     // ms: when to reconnect after the close (from the hint)
   }
 
   RoomClient.backoffDelay = backoffDelay;
@@ -142,6 +147,9 @@
   RoomClient.prototype._dropped = function (code, reason) {
     this._ws = null;
     var wasOpen = this.state === "open";
+    this._draining = false;
+    var hint = code === 1001 && this._hintedDelay === null && /reconnect after (\d+) ms/.exec(reason || "");
+    if (hint) this._hint(Number(hint[1]));
     var terminal = this._closedByUser || !this.options.reconnect || isTerminal(code);
     this._failPending("disconnected", "the connection closed (code " + code + ")", !terminal && !!this.session);
     this._emit("close", {code: code, reason: reason});
@@ -157,9 +165,12 @@
 
   RoomClient.prototype._scheduleRetry = function (code) {
     var self = this;
-    var delay = backoffDelay(this._attempt, this.options, this.options.random);
+    var hinted = this._hintedDelay;
+    this._hintedDelay = null;
+    // A draining server chose when: its clients come back spread over time.
+    var delay = hinted !== null ? hinted : backoffDelay(this._attempt, this.options, this.options.random);
     this._attempt += 1;
-    this._setState("reconnecting", {attempt: this._attempt, delay: delay, code: code});
+    this._setState("reconnecting", {attempt: this._attempt, delay: delay, code: code, hinted: hinted !== null});
     this._retryTimer = setTimeout(function () { self._retryTimer = null; self._open(); }, delay);
   };
 
@@ -191,9 +202,14 @@
     this._outbox.splice(0).forEach(function (entry) { entry.reject(RoomClientError(code, message)); });
   };
 
+  RoomClient.prototype._hint = function (afterMs) {
+    this._hintedDelay = Math.min(Math.max(Number(afterMs) || 0, 0), this.options.maxDelay);
+  };
+
   RoomClient.prototype._flushOutbox = function () {
     var self = this;
-    this._outbox.splice(0).forEach(function (entry) {
+    // In the order the application sent them (held chats and refused ones interleave).
+    this._outbox.splice(0).sort(function (a, b) { return a.order - b.order; }).forEach(function (entry) {
       self._sendChat(entry.chat).then(entry.resolve, entry.reject);
     });
   };
@@ -214,7 +230,8 @@
         delete self._pending[id];
         reject(RoomClientError("timeout", "no reply to " + message.type + " within " + self.options.requestTimeout + " ms"));
       }, self.options.requestTimeout);
-      self._pending[id] = Object.assign({resolve: resolve, reject: reject, timer: timer, kind: message.type}, extra || {});
+      self._pending[id] = Object.assign({resolve: resolve, reject: reject, timer: timer, kind: message.type, order: id},
+                                        extra || {});
     }).then(function (reply) { return reply; });
   };
 
@@ -252,6 +269,14 @@
   };
 
   RoomClient.prototype._sendChat = function (chat) {
+    var self = this;
+    if (this._draining) {
+      // The server asked us to move: keep the chat for the next connection (sent after the resume).
+      var order = this._nextId++;
+      return new Promise(function (resolve, reject) {
+        self._outbox.push({resolve: resolve, reject: reject, chat: chat, room: chat.room, order: order});
+      });
+    }
     var id = this._nextId;
     var promise = this.request(chat, {room: chat.room, chat: chat});
     if (this._pending[id]) (this._echoQueue[chat.room] = this._echoQueue[chat.room] || []).push(id);
@@ -284,7 +309,13 @@
         this._dequeueEcho(message.id);
         this._settle(message.id, message);
         return;
+      case "reconnect":
+        this._draining = true;
+        this._hint(message.after_ms);
+        this._emit("message", message);
+        return;
       case "error":
+        if (this._draining && message.code === "unavailable" && this._holdRefusedChat(message.id)) return;
         if (message.id !== undefined && this._settle(message.id, null, RoomClientError(message.code, message.message, message))) {
           this._dequeueEcho(message.id);
           return;
@@ -308,6 +339,17 @@
         if (message.id !== undefined && this._settle(message.id, message)) return;
         this._emit("message", message);
     }
+  };
+
+  // A chat the draining server refused (not stored): keep it for the next connection.
+  RoomClient.prototype._holdRefusedChat = function (id) {
+    var entry = this._pending[id];
+    if (!entry || !entry.chat) return false;
+    delete this._pending[id];
+    clearTimeout(entry.timer);
+    this._dequeueEcho(id);
+    this._outbox.push(entry);
+    return true;
   };
 
   RoomClient.prototype._dequeueEcho = function (id) {
