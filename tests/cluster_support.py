@@ -88,7 +88,8 @@ async def open_ws(urls: list[str], attempts: int = 100) -> tuple[Any, str]:
 
 class Member:
     """Joins ``room`` on its node and records every chat; when its node goes away it connects to the next
-    one and resumes from the last seq it saw. Every seq must arrive exactly once, in order."""
+    one and resumes from the last seq it saw. Every seq must arrive exactly once, in order. A draining node's
+    reconnect hint is recorded and honoured (it waits ``after_ms`` before connecting again)."""
 
     def __init__(self, urls: list[str], room: str, expect: int) -> None:
         self.urls = urls
@@ -96,8 +97,10 @@ class Member:
         self.expect = expect
         self.texts: list[str] = []
         self.resumes: list[dict[str, Any]] = []
+        self.hints: list[dict[str, Any]] = []
         self.nodes: list[str] = []
         self.ready = asyncio.Event()
+        self._hinted: dict[str, Any] | None = None
 
     @property
     def last_seq(self) -> int:
@@ -122,6 +125,9 @@ class Member:
                 urls = urls[1:] + urls[:1]  # that node went away: start with the next one
             finally:
                 ws.transport.abort()
+            hinted, self._hinted = self._hinted, None
+            if hinted is not None and self.last_seq < self.expect:
+                await asyncio.sleep(hinted["after_ms"] / 1000)
 
     async def _receive(self, ws: Any) -> None:
         while self.last_seq < self.expect:
@@ -136,6 +142,9 @@ class Member:
                 if kind == "resumed":
                     self.resumes.append(message)
                 self.ready.set()
+            elif kind == "reconnect":
+                self.hints.append(message)
+                self._hinted = message
             elif kind != "ack":
                 raise AssertionError(f"unexpected message {message}")
 

@@ -104,6 +104,10 @@ async def test_rolling_restart_of_every_node_under_steady_publishing_loses_and_r
     for member in members:
         assert member.texts == expected, "0 gaps, 0 duplicates, one order"
     assert all(member.resumes for member in members), "every member was moved at least once"
+    assert all(member.hints for member in members), "each node drained its members with a reconnect hint"
+    for member in members:
+        for hint in member.hints:
+            assert hint["resume"] is True and 0 <= hint["after_ms"] < 200, hint
     assert publisher.connections > 1, "the publisher's node was restarted under it too"
 
 

@@ -9,13 +9,16 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_twisted
 
-from .cluster_support import Member, Node, publish
+from roomserver.roomclient import RoomClient
+
+from .cluster_support import Member, Node, SteadyPublisher, publish
 from .redis_support import REDIS_URL, delete_prefix_now, unique_prefix
-from .support import aio
+from .support import aio, eventually
 from .twistd_support import ROOT, free_port, wait_for_port
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
@@ -25,7 +28,10 @@ pytestmark = pytest.mark.skipif(not Path(HAPROXY).exists(), reason="haproxy is n
 @pytest.fixture
 def deployment(tmp_path: Path) -> Iterator[tuple[str, list[Node]]]:
     prefix = unique_prefix()
-    nodes = [Node(f"{REDIS_URL}?prefix={prefix}", tmp_path, f"node{i}").start() for i in range(2)]
+    # Small drain batches, so a drained node still drains (listening, refusing upgrades with 503) while its
+    # first clients come back: HAProxy must send them to the other node.
+    nodes = [Node(f"{REDIS_URL}?prefix={prefix}", tmp_path, f"node{i}", "--drain-batch", "2", "--drain-interval",
+                  "0.5").start() for i in range(2)]
     front = free_port()
     config = (ROOT / "deploy" / "haproxy.cfg").read_text()
     config = config.replace("bind 127.0.0.1:8080", f"bind 127.0.0.1:{front}")
@@ -72,3 +78,64 @@ async def test_haproxy_spreads_clients_and_a_stopped_nodes_clients_resume_on_the
     for member in members:
         assert member.texts == [f"m{i}" for i in range(1, total + 1)]
     assert sum(bool(member.resumes) for member in members) == counts[0], "the stopped node's clients resumed"
+
+
+class CountingClient(RoomClient):
+    """Counts its connection attempts (each reconnect, whatever became of it)."""
+
+    connects = 0
+
+    def _connect_once(self) -> Any:
+        self.connects += 1
+        return super()._connect_once()
+
+
+@pytest_twisted.ensureDeferred
+async def test_sigterm_drains_a_node_and_its_roomclients_resume_through_haproxy_with_nothing_lost(
+        deployment: tuple[str, list[Node]]) -> None:
+    """A rolling restart's one step: SIGTERM on a node under a steady publisher. Its RoomClients get the reconnect
+    hint, come back after the hinted delay through HAProxy (which retries the draining node's 503 or refusal on
+    the other node: each client connects once), resume, and end with every seq once, in order."""
+    url, nodes = deployment
+    total = 300
+    clients = [CountingClient(url, request_timeout=20) for _ in range(8)]
+    seqs: list[list[int]] = [[] for _ in clients]
+    texts: list[dict[int, str]] = [{} for _ in clients]
+    hints: list[list[dict[str, Any]]] = [[] for _ in clients]
+    retries: list[list[dict[str, Any]]] = [[] for _ in clients]
+    for index, client in enumerate(clients):
+        client.on("chat", lambda event, i=index: (seqs[i].append(event["seq"]),
+                                                  texts[i].__setitem__(event["seq"], event["text"])))
+        client.on("message", lambda event, i=index: event["type"] == "reconnect" and hints[i].append(event))
+        client.on("state", lambda state, detail, i=index: state == "reconnecting" and "delay" in detail
+                  and retries[i].append(detail))
+        await client.connect()
+        await client.join("draining")
+    loop = asyncio.get_running_loop()
+    counts = [(await aio(loop.run_in_executor(None, node.health)))[1]["connections"] for node in nodes]
+    assert sum(counts) == 8 and min(counts) >= 2, f"leastconn spreads the clients: {counts}"
+
+    publisher = SteadyPublisher([url], "draining", total, pause=0.01)
+    publishing = asyncio.ensure_future(publisher.run())
+    await eventually(lambda: len(publisher.acked) >= 50, timeout=20)
+    await aio(loop.run_in_executor(None, nodes[0].stop))  # SIGTERM: drain
+    await aio(asyncio.wait_for(publishing, 60))
+    await eventually(lambda: all(len(received) >= total for received in seqs), timeout=30)
+
+    assert sorted(publisher.acked.values()) == list(range(1, total + 1)), "every chat stored exactly once"
+    by_seq = {seq: f"m{number}" for number, seq in publisher.acked.items()}
+    for index in range(len(clients)):
+        assert seqs[index] == list(range(1, total + 1)), f"client {index}: 0 gaps, 0 duplicates, in order"
+        assert texts[index] == by_seq
+    drained = [index for index in range(len(clients)) if hints[index]]
+    assert len(drained) == counts[0], "the stopped node's clients, and only they, got the reconnect hint"
+    for index in drained:
+        [hint] = hints[index]
+        assert hint["resume"] is True and 0 <= hint["after_ms"] < 500, hint
+        assert [(retry["hinted"], retry["delay"]) for retry in retries[index]] == [(True, hint["after_ms"] / 1000)], \
+            "it came back after the hinted delay"
+        assert clients[index].connects == 2, "at the first try: HAProxy retried the draining node on the other one"
+    final = (await aio(loop.run_in_executor(None, nodes[1].health)))[1]["connections"]
+    assert final == 8, "every client is on the remaining node"
+    for client in clients:
+        await client.close()
