@@ -8,7 +8,7 @@ PORT ?= 8080
 # The checkout goes first on sys.path: `roomserver` and the twistd dropin in twisted/plugins are found there.
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
-.PHONY: install run test lint typecheck unit compliance clean browser screenshots bench bench-deps
+.PHONY: install run test lint typecheck unit compliance clean browser haproxy screenshots bench bench-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,7 +36,14 @@ browser:
 	  echo "installing Debian's chromium for the browser tests"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
-test: lint browser
+# tests/test_deploy.py runs deploy/haproxy.cfg in Debian's HAProxy: install it when missing (needs root).
+HAPROXY ?= /usr/sbin/haproxy
+haproxy:
+	@command -v $(HAPROXY) >/dev/null 2>&1 || { \
+	  echo "installing Debian's haproxy for the deployment tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null; }
+
+test: lint browser haproxy
 	$(BIN)/python -m pytest -q
 
 # Regenerate docs/chat.png and docs/dashboard.png from a live server and Chromium.

@@ -321,3 +321,51 @@ async def test_a_page_signs_in_with_a_token_and_a_forged_one_is_refused(make_ser
             assert ada.errors == []
 
     await aio(scenario())
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_page_honours_the_drain_hint_and_sends_its_held_chat_after_the_resume(
+        make_server: Any, tmp_path: Path) -> None:
+    """roomserver.js: the server drains (reconnect hint, then 1001). A chat sent after the hint is held; the page
+    reconnects after the hinted delay instead of its backoff, resumes on the restarted server and sends the held
+    chat then: stored once, seen once."""
+    store = f"sqlite:{tmp_path / 'rooms.db'}"
+    server = await make_server(room_protocol=True, store=store, drain_interval=1.0)
+    port = server.port
+    restarted: list[WebSocketServer] = []
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        async with chromium() as browser:
+            ada = await ChatPage.open(browser, base_url(server), "ada")
+            await ada.say("before")
+            await ada.page.evaluate("""() => {
+                window.drain = {hints: [], retries: []};
+                roomClient.on("message", (m) => { if (m.type === "reconnect") window.drain.hints.push(m); });
+                roomClient.on("state", (s, d) => { if (s === "reconnecting" && "delay" in d) window.drain.retries.push(d); });
+            }""")
+            received = server.get_stats().messages_received
+            stopping = server.stop().asFuture(loop)
+            await ada.page.wait_for_function("window.drain.hints.length === 1")
+            held = asyncio.ensure_future(ada.page.evaluate(
+                "roomClient.send('lobby', 'ada: held during the drain').then((ack) => ack.seq)"))
+            await stopping
+            assert server.get_stats().messages_received == received, "the held chat never left the page"
+            again = WebSocketServer(ServerOptions(port=port, host="127.0.0.1", room_protocol=True, store=store))
+            restarted.append(again)
+            await again.start().asFuture(loop)
+            assert await asyncio.wait_for(held, 15) == 2
+            await ada.wait_message("ada", "held during the drain")
+            assert await ada.chat_lines() == ["ada: before", "ada: held during the drain"]
+            drain = await ada.page.evaluate("window.drain")
+            [hint] = drain["hints"]
+            assert hint["resume"] is True and 0 <= hint["after_ms"] < 1000
+            first = drain["retries"][0]
+            assert first["hinted"] is True and first["delay"] == hint["after_ms"], drain
+            assert ada.errors == []
+
+    try:
+        await aio(scenario())
+    finally:
+        for again in restarted:
+            await again.stop()

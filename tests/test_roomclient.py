@@ -282,3 +282,45 @@ async def test_token_in_the_handshake_and_a_bad_one_is_final(make_server: Any, t
         await forger.connect()
     assert refused.value.code == "closed" and forger.state == "closed"
     assert closes == [(4400, "handshake refused with HTTP 401")], "a bad token is not retried"
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_honours_the_drain_hint_and_loses_no_chat(make_server: Any, tmp_path: Any) -> None:
+    """The server drains: a chat in flight when the hint arrives is refused (unavailable) and one sent after the
+    hint is held; the client reconnects after the hinted delay (not its backoff), resumes on the restarted
+    server and sends both again, in order: each stored once, nothing lost."""
+    store = f"sqlite:{tmp_path / 'rooms.db'}"
+    server = await make_server(room_protocol=True, store=store, drain_interval=1.0)
+    client = RoomClient(url_of(server), min_delay=0.5, max_delay=1.0)
+    hints: list[dict[str, Any]] = []
+    states: list[tuple[str, dict[str, Any]]] = []
+    chats: list[tuple[int, str]] = []
+    client.on("message", lambda event: event["type"] == "reconnect" and hints.append(event))
+    client.on("state", lambda state, detail: states.append((state, detail)))
+    client.on("chat", lambda event: chats.append((event["seq"], event["text"])))
+    again: WebSocketServer | None = None
+    try:
+        await client.connect()
+        await client.join("lobby")
+        assert (await client.send("lobby", "before"))["seq"] == 1
+        port = server.port
+        stopped = server.stop()  # the hint goes out in this call; the client reads it after sending the next chat
+        in_flight = client.send("lobby", "in flight")
+        await eventually(lambda: hints)
+        held = client.send("lobby", "held")
+        assert not in_flight.called and not held.called
+        await stopped
+        assert server.get_stats().errors.get("unavailable") == 1, "the chat in flight was refused, not stored"
+        again = WebSocketServer(ServerOptions(port=port, host="127.0.0.1", room_protocol=True, store=store))
+        await again.start()
+        assert [(await in_flight)["seq"], (await held)["seq"]] == [2, 3]
+        await eventually(lambda: len(chats) == 3)
+        assert chats == [(1, "before"), (2, "in flight"), (3, "held")], "each once, in the order sent"
+        [hint] = hints
+        assert hint["resume"] is True and 0 <= hint["after_ms"] < 1000
+        retries = [detail for state, detail in states if state == "reconnecting" and "delay" in detail]
+        assert retries[0]["hinted"] is True and retries[0]["delay"] == hint["after_ms"] / 1000, retries
+    finally:
+        await client.close()
+        if again is not None:
+            await again.stop()
