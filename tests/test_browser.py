@@ -342,7 +342,9 @@ async def test_a_page_honours_the_drain_hint_and_sends_its_held_chat_after_the_r
             await ada.page.evaluate("""() => {
                 window.drain = {hints: [], retries: []};
                 roomClient.on("message", (m) => { if (m.type === "reconnect") window.drain.hints.push(m); });
-                roomClient.on("state", (s, d) => { if (s === "reconnecting" && "delay" in d) window.drain.retries.push(d); });
+                roomClient.on("state", (s, d) => {
+                    if (s === "reconnecting" && "delay" in d) window.drain.retries.push(d);
+                });
             }""")
             received = server.get_stats().messages_received
             stopping = server.stop().asFuture(loop)
