@@ -95,6 +95,8 @@ class Member:
                 if kind == "resumed":
                     self.resumes.append(message)
                 self.ready.set()
+            elif kind == "reconnect":
+                self.trace.append((kind, self.last_seq, message))  # a drain: the 1001 close follows
             else:
                 raise AssertionError(f"unexpected message {message}")
 
@@ -131,8 +133,11 @@ class Publisher:
                         self.duplicates += bool(message.get("duplicate"))
                         if self.on_ack is not None:
                             await self.on_ack(len(self.acked))
+                    elif message["type"] == "error":
+                        # The server drains (after its reconnect hint): not stored, sent again after reconnecting.
+                        assert message["code"] == "unavailable", message
                     else:
-                        assert message["type"] == "chat", message
+                        assert message["type"] in ("chat", "reconnect"), message
             except ConnectionClosed:
                 continue
             finally:
