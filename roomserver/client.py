@@ -38,8 +38,24 @@ def serialize(message: Any) -> tuple[bytes, bool]:
 class Client:
     """One connected client: ``id``, ``rooms``, ``send``, ``close`` and its ``message``/``close`` events."""
 
-    __slots__ = ("__weakref__", "_events", "_protocol", "_server", "auth_deadline", "close_code", "close_reason",
-                 "codec", "expiry", "id", "identity", "inbox", "peer", "request", "subprotocol")
+    __slots__ = (
+        "__weakref__",
+        "_events",
+        "_protocol",
+        "_server",
+        "address",
+        "auth_deadline",
+        "close_code",
+        "close_reason",
+        "codec",
+        "expiry",
+        "id",
+        "identity",
+        "inbox",
+        "peer",
+        "request",
+        "subprotocol",
+    )
 
     def __init__(self, protocol: RoomServerProtocol, server: WebSocketServer, request: Any = None) -> None:
         self.id: str = secrets.token_urlsafe(16)
@@ -48,6 +64,8 @@ class Client:
         self._events = EventEmitter(CLIENT_EVENTS)
         self.request = request
         self.peer: str = getattr(protocol, "peer", "")
+        self.address: str = getattr(protocol, "client_address", "")
+        """The client's IP address: its TCP peer's, or behind ``trusted_proxies`` the one they forwarded."""
         self.close_code: int | None = None
         self.close_reason: str | None = None
         self.identity: Identity | None = getattr(protocol, "identity", None)

@@ -139,8 +139,8 @@ class ConnectionLog(ServerObserver):
 
     def connection_opened(self, client: Client) -> None:
         self._opened_at[client.id] = self._reactor.seconds()
-        self.log.info("connection {client} opened from {peer}", event="connection_opened", client=client.id,
-                      peer=client.peer)
+        self.log.info("connection {client} opened from {address} ({peer})", event="connection_opened",
+                      client=client.id, address=client.address, peer=client.peer)
 
     def connection_closed(self, client: Client, was_clean: bool) -> None:
         opened = self._opened_at.pop(client.id, None)

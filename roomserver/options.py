@@ -28,10 +28,10 @@ class ServerOptions:
     ping_timeout: float | None = None
     """Seconds to wait for a pong before dropping the peer; defaults to ``ping_interval``."""
     host: str = ""
+    """Interface to bind when ``port`` is a number ("" = every IPv4 interface)."""
     reuse_port: bool = False
     """Listen with ``SO_REUSEPORT`` (``port`` must be a number), so several processes share the port and the
     kernel spreads connections over them; what ``twistd roomserver --workers N`` uses (docs/cluster.md)."""
-    """Interface to bind when ``port`` is a number ("" = every IPv4 interface)."""
     room_protocol: bool = False
     """Serve the built-in JSON room protocol (what ``twistd roomserver`` runs)."""
     max_message_size: int = 1 * MIB
@@ -61,6 +61,14 @@ class ServerOptions:
     allowed_origins: tuple[str, ...] = ()
     """Browser origins allowed to connect (``*`` wildcards; ``*`` = any). Empty: same origin only. Requests
     without an Origin header (non-browser clients) are allowed; ``null`` origins are refused."""
+    connect_rate: float = 0.0
+    """WebSocket upgrades per second from one client address (0 = no limit); beyond it HTTP 429. Behind a load
+    balancer, set ``trusted_proxies`` too, or every client shares the balancer's address."""
+    connect_burst: int = 100
+    """Upgrades one client address may make in a burst above ``connect_rate``."""
+    trusted_proxies: tuple[str, ...] = ()
+    """Addresses or networks of proxies whose ``X-Forwarded-For`` is believed (e.g. ``10.0.0.0/8``): a
+    connection's client address is the nearest hop that is not one of them (roomserver/core/addresses.py)."""
     max_handshake_size: int = 16 * KIB
     """Bytes of HTTP request line and headers; beyond it HTTP 400 and the connection is closed."""
     raise_fd_limit: bool = True
@@ -161,6 +169,14 @@ class ServerOptions:
         if isinstance(self.allowed_types, str):
             object.__setattr__(self, "allowed_types", tuple(
                 kind.strip() for kind in self.allowed_types.split(",") if kind.strip()))
+        if self.connect_rate < 0 or self.connect_burst < 1:
+            raise ValueError("connect_rate must be >= 0 and connect_burst >= 1")
+        if isinstance(self.trusted_proxies, str):
+            object.__setattr__(self, "trusted_proxies", tuple(
+                proxy.strip() for proxy in self.trusted_proxies.split(",") if proxy.strip()))
+        from .core.addresses import parse_networks
+
+        parse_networks(self.trusted_proxies)  # ValueError for a malformed address or network
         if isinstance(self.allowed_origins, str):
             object.__setattr__(self, "allowed_origins", tuple(
                 origin.strip() for origin in self.allowed_origins.split(",") if origin.strip()))

@@ -32,13 +32,14 @@ from .closing import DEFAULT_FLUSH_TIMEOUT
 from .cluster import Relay
 from .core import filters as builtin_filters
 from .core import messages
+from .core.addresses import AddressResolver
 from .core.codecs import JSON_PROTOCOL, Codec, CodecRegistry
 from .core.errors import CloseCode, ErrorCode, RoomServerError
 from .core.filters import Filter, Pipeline
 from .core.messages import encode
 from .core.origins import OriginPolicy
 from .core.presence import Presence
-from .core.ratelimit import FloodGuard, Verdict
+from .core.ratelimit import FloodGuard, KeyedRateLimit, Verdict
 from .core.rooms import Room, RoomRegistry
 from .core.session import Announce, Append, Effect, ReadHistory, Replay, Reply, RoomProtocol, TakeOver
 from .core.sessions import SessionTable
@@ -71,6 +72,13 @@ def _message_type(payload: bytes, is_binary: bool) -> str | None:
     kind = message.get("type") if isinstance(message, dict) else None
     return kind if isinstance(kind, str) else None
 
+
+
+def _peer_host(protocol: Any) -> str:
+    """The TCP peer's host ("" if the transport has no IP peer, e.g. a test transport)."""
+    transport = protocol.transport
+    peer = transport.getPeer() if transport is not None else None
+    return str(getattr(peer, "host", ""))
 
 class WebSocketServer:
     """A WebSocket room server: ``start()``, ``stop()``, rooms, broadcasts, stats and events."""
@@ -137,6 +145,9 @@ class WebSocketServer:
         self.observers.add(ConnectionLog(self.reactor))
         self.factory = RoomServerFactory(self, self.options)
         self.origins = OriginPolicy(self.options.allowed_origins)
+        self.addresses = AddressResolver(self.options.trusted_proxies)
+        self.connect_limit = (KeyedRateLimit(self.options.connect_rate, self.options.connect_burst)
+                              if self.options.connect_rate > 0 else None)
         self.site = QuietSite(
             build_root(self.options.path, WebSocketResource(self.factory), self._http_pages()),
             handshake_timeout=self.options.open_handshake_timeout,
@@ -451,6 +462,11 @@ class WebSocketServer:
             raise ConnectionDeny(503, "server shutting down")
         if request.path.rstrip("/") != self.options.path.rstrip("/"):
             raise ConnectionDeny(ConnectionDeny.NOT_FOUND, "no WebSocket endpoint at this path")
+        address = self.addresses.client_address(_peer_host(protocol), request.headers.get("x-forwarded-for"))
+        protocol.client_address = address
+        if self.connect_limit is not None and not self.connect_limit.allow(address, self.reactor.seconds()):
+            self.counters.dropped("connect_rate")
+            raise ConnectionDeny(429, "too many connections from this address; retry later")
         if not self.origins.allows(request.headers.get("origin"), request.headers.get("host")):
             self.counters.dropped("origin_refused")
             raise ConnectionDeny(ConnectionDeny.FORBIDDEN, "origin not allowed")

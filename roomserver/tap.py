@@ -47,7 +47,7 @@ def _non_negative_int(value: str) -> int:
     return number
 
 
-def _origins(value: str) -> tuple[str, ...]:
+def _comma_list(value: str) -> tuple[str, ...]:
     return tuple(origin.strip() for origin in value.split(",") if origin.strip())
 
 
@@ -125,7 +125,12 @@ class Options(usage.Options):
         ["socket-send-buffer", None, _DEFAULTS.socket_send_buffer, "SO_SNDBUF of WebSocket connections in bytes "
          "(0 = kernel autotuning): bounds the kernel memory a client that does not read pins.", _non_negative_int],
         ["allowed-origins", None, "", "Comma-separated browser origins allowed to connect (* wildcards; * = any). "
-         "Default: same origin only. Requests without Origin are allowed; 'null' is refused.", _origins],
+         "Default: same origin only. Requests without Origin are allowed; 'null' is refused.", _comma_list],
+        ["connect-rate", None, _DEFAULTS.connect_rate, "WebSocket upgrades per second from one client address "
+         "(0 = no limit); beyond it HTTP 429.", _non_negative_float],
+        ["connect-burst", None, _DEFAULTS.connect_burst, "Upgrades one address may make in a burst.", _positive_int],
+        ["trusted-proxies", None, "", "Comma-separated proxy addresses/networks whose X-Forwarded-For is "
+         "believed (e.g. 10.0.0.0/8); the client address is the nearest hop not among them.", _comma_list],
         ["max-handshake-size", None, _DEFAULTS.max_handshake_size, "Bytes of HTTP request head; beyond it "
          "HTTP 400.", _positive_int],
         ["jwt-secret-file", None, None, "A file holding the HS256 secret (or set ROOMSERVER_JWT_SECRET): turns on "
@@ -139,7 +144,7 @@ class Options(usage.Options):
          "carried no token (then close 1008).", _non_negative_float],
         ["max-meta-size", None, _DEFAULTS.max_meta_size, "Bytes of presence metadata per join.", _positive_int],
         ["max-text-length", None, None, "Filter: longest chat text in characters (error filtered).", _positive_int],
-        ["allowed-types", None, "", "Filter: comma-separated message types clients may publish.", _origins],
+        ["allowed-types", None, "", "Filter: comma-separated message types clients may publish.", _comma_list],
         ["blocked-words-file", None, None, "Filter: a file of blocked words, one per line (error filtered)."],
         ["admin-token-file", None, None, "A file holding the admin token of the dashboard and the admin API "
          "(or set ROOMSERVER_ADMIN_TOKEN; never the token itself on the command line)."],

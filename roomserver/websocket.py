@@ -40,6 +40,7 @@ class RoomServerProtocol(GracefulCloseMixin, WebSocketServerProtocol):  # type: 
     client: Client | None = None
     admitted: bool = False
     http_request: Any = None
+    client_address = ""  # the client's IP: the TCP peer's, or the nearest untrusted X-Forwarded-For hop
     fragments: int = 0
     flood: FloodGuard | None = None
     refused_status: int | None = None  # the HTTP status of a ConnectionDeny raised by the hub, if any

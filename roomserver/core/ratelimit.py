@@ -15,6 +15,8 @@ within about ``burst / (sending_rate - flood_factor * rate)`` seconds.
 from __future__ import annotations
 
 import enum
+from collections import OrderedDict
+from collections.abc import Hashable
 
 
 class TokenBucket:
@@ -65,3 +67,33 @@ class FloodGuard:
         if self._dropped.take(now):
             return Verdict.DROP
         return Verdict.CLOSE
+
+
+class KeyedRateLimit:
+    """One token bucket per key (a client address): ``rate`` events/s per key with bursts of ``burst``.
+
+    Memory is bounded by ``max_keys``: the least recently used key is forgotten first. A forgotten key starts
+    again with a full bucket, which only matters for a key that was quiet while ``max_keys`` others were used,
+    so an attacker cannot grow the table, nor keep a key's bucket empty by rotating through other keys.
+    """
+
+    def __init__(self, rate: float, burst: float, max_keys: int = 100_000) -> None:
+        if rate <= 0 or burst < 1 or max_keys < 1:
+            raise ValueError("a keyed rate limit needs rate > 0, burst >= 1 and max_keys >= 1")
+        self.rate = rate
+        self.burst = burst
+        self.max_keys = max_keys
+        self._buckets: OrderedDict[Hashable, TokenBucket] = OrderedDict()
+
+    def allow(self, key: Hashable, now: float) -> bool:
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = TokenBucket(self.rate, self.burst, now)
+            if len(self._buckets) > self.max_keys:
+                self._buckets.popitem(last=False)
+        else:
+            self._buckets.move_to_end(key)
+        return bucket.take(now)
+
+    def __len__(self) -> int:
+        return len(self._buckets)
