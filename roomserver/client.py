@@ -16,6 +16,7 @@ from .core.auth import Identity
 from .core.codecs import Codec
 from .core.errors import CloseCode
 from .core.messages import encode
+from .core.ratelimit import ErrorBudget
 from .events import EventEmitter
 
 if TYPE_CHECKING:
@@ -48,6 +49,7 @@ class Client:
         "close_code",
         "close_reason",
         "codec",
+        "error_budget",
         "expiry",
         "id",
         "identity",
@@ -73,6 +75,8 @@ class Client:
         self.subprotocol: str | None = getattr(protocol, "subprotocol", None)
         self.codec: Codec = server.codecs.get(self.subprotocol)
         self.auth_deadline: Any = None
+        self.error_budget: ErrorBudget | None = None
+        """Client-caused error replies left before a 1008 close (None: no limit)."""
         self.expiry: Any = None
         self.inbox: deque[tuple[bytes, bool]] | None = None
         """Messages waiting while an asynchronous authorization decision is pending (order is kept)."""

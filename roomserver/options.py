@@ -52,6 +52,10 @@ class ServerOptions:
     """Messages a client may send in a burst above ``rate_limit``."""
     flood_factor: float = 3.0
     """A client that keeps sending at more than this many times ``rate_limit`` is closed with 1008."""
+    error_limit: int = 20
+    """Error replies a client may earn by its own requests within ``error_window`` seconds (forbidden joins,
+    malformed messages...); the one that reaches it closes the connection with 1008. 0 = no limit."""
+    error_window: float = 5.0
     max_send_buffer: int = 4 * MIB
     """Bytes queued for a client that does not read; beyond it the client is closed with 4008 (slow consumer)."""
     socket_send_buffer: int = 256 * KIB
@@ -169,6 +173,8 @@ class ServerOptions:
         if isinstance(self.allowed_types, str):
             object.__setattr__(self, "allowed_types", tuple(
                 kind.strip() for kind in self.allowed_types.split(",") if kind.strip()))
+        if self.error_limit < 0 or self.error_window <= 0:
+            raise ValueError("error_limit must be >= 0 and error_window > 0")
         if self.connect_rate < 0 or self.connect_burst < 1:
             raise ValueError("connect_rate must be >= 0 and connect_burst >= 1")
         if isinstance(self.trusted_proxies, str):

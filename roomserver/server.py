@@ -34,12 +34,12 @@ from .core import filters as builtin_filters
 from .core import messages
 from .core.addresses import AddressResolver
 from .core.codecs import JSON_PROTOCOL, Codec, CodecRegistry
-from .core.errors import CloseCode, ErrorCode, RoomServerError
+from .core.errors import CLIENT_FAULTS, CloseCode, ErrorCode, RoomServerError
 from .core.filters import Filter, Pipeline
 from .core.messages import encode
 from .core.origins import OriginPolicy
 from .core.presence import Presence
-from .core.ratelimit import FloodGuard, KeyedRateLimit, Verdict
+from .core.ratelimit import ErrorBudget, FloodGuard, KeyedRateLimit, Verdict
 from .core.rooms import Room, RoomRegistry
 from .core.session import Announce, Append, Effect, ReadHistory, Replay, Reply, RoomProtocol, TakeOver
 from .core.sessions import SessionTable
@@ -486,6 +486,8 @@ class WebSocketServer:
             protocol.flood = FloodGuard(
                 self.options.rate_limit, self.options.rate_burst, self.options.flood_factor, self.reactor.seconds()
             )
+        if self.options.error_limit > 0:
+            client.error_budget = ErrorBudget(self.options.error_limit, self.options.error_window)
         if isinstance(protocol.transport, GuardedConnection):
             protocol.transport.watch_send_buffer(
                 self.options.max_send_buffer, lambda: self._drop_slow_consumer(protocol),
@@ -678,12 +680,19 @@ class WebSocketServer:
         return sent
 
     def _reply(self, client: Client, event: dict[str, Any]) -> None:
+        over_budget = False
         if event.get("type") == "error":
             self.counters.error(event["code"])
+            budget = client.error_budget
+            if budget is not None and event["code"] in CLIENT_FAULTS:
+                over_budget = not budget.spend(self.reactor.seconds())
         if client.codec is self.json_codec:
             self.send_payload(client, encode(event), False)
         else:
             self.send_payload(client, client.codec.encode(event), client.codec.binary, encoded=True)
+        if over_budget:
+            self.counters.dropped("too_many_errors")
+            client.close(CloseCode.POLICY_VIOLATION, "too many errors")
 
     def _announce(self, effect: Announce) -> None:
         """Send a presence event to the room's presence subscribers, encoded once per codec.

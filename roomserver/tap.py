@@ -47,6 +47,13 @@ def _non_negative_int(value: str) -> int:
     return number
 
 
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if number <= 0:
+        raise ValueError("must be > 0")
+    return number
+
+
 def _comma_list(value: str) -> tuple[str, ...]:
     return tuple(origin.strip() for origin in value.split(",") if origin.strip())
 
@@ -126,6 +133,9 @@ class Options(usage.Options):
          "(0 = kernel autotuning): bounds the kernel memory a client that does not read pins.", _non_negative_int],
         ["allowed-origins", None, "", "Comma-separated browser origins allowed to connect (* wildcards; * = any). "
          "Default: same origin only. Requests without Origin are allowed; 'null' is refused.", _comma_list],
+        ["error-limit", None, _DEFAULTS.error_limit, "Error replies a client may earn within --error-window "
+         "seconds; the one that reaches it closes with 1008 (0 = no limit).", _non_negative_int],
+        ["error-window", None, _DEFAULTS.error_window, "Seconds of the error limit.", _positive_float],
         ["connect-rate", None, _DEFAULTS.connect_rate, "WebSocket upgrades per second from one client address "
          "(0 = no limit); beyond it HTTP 429.", _non_negative_float],
         ["connect-burst", None, _DEFAULTS.connect_burst, "Upgrades one address may make in a burst.", _positive_int],

@@ -12,6 +12,7 @@ import pytest_twisted
 import websockets
 
 from roomserver import CloseCode
+from roomserver.core.ratelimit import ErrorBudget
 
 from .support import RawClient, WSClient, aio, eventually, frame, logged_errors, url_of
 
@@ -313,3 +314,33 @@ def test_send_buffer_must_hold_two_of_the_largest_messages() -> None:
     with pytest.raises(ValueError, match="max_send_buffer"):
         ServerOptions(max_message_size=4 * 1024 * 1024, max_send_buffer=4 * 1024 * 1024)
     assert ServerOptions(max_message_size=2 * 1024 * 1024, max_send_buffer=4 * 1024 * 1024)
+
+
+def test_error_budget_closes_on_the_limit_th_error_in_the_window_and_spread_errors_never_do() -> None:
+    budget = ErrorBudget(limit=20, window=5.0)
+    assert all(budget.spend(0.25 * n) for n in range(19))
+    assert not budget.spend(4.9)  # the 20th error within 5 s
+    steady = ErrorBudget(limit=20, window=5.0)
+    assert all(steady.spend(0.27 * n) for n in range(1000))  # any 20 of them span more than 5 s
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_keeps_earning_errors_is_closed_with_1008(make_server: Any) -> None:
+    """RELIABILITY A5: 19 bad requests in a row are answered and the connection stays usable; the 20th error
+    within 5 s closes it with 1008. Server-side errors (here a full room) do not count."""
+    server = await make_server(room_protocol=True, max_room_clients=1)
+    other = await joined(server)  # room "r" is now full
+    client = await WSClient.connect(url_of(server))
+    await client.recv()  # welcome
+    for _ in range(5):
+        assert (await client.request({"type": "join", "room": "r"}))["code"] == "room_full"
+    for n in range(19):
+        reply = await client.request({"type": "chat", "room": "elsewhere", "text": str(n)})
+        assert reply["code"] == "not_in_room"
+    assert (await client.request({"type": "join", "room": "mine"}))["type"] == "joined"  # still usable
+    assert (await client.request("not json"))["code"] == "invalid_json"  # the 20th: answered, then closed
+    code, reason = await client.closed()
+    assert (code, reason) == (CloseCode.POLICY_VIOLATION, "too many errors")
+    assert server.get_stats().drops["too_many_errors"] == 1
+    await other.send({"type": "chat", "room": "r", "text": "unaffected"})
+    assert (await other.recv())["text"] == "unaffected"

@@ -47,6 +47,15 @@ class ErrorCode:
     INTERNAL = "internal_error"
 
 
+# The error codes a client earns by its own requests (not by the server's state or faults): they spend its
+# error budget (``error_limit``); ``rate_limited`` has its own flood guard, ``room_full`` is not the client's doing.
+CLIENT_FAULTS = frozenset({
+    ErrorCode.INVALID_JSON, ErrorCode.INVALID_MESSAGE, ErrorCode.UNKNOWN_TYPE, ErrorCode.NOT_IN_ROOM,
+    ErrorCode.UNSUPPORTED, ErrorCode.TOO_MANY_ROOMS, ErrorCode.FORBIDDEN, ErrorCode.UNAUTHENTICATED,
+    ErrorCode.FILTERED,
+})
+
+
 class RoomServerError(Exception):
     """Base of every error a client can cause; ``code`` is its wire code."""
 

@@ -15,7 +15,7 @@ within about ``burst / (sending_rate - flood_factor * rate)`` seconds.
 from __future__ import annotations
 
 import enum
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Hashable
 
 
@@ -67,6 +67,35 @@ class FloodGuard:
         if self._dropped.take(now):
             return Verdict.DROP
         return Verdict.CLOSE
+
+
+class ErrorBudget:
+    """How many client-caused error replies a connection may earn: fewer than ``limit`` within any ``window``
+    seconds.
+
+    A client that keeps getting errors (probing rooms it may not join, sending malformed requests in a loop) is
+    either broken or hostile; answering it forever costs the server and fills logs. ``spend`` is called per
+    error and says whether the client is still within its budget; the adapter closes it with 1008 when not.
+    A sliding window over the times of the last ``limit`` errors (kept only once a first error came), so
+    occasional mistakes spread over time never add up to a close.
+    """
+
+    __slots__ = ("_times", "limit", "window")
+
+    def __init__(self, limit: int, window: float) -> None:
+        if limit < 1 or window <= 0:
+            raise ValueError("an error budget needs limit >= 1 and window > 0")
+        self.limit = limit
+        self.window = window
+        self._times: deque[float] | None = None
+
+    def spend(self, now: float) -> bool:
+        """Count one error at ``now``; False if it is the ``limit``-th within the last ``window`` seconds."""
+        times = self._times
+        if times is None:
+            times = self._times = deque(maxlen=self.limit)
+        times.append(now)
+        return len(times) < self.limit or now - times[0] >= self.window
 
 
 class KeyedRateLimit:
