@@ -296,6 +296,10 @@ def targets(results: Results) -> list[str]:
             if value is not None:
                 checks.append(f"{scenario}: CPU/delivery ÷ {peer} = {value:.2f} (target <= 0.50): "
                               + ("met" if value <= 0.5 else "NOT met"))
+        value = ratio(scenario, "cpu_us_per_delivery", "uws-pubsub")
+        if value is not None:
+            checks.append(f"{scenario}: CPU/delivery ÷ uws-pubsub = {value:.2f} (target <= 2.00): "
+                          + ("met" if value <= 2.0 else "NOT met"))
     value = ratio("fanout100", "p99_ms", "websockets-broadcast")
     if value is not None:
         checks.append(f"fanout100: p99 ÷ websockets-broadcast = {value:.2f} (target <= 1.00): "
