@@ -29,7 +29,7 @@ from twisted.python.failure import Failure
 from .core.history import HistoryPage
 from .core.rooms import Room
 from .core.sequencer import Fetch, RoomSequence, Step
-from .core.stats import NODE_DEGRADED, NODE_OK, ClusterStats, RateMeter, cluster_from_view, single_node
+from .core.stats import NODE_DEGRADED, NODE_DRAINING, NODE_OK, ClusterStats, RateMeter, cluster_from_view, single_node
 from .interfaces import Broker
 
 if TYPE_CHECKING:
@@ -86,10 +86,10 @@ class Relay:
         return f"{socket.gethostname()}:{port}" if port else socket.gethostname()
 
     def status(self) -> str:
-        """``ok``, or ``degraded`` while the broker or the store reports trouble or the server is stopping
-        (what ``/healthz`` says, without the HTTP side)."""
+        """``ok``; ``draining`` while the server is stopping; ``degraded`` while the broker or the store reports
+        trouble (what ``/healthz`` says, without the HTTP side)."""
         if self.server._stopping:
-            return NODE_DEGRADED
+            return NODE_DRAINING
         for backend in (self.broker, self.server.durable.store):
             probe = getattr(backend, "health", None)
             if callable(probe):

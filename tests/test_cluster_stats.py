@@ -113,7 +113,8 @@ def test_the_heartbeat_report_carries_rates_and_health_measured_on_the_node() ->
     assert (second["messages_received"], second["messages_sent"]) == (6, 12)
     assert second["address"] == server.relay.address
     server._stopping = True
-    assert server.relay._report()["status"] == "degraded", "a stopping node reports itself degraded"
+    assert server.relay._report()["status"] == "draining", "a stopping node reports itself draining"
+    assert node_from_report(server.relay._report(), "x").status == "draining"
 
 
 def test_a_node_whose_broker_is_not_connected_reports_degraded() -> None:

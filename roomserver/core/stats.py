@@ -90,6 +90,7 @@ class StatsCounters:
 
 NODE_OK = "ok"
 NODE_DEGRADED = "degraded"
+NODE_DRAINING = "draining"  # stopping: closing its clients in batches (they resume on the other nodes)
 
 
 @dataclass(frozen=True)
@@ -97,9 +98,9 @@ class NodeStats:
     """One node's part of the cluster view, as the node reported it at its last heartbeat.
 
     ``messages_in_per_s``/``messages_out_per_s`` are measured by the node over its last heartbeat interval;
-    ``None`` where nothing measured them (one node without a cluster). ``status`` is ``"ok"`` or
-    ``"degraded"`` (the node's own health said so, or its heartbeat is late); ``age`` is how old the report
-    was when the view was read, in seconds.
+    ``None`` where nothing measured them (one node without a cluster). ``status`` is ``"ok"``, ``"draining"``
+    (the node is stopping) or ``"degraded"`` (the node's own health said so, or its heartbeat is late);
+    ``age`` is how old the report was when the view was read, in seconds.
     """
 
     node: str
@@ -194,7 +195,8 @@ def node_from_report(report: Mapping[str, Any], local_node: str, now: float | No
     has not expired) but has stopped reporting.
     """
     node = str(report.get("node", ""))
-    status = NODE_OK if report.get("status", NODE_OK) == NODE_OK else NODE_DEGRADED
+    reported = report.get("status", NODE_OK)
+    status = reported if reported in (NODE_OK, NODE_DRAINING) else NODE_DEGRADED
     heartbeat = report.get("heartbeat")
     age = max(0.0, now - _number(heartbeat, float)) if now is not None and heartbeat is not None else 0.0
     if late_after is not None and age > late_after:
