@@ -13,8 +13,9 @@ timeout, after which the connection is aborted and re-established.
 
 from __future__ import annotations
 
+import hashlib
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -225,3 +226,36 @@ class RedisLink:
             self.log.warn("{name}: lost the connection to {url}; reconnecting", name=self.name, url=self.url)
         if self.on_lost is not None:
             self.on_lost()
+
+
+class LuaScripts:
+    """Lua scripts a Redis client runs with ``EVALSHA``: the store's and the cluster presence's.
+
+    ``load`` sends ``SCRIPT LOAD`` for each of them on a new connection, ahead of any ``EVALSHA`` on it (one
+    connection runs commands in order), so no call pays for a ``NOSCRIPT`` round trip, and a read that follows
+    a write is never overtaken by the write's retry. ``run`` still loads a script again on ``NOSCRIPT`` (a
+    restarted Redis, ``SCRIPT FLUSH``).
+    """
+
+    def __init__(self, scripts: Sequence[bytes]) -> None:
+        self.scripts = tuple(scripts)
+        self._shas = {script: hashlib.sha1(script).hexdigest().encode() for script in self.scripts}
+
+    def load(self, connection: Any) -> None:
+        """Load every script on ``connection`` (a txredisapi protocol; None: not connected, nothing to do)."""
+        if connection is not None:
+            for script in self.scripts:
+                connection.execute_command("SCRIPT", "LOAD", script).addErrback(lambda failure: None)
+
+    def run(self, link: RedisLink, script: bytes, keys: Sequence[bytes], args: Sequence[Any]
+            ) -> defer.Deferred[Any]:
+        """``EVALSHA`` of ``script`` over ``link``, loading it first if Redis does not know it."""
+
+        def load_and_retry(failure: Any) -> Any:
+            if "NOSCRIPT" not in str(failure.value):
+                return failure
+            return link.command("SCRIPT", "LOAD", script).addCallback(
+                lambda sha: link.command("EVALSHA", sha, len(keys), *keys, *args))
+
+        sha = self._shas[script]
+        return link.command("EVALSHA", sha, len(keys), *keys, *args).addErrback(load_and_retry)

@@ -95,3 +95,29 @@ async def test_redis_going_away_fails_appends_at_once_and_the_store_reconnects(t
     finally:
         await store.close()
         server.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_scripts_flushed_from_redis_are_loaded_again_on_the_fly(tmp_path: Path) -> None:
+    """``SCRIPT FLUSH`` (or a Redis that lost its script cache) answers EVALSHA with NOSCRIPT: the store loads
+    the script again and the call succeeds, in order (a dedicated redis-server: the flush touches no one else)."""
+    server = RedisServer(tmp_path)
+    server.start()
+    store = RedisStore(server.url, reactor)
+    admin = RedisLink(RedisURL.parse(server.url), reactor)
+    try:
+        await store.open()
+        admin.start()
+        await admin.when_connected(5)
+        assert (await store.append("r", [msg("a")]))[0].seq == 1
+        assert await admin.command("SCRIPT", "FLUSH") == "OK"
+        sha = store.scripts._shas[store.scripts.scripts[0]]
+        assert await admin.command("SCRIPT", "EXISTS", sha) == [0]
+        appended = await defer.gatherResults([store.append("r", [msg(text)]) for text in "bcd"])
+        assert [result[0].seq for result in appended] == [2, 3, 4]
+        assert [m.seq for m in (await store.read("r", since=0)).messages] == [1, 2, 3, 4]
+        assert await admin.command("SCRIPT", "EXISTS", sha) == [1]
+    finally:
+        await admin.stop()
+        await store.close()
+        server.stop()

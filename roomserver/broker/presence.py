@@ -29,7 +29,6 @@ holds, publishing the cluster-level events of the difference (not to itself, whi
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +39,7 @@ from twisted.python.failure import Failure
 
 from ..core.presence import PresenceEvent, cluster_members
 from ..core.session import identity_of
+from ..redislink import LuaScripts
 
 if TYPE_CHECKING:
     from ..server import WebSocketServer
@@ -171,7 +171,9 @@ class ClusterPresence:
         self.reaped = 0
         self.syncs = 0
         self.failures = 0
-        self._shas: dict[bytes, bytes] = {}
+        # Loaded on every new connection, ahead of any EVALSHA: a NOSCRIPT retry would let the member list read
+        # that follows a join overtake the join's own write.
+        self.scripts = LuaScripts((PUT, SYNC, BEAT, FORGET))
         self._heart: task.LoopingCall | None = None
         self._beating = False
 
@@ -182,7 +184,7 @@ class ClusterPresence:
         self.broker.on_presence = self._received
         self.broker.presence_report = self.stats
         self.broker.publisher_ready.append(self._reconnected)
-        self._load_scripts(self.link.protocol)
+        self.scripts.load(self.link.protocol)
         self._heart = task.LoopingCall(self._beat)
         self._heart.clock = self.server.reactor
         self._heart.start(self.interval, now=True)
@@ -251,7 +253,7 @@ class ClusterPresence:
 
     def _reconnected(self, connection: Any) -> None:
         """A new command connection: Redis may have lost or missed this node's writes; resync at once."""
-        self._load_scripts(connection)
+        self.scripts.load(connection)
         self.dirty = True
         self.server.reactor.callLater(0, self._beat)  # type: ignore[attr-defined]
 
@@ -328,23 +330,5 @@ class ClusterPresence:
 
     # -- scripts ---------------------------------------------------------------------------------------------
 
-    def _load_scripts(self, connection: Any) -> None:
-        """Load the scripts ahead of any EVALSHA on a new connection: a NOSCRIPT retry would let the member list
-        read that follows a join overtake the join's own write."""
-        if connection is not None:
-            for script in (PUT, SYNC, BEAT, FORGET):
-                connection.execute_command("SCRIPT", "LOAD", script).addErrback(lambda failure: None)
-
     def _script(self, script: bytes, keys: Sequence[bytes], args: Sequence[Any]) -> defer.Deferred[Any]:
-        """EVALSHA, loading the script first if Redis does not know it (a new or restarted Redis)."""
-
-        def load_and_retry(failure: Failure) -> Any:
-            if "NOSCRIPT" not in str(failure.value):
-                return failure
-            return self.link.command("SCRIPT", "LOAD", script).addCallback(
-                lambda sha: self.link.command("EVALSHA", sha, len(keys), *keys, *args))
-
-        sha = self._shas.get(script)
-        if sha is None:
-            sha = self._shas[script] = hashlib.sha1(script).hexdigest().encode()
-        return self.link.command("EVALSHA", sha, len(keys), *keys, *args).addErrback(load_and_retry)
+        return self.scripts.run(self.link, script, keys, args)

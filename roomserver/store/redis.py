@@ -24,7 +24,6 @@ the connection is re-established in the background.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,7 +34,7 @@ from twisted.python.failure import Failure
 
 from ..core.history import Appended, HistoryPage, NewMessage, page_of
 from ..interfaces import RoomRecord, StoreError
-from ..redislink import RedisLink, RedisUnavailable, RedisURL
+from ..redislink import LuaScripts, RedisLink, RedisUnavailable, RedisURL
 
 OPEN_TIMEOUT = 5.0
 
@@ -175,8 +174,10 @@ class RedisStore:
         self.history_ttl = history_ttl
         self.dedupe_window = dedupe_window
         self.prefix = self.url.prefix.encode()
-        self.link = RedisLink(self.url, reactor, name="redis store", on_ready=self._load_scripts)
-        self._shas: dict[bytes, bytes] = {}
+        # Loaded on every new connection: the baseline read of a room a node starts serving runs right after
+        # the join that caused it, and must not pay (or be reordered by) a NOSCRIPT round trip.
+        self.scripts = LuaScripts((APPEND, READ, DELETE))
+        self.link = RedisLink(self.url, reactor, name="redis store", on_ready=self.scripts.load)
 
     def __repr__(self) -> str:
         return f"RedisStore({str(self.url)!r}, prefix={self.url.prefix!r})"
@@ -211,26 +212,8 @@ class RedisStore:
 
     # -- scripts ---------------------------------------------------------------------------------------------
 
-    def _load_scripts(self, connection: Any) -> None:
-        """Load the scripts on every new connection, ahead of any EVALSHA on it (one connection: in order), so
-        no read or append pays for a NOSCRIPT round trip: the baseline read of a room a node starts serving
-        runs right after the join that caused it."""
-        for script in (APPEND, READ, DELETE):
-            connection.execute_command("SCRIPT", "LOAD", script).addErrback(lambda failure: None)
-
     def _script(self, script: bytes, keys: Sequence[bytes], args: Sequence[Any]) -> defer.Deferred[Any]:
-        """EVALSHA, loading the script first if Redis does not know it (after a restart or SCRIPT FLUSH)."""
-
-        def load_and_retry(failure: Failure) -> Any:
-            if "NOSCRIPT" not in str(failure.value):
-                return failure
-            return self.link.command("SCRIPT", "LOAD", script).addCallback(
-                lambda sha: self.link.command("EVALSHA", sha, len(keys), *keys, *args))
-
-        sha = self._shas.get(script)
-        if sha is None:
-            sha = self._shas[script] = hashlib.sha1(script).hexdigest().encode()
-        return self.link.command("EVALSHA", sha, len(keys), *keys, *args).addErrback(load_and_retry)
+        return self.scripts.run(self.link, script, keys, args)
 
     def _fail(self, failure: Failure, what: str) -> Failure:
         if failure.check(RedisUnavailable, txredisapi.RedisError):
