@@ -8,12 +8,15 @@ import json
 import signal
 import subprocess
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import websockets
 from websockets.exceptions import ConnectionClosed
 
+from .redis_support import REDIS_URL, delete_prefix_now, unique_prefix
 from .twistd_support import free_port, twistd, wait_for_port
 
 
@@ -72,6 +75,27 @@ class Node:
     def tracebacks(self) -> str:
         text = self.log.read_text() if self.log.exists() else ""
         return text if "Traceback" in text else ""
+
+
+@contextmanager
+def running_nodes(workdir: Path, count: int, *extra: str) -> Iterator[tuple[str, list[Node]]]:
+    """``count`` nodes on Redis under a key prefix of their own, listening; yields the prefix and the nodes.
+
+    On the way out the nodes are stopped and the prefix's keys deleted; when the block succeeded, a traceback
+    in any node's log fails it."""
+    prefix = unique_prefix()
+    url = f"{REDIS_URL}?prefix={prefix}"
+    nodes = [Node(url, workdir, f"node{i}", *extra).start() for i in range(count)]
+    try:
+        for node in nodes:
+            node.wait()
+        yield prefix, nodes
+    finally:
+        for node in nodes:
+            node.stop()
+        delete_prefix_now(prefix)
+    for node in nodes:
+        assert not node.tracebacks(), node.tracebacks()
 
 
 async def open_ws(urls: list[str], attempts: int = 100) -> tuple[Any, str]:

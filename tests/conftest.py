@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
+import pytest
 import pytest_twisted
 
 from roomserver import WebSocketServer
 
+from .auth_support import SECRET
 from .support import start_server
+
+
+@pytest.fixture
+def secret_file(tmp_path: Path) -> str:
+    """A file holding the tests' JWT secret (auth_support.SECRET), for ``jwt_secret_file``."""
+    path = tmp_path / "secret"
+    path.write_text(SECRET + "\n")
+    return str(path)
 
 
 @pytest_twisted.async_yield_fixture

@@ -20,21 +20,9 @@ from roomserver import ServerOptions
 from roomserver.access import verifier_from_options
 from roomserver.core.auth import Action, Identity
 
+from .auth_support import SECRET
+from .auth_support import token as make_token
 from .support import WSClient, aio, eventually, url_of
-
-SECRET = "a-test-secret-that-is-long-enough-for-hs256"
-
-
-def make_token(sub: str = "alice", **claims: Any) -> str:
-    claims.setdefault("exp", time.time() + 3600)
-    return jwt.encode({"sub": sub, **claims}, SECRET, algorithm="HS256")
-
-
-@pytest.fixture
-def secret_file(tmp_path: Path) -> str:
-    path = tmp_path / "secret"
-    path.write_text(SECRET + "\n")
-    return str(path)
 
 
 async def authed(server: Any, token: str) -> WSClient:

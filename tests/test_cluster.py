@@ -14,27 +14,14 @@ from typing import Any
 import pytest
 import pytest_twisted
 
-from .cluster_support import Member, Node, SteadyPublisher, publish
-from .redis_support import REDIS_URL, delete_prefix_now, unique_prefix
+from .cluster_support import Member, Node, SteadyPublisher, publish, running_nodes
 from .support import WSClient, aio
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Node]]:
-    workdir = tmp_path_factory.mktemp("cluster")
-    prefix = unique_prefix()
-    url = f"{REDIS_URL}?prefix={prefix}"
-    nodes = [Node(url, workdir, f"node{i}").start() for i in range(3)]
-    try:
-        for node in nodes:
-            node.wait()
+    with running_nodes(tmp_path_factory.mktemp("cluster"), 3) as (_prefix, nodes):
         yield nodes
-    finally:
-        for node in nodes:
-            node.stop()
-        delete_prefix_now(prefix)
-    for node in nodes:
-        assert not node.tracebacks(), node.tracebacks()
 
 
 @pytest_twisted.ensureDeferred

@@ -12,40 +12,17 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
 from roomserver import WebSocketServer
 from roomserver.redislink import RedisLink, RedisURL
 
+from .auth_support import connect_as, token
+from .auth_support import received_within as quiet
 from .cluster_support import Node
 from .redis_support import REDIS_URL, RedisServer, delete_prefix, delete_prefix_now, scan, unique_prefix
-from .support import WSClient, aio, eventually, start_server, url_of
-from .test_presence_filters_codecs import SECRET, token
-
-
-@pytest.fixture
-def secret_file(tmp_path: Path) -> str:
-    path = tmp_path / "secret"
-    path.write_text(SECRET)
-    return str(path)
-
-
-async def connect_as(server: Any, user: str, **claims: Any) -> WSClient:
-    ws = await WSClient.connect(url_of(server), additional_headers={"Authorization": f"Bearer {token(user, **claims)}"})
-    assert (await ws.recv())["type"] == "welcome"
-    return ws
-
-
-async def quiet(ws: WSClient, timeout: float = 0.4) -> list[Any]:
-    """What ``ws`` receives within ``timeout`` (nothing, when a test expects no further event)."""
-    received = []
-    while True:
-        try:
-            received.append(await ws.recv(timeout=timeout))
-        except TimeoutError:
-            return received
+from .support import WSClient, aio, eventually, start_server
 
 
 async def redis_link(url: str = REDIS_URL) -> RedisLink:

@@ -17,8 +17,8 @@ from twisted.internet import task
 from roomserver import ClusterStats, NodeStats, ServerOptions, ServerStats, WebSocketServer
 from roomserver.core.stats import RateMeter, cluster_from_view, node_from_report, single_node
 
-from .cluster_support import Node
-from .redis_support import REDIS_URL, delete_prefix, delete_prefix_now, unique_prefix
+from .cluster_support import Node, running_nodes
+from .redis_support import REDIS_URL, delete_prefix, unique_prefix
 from .support import WSClient, aio, url_of
 
 # -- pure parts ------------------------------------------------------------------------------------------------
@@ -188,20 +188,8 @@ async def test_every_node_sees_every_live_node_with_its_own_get_stats(make_serve
 
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Node]]:
-    workdir = tmp_path_factory.mktemp("dashboard-cluster")
-    prefix = unique_prefix()
-    url = f"{REDIS_URL}?prefix={prefix}"
-    nodes = [Node(url, workdir, f"node{i}").start() for i in range(2)]
-    try:
-        for node in nodes:
-            node.wait()
+    with running_nodes(tmp_path_factory.mktemp("dashboard-cluster"), 2) as (_prefix, nodes):
         yield nodes
-    finally:
-        for node in nodes:
-            node.stop()
-        delete_prefix_now(prefix)
-    for node in nodes:
-        assert not node.tracebacks(), node.tracebacks()
 
 
 async def own_sample(node: Node) -> dict[str, Any]:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
-import jwt
 import msgpack
 import pytest
 import pytest_twisted
@@ -14,35 +12,9 @@ import websockets
 
 from roomserver.core.filters import Rejected
 
+from .auth_support import connect_as
+from .auth_support import received_within as drain
 from .support import WSClient, eventually, url_of
-
-SECRET = "a-test-secret-that-is-long-enough-for-hs256"
-
-
-def token(sub: str, **claims: Any) -> str:
-    return jwt.encode({"sub": sub, "exp": time.time() + 3600, **claims}, SECRET, algorithm="HS256")
-
-
-@pytest.fixture
-def secret_file(tmp_path: Path) -> str:
-    path = tmp_path / "secret"
-    path.write_text(SECRET)
-    return str(path)
-
-
-async def connect_as(server: Any, user: str, **claims: Any) -> WSClient:
-    ws = await WSClient.connect(url_of(server), additional_headers={"Authorization": f"Bearer {token(user, **claims)}"})
-    assert (await ws.recv())["type"] == "welcome"
-    return ws
-
-
-async def drain(ws: WSClient, timeout: float = 0.3) -> list[Any]:
-    received = []
-    while True:
-        try:
-            received.append(await ws.recv(timeout=timeout))
-        except TimeoutError:
-            return received
 
 
 @pytest_twisted.ensureDeferred
