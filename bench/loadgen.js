@@ -7,6 +7,10 @@
 // (VmRSS from /proc/<pid>/status). Its own CPU time is reported too, so a reader can see whether the load
 // generator, which shares the machine's cores with the server, was the limit.
 //
+// A server of several processes (`--workers N`): `pids` lists them all; the CPU figures are summed over them
+// and each one's CPU time is reported too (`server_cpu_s_by_pid`). `watch_pids` ({name: pid}) names other
+// processes whose CPU time is reported over the same window (`watch_cpu_s`, `watch_cpu_pct`), e.g. Redis.
+//
 // Usage: node loadgen.js '<json config>'  ->  prints one JSON object (the figures) on stdout.
 //   config: {url, pid, scenario: "fanout" | "rate" | "connect" | "rooms", ...scenario parameters}
 //
@@ -165,8 +169,20 @@ class Tally {
   }
 }
 
+function serverPids() {
+  return config.pids && config.pids.length ? config.pids : [config.pid];
+}
+
+function cpuOf(pids) {
+  return pids.map((pid) => serverCpuSeconds(pid));
+}
+
 function measureStart() {
-  return { wall: nowUs(), server: serverCpuSeconds(config.pid), own: ownCpuSeconds() };
+  const watch = config.watch_pids || {};
+  return {
+    wall: nowUs(), server: cpuOf(serverPids()), own: ownCpuSeconds(),
+    watch: Object.fromEntries(Object.entries(watch).map(([name, pid]) => [name, serverCpuSeconds(pid)])),
+  };
 }
 
 // With --ready_file (bench/profile.py), say "set-up done" and give a profiler time to attach before measuring.
@@ -178,8 +194,12 @@ async function phaseReady() {
 
 function measureEnd(start, deliveries, tally) {
   const elapsed = (nowUs() - start.wall) / 1e6;
-  const serverCpu = serverCpuSeconds(config.pid) - start.server;
+  const pids = serverPids();
+  const perPid = cpuOf(pids).map((seconds, i) => seconds - start.server[i]);
+  const serverCpu = perPid.reduce((sum, seconds) => sum + seconds, 0);
   const ownCpu = ownCpuSeconds() - start.own;
+  const watch = Object.fromEntries(Object.entries(config.watch_pids || {}).map(
+    ([name, pid]) => [name, serverCpuSeconds(pid) - start.watch[name]]));
   const result = {
     deliveries,
     elapsed_s: elapsed,
@@ -189,6 +209,11 @@ function measureEnd(start, deliveries, tally) {
     server_cpu_pct: (100 * serverCpu) / elapsed,
     loadgen_cpu_pct: (100 * ownCpu) / elapsed,
   };
+  if (config.pids) result.server_cpu_s_by_pid = Object.fromEntries(pids.map((pid, i) => [pid, perPid[i]]));
+  if (config.watch_pids) {
+    result.watch_cpu_s = watch;
+    result.watch_cpu_pct = Object.fromEntries(Object.entries(watch).map(([name, s]) => [name, (100 * s) / elapsed]));
+  }
   if (tally) {
     result.p50_ms = percentile(tally.latencies, Math.min(tally.count, tally.expected), 50);
     result.p99_ms = percentile(tally.latencies, Math.min(tally.count, tally.expected), 99);
@@ -211,8 +236,13 @@ function withTimeout(promise, ms, what) {
 
 // One room of `members`; member 0 publishes `messages` chats, keeping at most `window` of its own in flight
 // (a message is in flight until its sender receives it back), so the server is kept busy but never flooded.
+// With `window_scope: "all"` a message is in flight until EVERY member received it: what bench/workers.py
+// uses, since with several server processes the sender's copy comes from its own process and says nothing
+// about how far behind the other processes are (nothing else slows the publisher down to them).
 async function fanout() {
   const { members: count, messages, window = 16, size = 100, concurrency = 64 } = config;
+  const untilAll = config.window_scope === 'all';
+  const received = new Map(); // seq -> members that received it (window_scope "all")
   const room = config.room || 'bench';
   const members = await connectAll(count, concurrency, (m) => m.request({ type: 'join', room }));
   const tally = new Tally(count * messages);
@@ -223,10 +253,21 @@ async function fanout() {
     publisher.ws.send(`{"type":"chat","room":"${room}","text":"${chatText(0, size)}"}`);
   };
   for (const member of members) {
-    member.onchat = (m, ts, sender, seq) => {
-      tally.deliver(m, ts, seq);
-      if (m === publisher && sent < messages) publish();
-    };
+    member.onchat = untilAll
+      ? (m, ts, sender, seq) => {
+        tally.deliver(m, ts, seq);
+        const got = (received.get(seq) || 0) + 1;
+        if (got < count) {
+          received.set(seq, got);
+        } else {
+          received.delete(seq);
+          if (sent < messages) publish();
+        }
+      }
+      : (m, ts, sender, seq) => {
+        tally.deliver(m, ts, seq);
+        if (m === publisher && sent < messages) publish();
+      };
   }
   await sleep(200); // let the joins settle before measuring
   await phaseReady();

@@ -131,6 +131,14 @@ METRIC_LABELS = {
     "connections_per_s": "connections/s",
     "cpu_us_per_connection": "CPU µs/connection",
     "idle_kib_per_connection": "idle KiB/connection",
+    "loadgen_cpu_pct": "load generator CPU %",
+    # bench/workers.py (several server processes and Redis)
+    "busiest_worker_cpu_pct": "busiest process CPU %",
+    "other_worker_cpu_pct": "other process CPU %",
+    "redis_cpu_pct": "Redis CPU %",
+    "machine_cpu_pct": "all CPU % (of 200)",
+    "worker_ceiling_per_s": "deliveries per busiest-process CPU s",
+    "redis_ceiling_per_s": "deliveries per Redis CPU s",
 }
 
 
@@ -154,12 +162,14 @@ class Results:
 class ServerProcess:
     """One server under test: started on a free port, ready once it accepts TCP connections."""
 
-    def __init__(self, name: str, log_dir: Path) -> None:
+    def __init__(self, name: str, log_dir: Path, argv_of: Callable[[int], list[str]] | None = None) -> None:
         self.name = name
         self.port = free_port()
         self.log = open(log_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed in stop()
         root = BASELINES.get(name, ROOT)
-        argv = roomserver_argv(self.port) if name in BASELINES else SERVERS[name](self.port)
+        if argv_of is None:
+            argv_of = roomserver_argv if name in BASELINES else SERVERS[name]
+        argv = argv_of(self.port)
         self.proc = subprocess.Popen(
             argv, cwd=root, env=_env(root), stdout=self.log, stderr=subprocess.STDOUT,
             preexec_fn=_raise_nofile,
@@ -205,17 +215,24 @@ def run_scenario(server: ServerProcess, config: dict[str, Any], timeout: float) 
 
 
 def run(servers: Sequence[str], scenarios: Sequence[str], runs: int, scale: float, log_dir: Path,
-        progress: Callable[[str], None] = print) -> Results:
+        progress: Callable[[str], None] = print,
+        start: Callable[[str, Path], ServerProcess] = ServerProcess,
+        measure: Callable[[ServerProcess, dict[str, Any], float], dict[str, Any]] = run_scenario,
+        catalog: dict[str, Scenario] | None = None) -> Results:
+    """Every scenario against every server, ``runs`` times, the servers' order rotating from run to run.
+    ``start``, ``measure`` and ``catalog`` let other benchmarks (bench/workers.py) run their own server
+    variants, measurements and scenarios through the same loop."""
+    catalog = SCENARIOS if catalog is None else catalog
     results = Results()
     for run_index in range(runs):
         order = list(servers[run_index % len(servers):]) + list(servers[:run_index % len(servers)])
         for scenario_name in scenarios:
-            scenario = SCENARIOS[scenario_name]
+            scenario = catalog[scenario_name]
             for server_name in order:
-                server = ServerProcess(server_name, log_dir)
+                server = start(server_name, log_dir)
                 try:
                     server.wait_ready()
-                    result = run_scenario(server, scenario.at_scale(scale), timeout=600)
+                    result = measure(server, scenario.at_scale(scale), 600)
                 except Exception as exc:  # a failing peer must not hide the others' figures
                     results.failures.append(f"run {run_index + 1} {scenario_name} {server_name}: {exc}")
                     progress(f"  FAILED {scenario_name} {server_name}: {exc}")
@@ -245,14 +262,18 @@ def _fmt(value: Any) -> str:
     return f"{value:.2f}"
 
 
-def table(results: Results, servers: Sequence[str], scenarios: Sequence[str]) -> str:
-    """Markdown: medians per server, then roomserver's ratio to every peer (lower-is-better metrics: < 1 wins)."""
+def table(results: Results, servers: Sequence[str], scenarios: Sequence[str],
+          catalog: dict[str, Scenario] | None = None, reference: str = "roomserver",
+          ratio_metrics: Sequence[str] | None = None) -> str:
+    """Markdown: medians per server, then ``reference``'s ratio to every other server (lower-is-better
+    metrics: < 1 wins), for the scenario's metrics or ``ratio_metrics``."""
+    catalog = SCENARIOS if catalog is None else catalog
     lines: list[str] = []
     for scenario_name in scenarios:
-        scenario = SCENARIOS[scenario_name]
+        scenario = catalog[scenario_name]
         columns = [*scenario.metrics, "loadgen_cpu_pct"]
         lines.append(f"\n### {scenario_name}: {scenario.title}\n")
-        lines.append("| server | " + " | ".join(METRIC_LABELS.get(c, "load generator CPU %") for c in columns)
+        lines.append("| server | " + " | ".join(METRIC_LABELS.get(c, c) for c in columns)
                      + " | runs |")
         lines.append("|---" * (len(columns) + 2) + "|")
         for server in servers:
@@ -266,15 +287,16 @@ def table(results: Results, servers: Sequence[str], scenarios: Sequence[str]) ->
                 cells.append(cell)
             runs = len(results.runs.get((scenario_name, server), []))
             lines.append(f"| {server} | " + " | ".join(cells) + f" | {runs} |")
-        if "roomserver" in servers and len(servers) > 1:
-            peers = [s for s in servers if s != "roomserver"]
+        if reference in servers and len(servers) > 1:
+            peers = [s for s in servers if s != reference]
+            metrics = scenario.metrics if ratio_metrics is None else ratio_metrics
             lines.append("")
-            lines.append("| roomserver ÷ peer | " + " | ".join(METRIC_LABELS[m] for m in scenario.metrics) + " |")
-            lines.append("|---" * (len(scenario.metrics) + 1) + "|")
+            lines.append(f"| {reference} ÷ peer | " + " | ".join(METRIC_LABELS[m] for m in metrics) + " |")
+            lines.append("|---" * (len(metrics) + 1) + "|")
             for peer in peers:
                 cells = []
-                for metric in scenario.metrics:
-                    ours = results.median(scenario_name, "roomserver", metric)
+                for metric in metrics:
+                    ours = results.median(scenario_name, reference, metric)
                     theirs = results.median(scenario_name, peer, metric)
                     cells.append(f"{ours / theirs:.2f}" if ours is not None and theirs else "-")
                 lines.append(f"| {peer} | " + " | ".join(cells) + " |")
