@@ -41,6 +41,16 @@ function serverCpuSeconds(pid) {
   return (Number(fields[11]) + Number(fields[12])) / CLK_TCK;
 }
 
+// Time the process's main thread spent waiting for a core on the run queue (/proc/<pid>/schedstat, second
+// field, ns): with the CPU time it tells "busy but starved by other processes" from "idle".
+function runQueueWaitSeconds(pid) {
+  try {
+    return Number(fs.readFileSync(`/proc/${pid}/schedstat`, 'latin1').split(' ')[1]) / 1e9;
+  } catch (err) {
+    return NaN;
+  }
+}
+
 function serverRssKiB(pid) {
   const status = fs.readFileSync(`/proc/${pid}/status`, 'latin1');
   const match = /VmRSS:\s+(\d+) kB/.exec(status);
@@ -177,11 +187,17 @@ function cpuOf(pids) {
   return pids.map((pid) => serverCpuSeconds(pid));
 }
 
+function waitOf(pids) {
+  return pids.map((pid) => runQueueWaitSeconds(pid));
+}
+
 function measureStart() {
   const watch = config.watch_pids || {};
   return {
     wall: nowUs(), server: cpuOf(serverPids()), own: ownCpuSeconds(),
     watch: Object.fromEntries(Object.entries(watch).map(([name, pid]) => [name, serverCpuSeconds(pid)])),
+    wait: waitOf(serverPids()), ownWait: runQueueWaitSeconds(process.pid),
+    watchWait: Object.fromEntries(Object.entries(watch).map(([name, pid]) => [name, runQueueWaitSeconds(pid)])),
   };
 }
 
@@ -209,10 +225,17 @@ function measureEnd(start, deliveries, tally) {
     server_cpu_pct: (100 * serverCpu) / elapsed,
     loadgen_cpu_pct: (100 * ownCpu) / elapsed,
   };
-  if (config.pids) result.server_cpu_s_by_pid = Object.fromEntries(pids.map((pid, i) => [pid, perPid[i]]));
+  if (config.pids) {
+    result.server_cpu_s_by_pid = Object.fromEntries(pids.map((pid, i) => [pid, perPid[i]]));
+    const waits = waitOf(pids);
+    result.server_wait_s_by_pid = Object.fromEntries(pids.map((pid, i) => [pid, waits[i] - start.wait[i]]));
+    result.loadgen_wait_s = runQueueWaitSeconds(process.pid) - start.ownWait;
+  }
   if (config.watch_pids) {
     result.watch_cpu_s = watch;
     result.watch_cpu_pct = Object.fromEntries(Object.entries(watch).map(([name, s]) => [name, (100 * s) / elapsed]));
+    result.watch_wait_s = Object.fromEntries(Object.entries(config.watch_pids).map(
+      ([name, pid]) => [name, runQueueWaitSeconds(pid) - start.watchWait[name]]));
   }
   if (tally) {
     result.p50_ms = percentile(tally.latencies, Math.min(tally.count, tally.expected), 50);

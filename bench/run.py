@@ -134,7 +134,9 @@ METRIC_LABELS = {
     "loadgen_cpu_pct": "load generator CPU %",
     # bench/workers.py (several server processes and Redis)
     "busiest_worker_cpu_pct": "busiest process CPU %",
+    "busiest_worker_demand_pct": "busiest process CPU + run-queue wait %",
     "other_worker_cpu_pct": "other process CPU %",
+    "loadgen_demand_pct": "load generator CPU + run-queue wait %",
     "redis_cpu_pct": "Redis CPU %",
     "machine_cpu_pct": "all CPU % (of 200)",
     "worker_ceiling_per_s": "deliveries per busiest-process CPU s",

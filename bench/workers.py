@@ -33,6 +33,7 @@ import argparse
 import contextlib
 import itertools
 import json
+import math
 import os
 import shutil
 import signal
@@ -50,20 +51,18 @@ from urllib.parse import urlparse
 
 from .run import BENCH, Results, Scenario, ServerProcess, free_port, machine, roomserver_argv, run, run_scenario, table
 
+METRICS = ("deliveries_per_s", "cpu_us_per_delivery", "busiest_worker_cpu_pct", "busiest_worker_demand_pct",
+           "other_worker_cpu_pct", "redis_cpu_pct", "loadgen_demand_pct", "machine_cpu_pct", "worker_ceiling_per_s",
+           "redis_ceiling_per_s", "p50_ms", "p99_ms")
 SCENARIOS: dict[str, Scenario] = {
     scenario.name: scenario
     for scenario in (
         Scenario("fanout1000", "1,000 members x 500 messages",
                  {"scenario": "fanout", "members": 1000, "messages": 500, "window": 16, "window_scope": "all"},
-                 ("deliveries_per_s", "cpu_us_per_delivery", "busiest_worker_cpu_pct", "other_worker_cpu_pct",
-                  "redis_cpu_pct", "machine_cpu_pct", "worker_ceiling_per_s", "redis_ceiling_per_s", "p99_ms"),
-                 ("members", "messages")),
+                 METRICS, ("members", "messages")),
         Scenario("fanout100", "100 members x 5,000 messages",
                  {"scenario": "fanout", "members": 100, "messages": 5000, "window": 16, "window_scope": "all"},
-                 ("deliveries_per_s", "cpu_us_per_delivery", "busiest_worker_cpu_pct", "other_worker_cpu_pct",
-                  "redis_cpu_pct", "machine_cpu_pct", "worker_ceiling_per_s", "redis_ceiling_per_s", "p50_ms",
-                  "p99_ms"),
-                 ("members", "messages")),
+                 METRICS, ("members", "messages")),
     )
 }
 WORKERS = {"memory": 0, "redis-workers1": 1, "redis-workers2": 2}  # 0: no Redis, one process
@@ -231,11 +230,17 @@ class WorkersServer(ServerProcess):
 def derive(result: dict[str, Any], connections: dict[int, int], uses_redis: bool) -> dict[str, Any]:
     """The figures of the table from the load generator's raw ones."""
     by_pid = {int(pid): seconds for pid, seconds in result.get("server_cpu_s_by_pid", {}).items()}
+    waits = {int(pid): seconds for pid, seconds in result.get("server_wait_s_by_pid", {}).items()}
     elapsed = result["elapsed_s"]
     cpus = sorted(by_pid.values(), reverse=True)
+    busiest = max(by_pid, key=lambda pid: by_pid[pid])
     redis_cpu_s = result.get("watch_cpu_s", {}).get("redis")
     result["connections_by_pid"] = {str(pid): count for pid, count in connections.items()}
     result["busiest_worker_cpu_pct"] = 100 * cpus[0] / elapsed
+    # CPU + time waiting for a core: near 100 % means the process always had work (it, or the processes
+    # taking its core, were the limit); well below means it sat idle waiting for input.
+    result["busiest_worker_demand_pct"] = 100 * (cpus[0] + waits.get(busiest, math.nan)) / elapsed
+    result["loadgen_demand_pct"] = result["loadgen_cpu_pct"] + 100 * result.get("loadgen_wait_s", math.nan) / elapsed
     if len(cpus) > 1:
         result["other_worker_cpu_pct"] = 100 * cpus[1] / elapsed
     result["redis_cpu_pct"] = 100 * redis_cpu_s / elapsed if redis_cpu_s is not None else None

@@ -55,3 +55,30 @@ def test_bench_runs_end_to_end_and_reports_ratios(bench_deps: None, tmp_path: Pa
         assert result["loadgen_cpu_pct"] > 0
     rooms = by_key[("rooms", "roomserver")]
     assert rooms["connections"] == 200 and rooms["idle_rss_after_kib"] > 0
+
+
+def test_workers_bench_measures_every_process_and_the_spread(bench_deps: None, tmp_path: Path) -> None:
+    """``python -m bench.workers``, tiny: one memory node, ``--workers 1`` and ``--workers 2`` on a private Redis;
+    every delivery arrives in seq order, CPU is reported for each server process and for Redis, and the members
+    counted per process add up to the room."""
+    out_json = tmp_path / "workers.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.workers", "--runs", "1", "--scale", "0.01", "--scenarios", "fanout100",
+         "--json", str(out_json), "--log-dir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| redis-workers2 ÷ peer |" in proc.stdout and "Members per process" in proc.stdout
+    report = json.loads(out_json.read_text())
+    assert report["failures"] == []
+    by_server = {entry["server"]: entry["runs"][0] for entry in report["results"]}
+    assert set(by_server) == {"memory", "redis-workers1", "redis-workers2"}
+    for server, result in by_server.items():
+        processes = 2 if server == "redis-workers2" else 1
+        assert result["deliveries"] == 2 * 50 and result["errors"] == 0
+        assert len(result["server_cpu_s_by_pid"]) == processes
+        assert len(result["connections_by_pid"]) == processes
+        assert sum(result["connections_by_pid"].values()) == 2  # both members, wherever the kernel put them
+        assert math.isclose(sum(result["server_cpu_s_by_pid"].values()), result["server_cpu_s"], abs_tol=1e-9)
+        assert result["watch_cpu_s"]["redis"] >= 0 and result["loadgen_cpu_pct"] > 0
+        assert result["machine_cpu_pct"] >= result["loadgen_cpu_pct"]
