@@ -8,9 +8,12 @@ Three servers, alternately (their order rotates from run to run), medians of the
   (SO_REUSEPORT), the room's members spread over them by the kernel, every chat crossing Redis once.
 
 Each is driven by the Node load generator of ``bench/run.py`` (one room, one publisher, at most ``window`` of its
-chats in flight). Measured over the same window, from ``/proc/<pid>/stat``: every server process's CPU time
-(summed for CPU per delivery, and each worker's own), Redis's and the load generator's, so the reader sees which
-process was the limit. How the kernel spread the members is counted from ``/proc`` too (each worker's
+chats in flight, where a chat is in flight until EVERY member got it: with several workers the sender's own copy
+comes from its own process and says nothing about how far behind the other one is). Measured over the same
+window, from ``/proc/<pid>/stat``: every server process's CPU time (summed for CPU per delivery, and each
+worker's own), Redis's and the load generator's, so the reader sees which process was the limit; and from
+``/proc/<pid>/schedstat`` the time the busiest worker and the load generator waited for a core (CPU + wait near
+100 %: always had work). How the kernel spread the members is counted from ``/proc`` too (each worker's
 established connections on the port, read once the members have joined).
 
 On a 2-core machine the load generator and Redis share the cores with the workers, so wall-clock deliveries/s
@@ -24,13 +27,15 @@ suites of other people on the machine do not show up in its CPU figure; ``--redi
 server gets its own key prefix, whose keys are deleted when it stops.
 
 Usage: python -m bench.workers [--runs 3] [--scale 1.0] [--scenarios fanout1000,fanout100]
-                               [--servers memory,redis-workers1,redis-workers2] [--redis URL] [--json out.json]
+                               [--servers memory,redis-workers1,redis-workers2] [--window 16] [--redis URL]
+                               [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import itertools
 import json
 import math
@@ -322,6 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--scale", type=float, default=1.0, help="multiply member and message counts")
     parser.add_argument("--servers", default=",".join(WORKERS))
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
+    parser.add_argument("--window", type=int, help="chats in flight (default 16); more keeps every worker busier")
     parser.add_argument("--redis", help="use this running Redis (redis://HOST:PORT/DB) instead of a private one")
     parser.add_argument("--json", type=Path, help="also write every run's raw figures here")
     parser.add_argument("--log-dir", type=Path, default=BENCH / "results", help="server logs go here")
@@ -333,6 +339,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unknown server or scenario: {', '.join(unknown)}")
     if shutil.which("node") is None or not (BENCH / "node_modules" / "ws").is_dir():
         parser.error("the load generator needs Node.js and bench/node_modules: run `make bench-deps` first")
+    catalog = SCENARIOS
+    if args.window:
+        catalog = {name: dataclasses.replace(scenario, config={**scenario.config, "window": args.window})
+                   for name, scenario in SCENARIOS.items()}
     args.log_dir.mkdir(parents=True, exist_ok=True)
     redis = Redis(args.redis, args.log_dir)
     try:
@@ -342,14 +352,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=BENCH.parent, capture_output=True,
                                 text=True, check=False).stdout.strip()
         print(f"# roomserver --workers benchmark, {started}, commit {commit or '?'}\n{header}\n"
-              f"runs={args.runs} scale={args.scale}", flush=True)
+              f"runs={args.runs} scale={args.scale} window={args.window or 16}", flush=True)
         results = run(servers, scenarios, args.runs, args.scale, args.log_dir,
                       progress=lambda line: print(line, flush=True),
                       start=lambda name, log_dir: WorkersServer(name, log_dir, redis),
-                      measure=measurer(redis), catalog=SCENARIOS)
+                      measure=measurer(redis), catalog=catalog)
         load = os.getloadavg()
         print(f"\nload average at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-        print(table(results, servers, scenarios, catalog=SCENARIOS, reference=REFERENCE,
+        print(table(results, servers, scenarios, catalog=catalog, reference=REFERENCE,
                     ratio_metrics=RATIO_METRICS))
         print("\n### Members per process (SO_REUSEPORT)\n")
         print(spread(results, servers, scenarios))
