@@ -5,6 +5,7 @@ come back through HAProxy to the other node and resume with nothing lost."""
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+import websockets
 
 from roomserver.roomclient import RoomClient
 
@@ -31,7 +33,7 @@ def deployment(tmp_path: Path) -> Iterator[tuple[str, list[Node]]]:
     # Small drain batches, so a drained node still drains (listening, refusing upgrades with 503) while its
     # first clients come back: HAProxy must send them to the other node.
     nodes = [Node(f"{REDIS_URL}?prefix={prefix}", tmp_path, f"node{i}", "--drain-batch", "2", "--drain-interval",
-                  "0.5").start() for i in range(2)]
+                  "0.5", "--trusted-proxies", "127.0.0.1").start() for i in range(2)]
     front = free_port()
     config = (ROOT / "deploy" / "haproxy.cfg").read_text()
     config = config.replace("bind 127.0.0.1:8080", f"bind 127.0.0.1:{front}")
@@ -139,3 +141,17 @@ async def test_sigterm_drains_a_node_and_its_roomclients_resume_through_haproxy_
     assert final == 8, "every client is on the remaining node"
     for client in clients:
         await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_nodes_see_the_clients_address_through_haproxy_and_no_spoofed_one(
+        deployment: tuple[str, list[Node]]) -> None:
+    """HAProxy appends the client's address to X-Forwarded-For (``option forwardfor``); the nodes trust only
+    HAProxy's (127.0.0.1), so a client at 127.0.0.2 that sent a made-up hop is logged as 127.0.0.2."""
+    url, nodes = deployment
+    ws = await aio(websockets.connect(url, additional_headers={"X-Forwarded-For": "6.6.6.6"},
+                                      local_addr=("127.0.0.2", 0), ping_interval=None))
+    assert json.loads(await aio(ws.recv()))["type"] == "welcome"
+    await eventually(lambda: any("opened from 127.0.0.2 " in node.log.read_text() for node in nodes), timeout=5)
+    assert not any("6.6.6.6" in node.log.read_text() for node in nodes)
+    await aio(ws.close())
