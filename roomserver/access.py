@@ -248,9 +248,12 @@ class AccessControl:
             self.server._start_session(client)
         return True
 
-    def authorize_command(self, client: Client, command: messages.Command, proceed: Callable[[], None]) -> bool:
-        """Let ``command`` through (``proceed()``) if ``client`` may do it, else answer ``forbidden``; True if it
-        did not go through now (refused, or waiting for the hook's answer).
+    def authorize_command(self, client: Client, command: messages.Command, proceed: Callable[[bool], None]
+                          ) -> bool:
+        """Let ``command`` through (``proceed(later)``) if ``client`` may do it, else answer ``forbidden``; True
+        if it did not go through now (refused, or waiting for the hook's answer). ``later`` says the command went
+        through after the hook answered asynchronously (the hub then fires the client's ``message`` event itself,
+        as it does for a command that went through at once).
 
         Joins, resumes (each listed room) and chats are decided by ``decide``; other commands go through. When
         any decision is asynchronous, the command waits for all of them and the client's later messages queue
@@ -263,11 +266,11 @@ class AccessControl:
         elif isinstance(command, messages.Chat):
             action, rooms = Action.PUBLISH, [command.room]
         else:
-            proceed()
+            proceed(False)
             return False
         decisions = [self.decide(client, action, room) for room in rooms]
         if all(decision is True for decision in decisions):
-            proceed()
+            proceed(False)
             return False
         if not any(isinstance(decision, defer.Deferred) for decision in decisions):
             self._refuse(client, action, rooms, decisions, command.id)
@@ -282,7 +285,7 @@ class AccessControl:
                 return  # closed meanwhile: nothing to answer, and the hub dropped its inbox
             try:
                 if all(results):
-                    proceed()
+                    proceed(True)
                 else:
                     self._refuse(client, action, rooms, results, command.id)
             except Exception:

@@ -543,18 +543,24 @@ class WebSocketServer:
             if self.access.enabled and self.access.handle_auth_message(client, request):
                 return
             if self.room_protocol is not None and self._handle_request(client, self.room_protocol, request,
-                                                                       is_binary):
+                                                                       payload, is_binary):
                 return
         except Exception:
             self._internal_error(client)
             return
+        self._emit_message(client, payload, is_binary)
+
+    def _emit_message(self, client: Client, payload: bytes, is_binary: bool) -> None:
+        """The client's ``message`` event, for a message the server accepted (handled or not by the room
+        protocol; never one access control refused)."""
         if client._events.has("message"):
             client._events.emit("message", payload if is_binary or client.codec.binary else payload.decode("utf-8"))
 
-    def _handle_request(self, client: Client, protocol: RoomProtocol, request: Any, is_binary: bool) -> bool:
+    def _handle_request(self, client: Client, protocol: RoomProtocol, request: Any, payload: bytes,
+                        is_binary: bool) -> bool:
         """Parse a room-protocol request once and act on it; True if access control held it back (refused, or
         waiting for the application's ``authorize`` hook, which sees the parsed command first and lets it go on
-        to the room protocol, now or once it answered)."""
+        to the room protocol, now or once it answered: then the ``message`` event fires here, in order)."""
         command = protocol.parse(request, is_binary)
         if isinstance(command, Reply):
             self._execute(client, [command])
@@ -562,8 +568,13 @@ class WebSocketServer:
         if self.access.authorize is None:
             self._execute(client, protocol.handle_command(client, command))
             return False
-        return self.access.authorize_command(
-            client, command, lambda: self._execute(client, protocol.handle_command(client, command)))
+
+        def proceed(later: bool) -> None:
+            self._execute(client, protocol.handle_command(client, command))
+            if later:
+                self._emit_message(client, payload, is_binary)
+
+        return self.access.authorize_command(client, command, proceed)
 
     def _internal_error(self, client: Client) -> None:
         """A bug of ours, never the client's input: log it, tell the client nothing but 1011."""

@@ -4,6 +4,7 @@ claims, application hooks; tokens never reach the logs."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -146,6 +147,8 @@ async def test_application_hooks_authenticate_and_authorize_asynchronously(make_
 
     server.authenticate = authenticate
     server.authorize = authorize
+    seen: list[Any] = []
+    server.on("connection", lambda client: client.on("message", lambda data: seen.append(json.loads(data)["id"])))
     with pytest.raises(websockets.InvalidStatus) as info:
         await WSClient.connect(url_of(server))
     assert info.value.response.status_code == 401
@@ -161,6 +164,9 @@ async def test_application_hooks_authenticate_and_authorize_asynchronously(make_
     assert set(kinds[1:3]) == {("chat", None), ("ack", 2)}
     assert kinds[3] == ("error", 3) and replies[3]["code"] == "forbidden"
     assert asked == [("hank", "join", "open"), ("hank", "publish", "open"), ("hank", "join", "secret-lab")]
+    # the application's message handlers see what went through once the hook allowed it, in order, and never
+    # the refused join
+    assert seen == [1, 2]
 
 
 @pytest_twisted.ensureDeferred
