@@ -110,7 +110,7 @@ async def test_scripts_flushed_from_redis_are_loaded_again_on_the_fly(tmp_path: 
         admin.start()
         await admin.when_connected(5)
         assert (await store.append("r", [msg("a")]))[0].seq == 1
-        assert await admin.command("SCRIPT", "FLUSH") == "OK"
+        assert await admin.command("SCRIPT", "FLUSH") in ("OK", b"OK")  # str or bytes, by txredisapi parser
         sha = store.scripts._shas[store.scripts.scripts[0]]
         assert await admin.command("SCRIPT", "EXISTS", sha) == [0]
         appended = await defer.gatherResults([store.append("r", [msg(text)]) for text in "bcd"])

@@ -10,10 +10,11 @@ Two connections per node:
 
 No deaf node: the subscriber connection is pinged every ``PING_INTERVAL`` seconds (PING works in subscribed
 mode); a connection that is closed (``CLIENT KILL TYPE pubsub``, the output-buffer limit, a Redis restart)
-is noticed at once, one that hangs after ``PING_TIMEOUT`` seconds, when it is aborted. Either way the broker
-reports itself unhealthy (the node says ``degraded``), reconnects with backoff, subscribes to every room
-again, and once Redis confirmed the subscriptions, calls ``on_resubscribed`` so the node fetches what its
-members missed from the room streams.
+is noticed at once, one that hangs after ``PING_TIMEOUT`` seconds without a pong or any other push (a node
+that is only behind, its pong queued after a backlog of messages, is still receiving), when it is aborted.
+Either way the broker reports itself unhealthy (the node says ``degraded``), reconnects with backoff,
+subscribes to every room again, and once Redis confirmed the subscriptions, calls ``on_resubscribed`` so the
+node fetches what its members missed from the room streams.
 
 A publish that fails (Redis unreachable) is remembered per room (its latest message) and published again once
 the command connection is back: the other nodes then see the gap and fill it from the store.
@@ -96,6 +97,9 @@ class RedisBroker:
         self._on_resubscribed: Callable[[], None] | None = None
         self._on_subscribed: Callable[[str], None] | None = None
         self._ping_sent: float | None = None
+        self._pushes = 0  # pushes received on the subscriber connection (messages, confirmations, pongs)
+        self._pushes_seen = 0  # ``_pushes`` at the last liveness check
+        self._progress_at = 0.0  # when the last liveness check found new pushes
         self._sync_pending = False
         self._pinger: task.LoopingCall | None = None
         self._heart: task.LoopingCall | None = None
@@ -270,8 +274,13 @@ class RedisBroker:
         if connection is None:
             return
         now = self.reactor.seconds()
+        if self._pushes != self._pushes_seen:
+            # Still receiving: a pong queued behind a backlog of messages is late, not lost. A node that is
+            # merely behind must not drop its subscription (and then find the backlog trimmed from history).
+            self._pushes_seen = self._pushes
+            self._progress_at = now
         if self._ping_sent is not None:
-            if now - self._ping_sent > PING_TIMEOUT:
+            if now - max(self._ping_sent, self._progress_at) > PING_TIMEOUT:
                 self.log.warn("redis broker: the subscriber connection stopped answering; reconnecting")
                 self.subscribed = False
                 if connection.transport is not None:
@@ -283,6 +292,7 @@ class RedisBroker:
     def _pushed(self, connection: Any, reply: list[Any]) -> None:
         if connection is not self.subscriber.protocol:
             return
+        self._pushes += 1
         kind = reply[0]
         if kind == b"message":
             self._message(bytes(reply[1]), bytes(reply[2]))
