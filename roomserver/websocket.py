@@ -17,6 +17,7 @@ from autobahn.twisted.util import extract_peer_certificate, transport_channel_id
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
 
+from . import autobahn_debug
 from .closing import GracefulCloseMixin
 from .compression import compression_hook
 from .core.ratelimit import FloodGuard
@@ -26,6 +27,8 @@ from .transport import GuardedConnection
 if TYPE_CHECKING:
     from .client import Client
     from .server import WebSocketServer
+
+autobahn_debug.install()
 
 # Codes the peer-facing ``sendClose`` refuses (it only takes 1000 and 3000-4999) but a server must send.
 _PROTOCOL_LEVEL_CODES = frozenset({1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014})
