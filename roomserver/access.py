@@ -302,7 +302,12 @@ class AccessControl:
         client.inbox.append((payload, is_binary))
 
     def _drain_inbox(self, client: Client) -> None:
-        """Process the messages that waited for a decision, in order, until one waits for a decision again."""
+        """Process the messages that waited for a decision, in order, until one waits for a decision again.
+
+        A resume still waiting for the cluster's claim of its session (``client.claiming``) keeps them waiting:
+        the hub drains them once it has answered."""
+        if client.claiming:
+            return
         inbox, client.inbox = client.inbox, None
         while inbox and client.open:
             payload, is_binary = inbox.popleft()

@@ -46,6 +46,7 @@ class Client:
         "_server",
         "address",
         "auth_deadline",
+        "claiming",
         "close_code",
         "close_reason",
         "codec",
@@ -75,6 +76,8 @@ class Client:
         self.subprotocol: str | None = getattr(protocol, "subprotocol", None)
         self.codec: Codec = server.codecs.get(self.subprotocol)
         self.auth_deadline: Any = None
+        self.claiming = False
+        """A resume waits for the cluster's claim of its session: later messages wait in ``inbox``, in order."""
         self.error_budget: ErrorBudget | None = None
         """Client-caused error replies left before a 1008 close (None: no limit)."""
         self.expiry: Any = None

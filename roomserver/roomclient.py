@@ -447,6 +447,8 @@ class RoomClient:
             else:
                 self._events.emit("error", message)
         elif kind == "resumed":
+            if isinstance(message.get("client"), str):
+                self.id = message["client"]  # a cluster's continued session keeps its client id
             state = self.rooms.get(message.get("room"))  # type: ignore[arg-type]
             if state is not None:
                 if message.get("recovered") is False:

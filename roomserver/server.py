@@ -14,6 +14,7 @@ keeps a closed connection alive.
 from __future__ import annotations
 
 import dataclasses
+from collections import deque
 from collections.abc import Callable, Iterable
 from time import perf_counter
 from typing import Any
@@ -26,7 +27,7 @@ from twisted.internet.interfaces import IReactorCore
 from twisted.logger import Logger
 
 from .access import AccessControl, Authenticate, Authorize
-from .broker import create_broker, create_cluster_presence
+from .broker import create_broker, create_cluster_presence, create_cluster_sessions
 from .client import Client, serialize
 from .closing import DEFAULT_FLUSH_TIMEOUT
 from .cluster import Relay
@@ -41,7 +42,19 @@ from .core.origins import OriginPolicy
 from .core.presence import Presence
 from .core.ratelimit import ErrorBudget, FloodGuard, KeyedRateLimit, Verdict
 from .core.rooms import Room, RoomRegistry
-from .core.session import Announce, Append, Effect, ReadHistory, Replay, Reply, RoomProtocol, TakeOver
+from .core.session import (
+    Announce,
+    Append,
+    ClaimSession,
+    Effect,
+    ReadHistory,
+    Replay,
+    Reply,
+    RoomProtocol,
+    SessionTaken,
+    ShareSession,
+    TakeOver,
+)
 from .core.sessions import SessionTable
 from .core.stats import ClusterStats, ServerStats, StatsCounters
 from .draining import Drainer
@@ -134,6 +147,8 @@ class WebSocketServer:
         self.broker = create_broker(self.options, reactor)
         self.relay = Relay(self, self.broker)
         self.cluster_presence = create_cluster_presence(self, self.broker)
+        self.cluster_sessions = create_cluster_sessions(self, self.broker)
+        self._share_sessions()
         if self.options.testee:
             install_echo(self)
         self._clients: dict[str, Client] = {}
@@ -172,7 +187,23 @@ class WebSocketServer:
                 self.registry, sessions, clock=self.reactor.seconds,  # type: ignore[attr-defined]
                 presence=self.presence_tracker, filters=self.filters, max_meta_bytes=self.options.max_meta_size,
             )
+            self._share_sessions()
         return self
+
+    def _share_sessions(self) -> None:
+        """With the Redis broker, resume sessions are the cluster's (roomserver/broker/sessions.py)."""
+        if self.room_protocol is not None and getattr(self, "cluster_sessions", None) is not None:
+            self.room_protocol.shared = True
+            self.room_protocol.adopt = self._adopt_id
+
+    def _adopt_id(self, client: Any, client_id: str) -> bool:
+        """Give ``client`` the id of the session it continues (False if a connection here has that id)."""
+        if not isinstance(client, Client) or client_id in self._clients or self._clients.get(client.id) is not client:
+            return False
+        del self._clients[client.id]
+        client.id = client_id
+        self._clients[client_id] = client
+        return True
 
     # -- authentication, presence, filters, subprotocols (docs/auth.md) ---------------------------------------------
 
@@ -336,6 +367,10 @@ class WebSocketServer:
             raise
         if self.cluster_presence is not None:
             self.cluster_presence.start()
+        if self.cluster_sessions is not None:
+            self.cluster_sessions.start()
+            self.cluster_sessions.broker.on_node_message = self._node_notice
+            self.cluster_sessions.broker.sessions_report = self.cluster_sessions.stats
         try:
             self._listening = await self._endpoint().listen(self.connections)
         except BaseException:
@@ -381,6 +416,9 @@ class WebSocketServer:
                 deadline.cancel()
         if self.cluster_presence is not None:
             await self.cluster_presence.stop()
+        if self.cluster_sessions is not None:
+            self.cluster_sessions.stop()
+            self.cluster_sessions.broker.on_node_message = None
         await self.relay.stop()
         await self.durable.stop()
         self.log.info("roomserver stopped")
@@ -756,3 +794,56 @@ class WebSocketServer:
                 self.durable.take_over(client, effect)
             elif isinstance(effect, Announce):
                 self._announce(effect)
+            elif isinstance(effect, ShareSession):
+                self._share_session(effect)
+            elif isinstance(effect, ClaimSession):
+                self._claim_session(client, effect)
+            elif isinstance(effect, SessionTaken) and self.cluster_sessions is not None:
+                self.cluster_sessions.tell_taken(effect.node, effect.token)
+
+    # -- resume sessions shared by the nodes of a cluster (roomserver/broker/sessions.py) -------------------------
+
+    def _share_session(self, effect: ShareSession) -> None:
+        if self.cluster_sessions is None:
+            return
+        protocol = self.room_protocol
+
+        def unshared(_: Any) -> None:
+            if protocol is not None:
+                protocol.session_unshared(effect.token)
+
+        self.cluster_sessions.share(effect).addErrback(unshared)
+
+    def _claim_session(self, client: Client, effect: ClaimSession) -> None:
+        """Ask Redis for the session, holding the client's later messages (in order) until it answered."""
+        protocol = self.room_protocol
+        if self.cluster_sessions is None or protocol is None:
+            return
+        client.claiming = True
+        if client.inbox is None:
+            client.inbox = deque()
+
+        def answer(record: dict[str, Any] | None, failed: bool) -> None:
+            client.claiming = False
+            if not client.open:
+                return  # closed meanwhile: nothing to resume (the hub dropped its inbox)
+            try:
+                self._execute(client, protocol.claimed(client, effect.command, record, failed))
+            except Exception:
+                self._internal_error(client)
+                return
+            self.access._drain_inbox(client)
+
+        claim = self.cluster_sessions.claim(effect.token, effect.user)
+        claim.addCallbacks(answer, lambda _: answer(None, True), callbackArgs=(False,))
+        claim.addErrback(lambda failure: self.log.failure("could not answer a resume", failure))
+
+    def _node_notice(self, data: bytes) -> None:
+        """A notice on this node's channel: a session it recorded was continued on another node."""
+        if self.cluster_sessions is None or self.room_protocol is None:
+            return
+        token = self.cluster_sessions.parse_notice(data)
+        if token is not None:
+            for effect in self.room_protocol.taken_elsewhere(token):
+                if isinstance(effect, Announce):
+                    self._announce(effect)

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from ..options import ServerOptions
     from ..server import WebSocketServer
     from .presence import ClusterPresence
+    from .sessions import ClusterSessions
 
 BROKER_SPECS = "memory or redis://HOST:PORT/DB"
 
@@ -52,3 +53,14 @@ def create_cluster_presence(server: WebSocketServer, broker: Broker) -> ClusterP
     from .presence import ClusterPresence
 
     return ClusterPresence(server, broker, server.options.presence_ttl)
+
+
+def create_cluster_sessions(server: WebSocketServer, broker: Broker) -> ClusterSessions | None:
+    """Resume sessions every node can continue (roomserver/broker/sessions.py) when the broker is Redis."""
+    from .redis import RedisBroker
+
+    if not isinstance(broker, RedisBroker):
+        return None
+    from .sessions import ClusterSessions
+
+    return ClusterSessions(broker, server.options.resume_ttl)

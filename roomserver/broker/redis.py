@@ -110,6 +110,10 @@ class RedisBroker:
         self.publisher_ready: list[Callable[[Any], None]] = []
         """Called with each new publisher connection (the cluster presence resyncs on it)."""
         self.presence_report: Callable[[], dict[str, Any]] | None = None
+        self.on_node_message: Callable[[bytes], None] | None = None
+        """Called with every message on this node's own channel (``<prefix>node:<id>``: notices other nodes
+        address to this one, e.g. a shared resume session taken elsewhere, roomserver/broker/sessions.py)."""
+        self.sessions_report: Callable[[], dict[str, Any]] | None = None
         self.cluster_view: dict[str, Any] | None = None
         broker = self
 
@@ -190,6 +194,8 @@ class RedisBroker:
             report["cluster"] = self.cluster_view
         if self.presence_report is not None:
             report["presence"] = self.presence_report()
+        if self.sessions_report is not None:
+            report["sessions"] = self.sessions_report()
         if not ok:
             report["state"] = "resubscribing" if self.subscriber.connected else "reconnecting"
         return report
@@ -316,6 +322,10 @@ class RedisBroker:
                     self._on_resubscribed()
 
     def _message(self, channel: bytes, data: bytes) -> None:
+        if channel == self.node_channel:
+            if self.on_node_message is not None:
+                self.on_node_message(data)
+            return
         head = self.prefix + b"c:"
         if not channel.startswith(head) or self._on_message is None:
             return

@@ -262,12 +262,16 @@ def recovery(event: dict[str, Any], recovered: bool, first_seq: int) -> dict[str
     return event
 
 
-def resumed(room: str | None, continued: bool, request_id: RequestId = None) -> dict[str, Any]:
-    """One room's ``resumed`` reply (a resume listing no rooms gets one without ``room``)."""
+def resumed(room: str | None, continued: bool, request_id: RequestId = None, client: str | None = None
+            ) -> dict[str, Any]:
+    """One room's ``resumed`` reply (a resume listing no rooms gets one without ``room``); ``client`` is the
+    client id the connection took over from the continued session, when it is not the one of its ``welcome``."""
     event: dict[str, Any] = {"type": "resumed"}
     if room is not None:
         event["room"] = room
     event["continued"] = continued
+    if client is not None:
+        event["client"] = client
     return with_id(event, request_id)
 
 

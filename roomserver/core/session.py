@@ -11,6 +11,10 @@ network:
   hub replays history, then switches the member to live delivery with no gap and no duplicate.
 - ``ReadHistory``: answer a ``history`` request from the store.
 - ``TakeOver``: a resume claimed the session of a connection that may still look open: close that one.
+- In a cluster (``shared_sessions``): ``ShareSession`` records a detached session where every node can claim
+  it; ``ClaimSession`` claims one (once-only, cluster-wide) before a resume can say whether it continues, and
+  the hub answers with ``claimed``; ``SessionTaken`` tells the node a session came from that it was continued
+  here (that node answers with ``taken_elsewhere``).
 
 It never raises for anything a client sends: every failure becomes a ``Reply`` carrying an error event, and the
 connection stays open.
@@ -93,7 +97,37 @@ class Announce:
     exclude: Any = None
 
 
-Effect = Reply | Append | Replay | ReadHistory | TakeOver | Announce
+@dataclass(frozen=True, slots=True)
+class ShareSession:
+    """Record the just detached session ``token`` where every node of the cluster can claim it, until it
+    expires (best effort: if it cannot be written, the hub calls ``session_unshared`` and it stays local)."""
+
+    token: str
+    client_id: str
+    user: str
+    rooms: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimSession:
+    """Claim session ``token`` from the cluster's records for a resume by ``user`` (atomically: one claimant
+    wins cluster-wide), then answer ``claimed``. The requester's later messages wait for that answer, in order."""
+
+    token: str
+    user: str
+    command: messages.Resume
+
+
+@dataclass(frozen=True, slots=True)
+class SessionTaken:
+    """Tell ``node``, where session ``token`` was detached, that it was continued here: that node forgets its
+    copy and lets go of the presence the copy held (``taken_elsewhere``)."""
+
+    node: str
+    token: str
+
+
+Effect = Reply | Append | Replay | ReadHistory | TakeOver | Announce | ShareSession | ClaimSession | SessionTaken
 
 
 def identity_of(member: Any) -> Identity:
@@ -117,8 +151,17 @@ class RoomProtocol:
         presence: Presence | None = None,
         filters: Pipeline | None = None,
         max_meta_bytes: int = messages.MAX_META_BYTES,
+        shared_sessions: bool = False,
+        adopt: Callable[[Any, str], bool] | None = None,
     ) -> None:
         self.registry = registry
+        self.shared = shared_sessions
+        """Sessions are resumable on every node of a cluster (docs/cluster.md): detached ones are recorded
+        (``ShareSession``), unknown or recorded ones claimed (``ClaimSession``), and a continued session keeps
+        its client id, so an anonymous user (whose user is its client id) is held like an authenticated one."""
+        self.adopt = adopt
+        """``adopt(member, client_id) -> bool``: give the connection ``member`` the id ``client_id`` (of the
+        session it continues); False if it cannot (the id is in use here)."""
         self.presence = presence if presence is not None else Presence()
         self.filters = filters if filters is not None else Pipeline()
         self.max_meta_bytes = max_meta_bytes
@@ -155,7 +198,11 @@ class RoomProtocol:
         user = identity_of(member).user
         if session is not None:
             session.user = user
-        hold = session is not None and not deliberate and user != member.id
+            if self.shared and token is not None:
+                session.recorded = True
+                effects.append(ShareSession(token, session.client_id, user, tuple(names)))
+        # A continued session of a cluster keeps its client id, so an anonymous user comes back as itself too.
+        hold = session is not None and not deliberate and (user != member.id or self.shared)
         for name in names:
             if hold and session is not None and self.presence.connection_count(name, user) == 1:
                 # The user's last connection there: keep it counted until a resume or the session's expiry.
@@ -312,18 +359,98 @@ class RoomProtocol:
 
     def _resume(self, member: Identified, command: messages.Resume) -> list[Effect]:
         """Rejoin every listed room with a replay after its last seen seq; continue the old session if it is
-        still resumable (an unknown or expired one still rejoins and replays, as a new member)."""
-        effects: list[Effect] = []
-        session = None
+        still resumable (an unknown or expired one still rejoins and replays, as a new member).
+
+        In a cluster, a session this node does not know may be another node's, and one it recorded may have
+        been claimed by another node: the decision waits for the claim (``ClaimSession``, then ``claimed``)."""
         if self._tokens.get(member.id) == command.session:
-            continued = True
-        else:
-            if self._may_continue(member, command.session):
-                session = self.sessions.take(command.session, self._clock())
-            effects += self._expired_leaves()
-            continued = session is not None
-            if session is not None:
-                effects.append(TakeOver(session.client_id))
+            return self._rejoin(member, command, True)
+        now = self._clock()
+        if self.shared and self.sessions.ttl > 0:
+            local = self.sessions.peek(command.session, now)
+            if local is None or (local.recorded and local.expires is not None
+                                 and self._may_continue(member, command.session)):
+                return [*self._expired_leaves(), ClaimSession(command.session, identity_of(member).user, command)]
+        session = None
+        if self._may_continue(member, command.session):
+            session = self.sessions.take(command.session, now)
+        return self._continue(member, command, session)
+
+    def claimed(self, member: Identified, command: messages.Resume, record: dict[str, Any] | None,
+                failed: bool = False) -> list[Effect]:
+        """The answer to ``ClaimSession``: the cluster's record of the session (now deleted there: this node won
+        the claim), None if there is none to claim (never recorded, expired, claimed by another node, or of
+        another user), or ``failed`` if the cluster could not be asked (then a session of this node's own
+        continues as it would on one node)."""
+        token = command.session
+        local = self.sessions.peek(token, self._clock())
+        if local is not None and local.expires is not None:
+            if record is None and not failed and local.recorded:
+                # Another node claimed it first: this node's copy is stale, and the presence it held goes over
+                # to that node (the cluster presence sees the user there: no leave).
+                effects = self._expired_leaves()
+                stale = self.sessions.discard(token)
+                if stale is not None:
+                    effects += self._release(stale)
+                return effects + self._rejoin(member, command, False)
+            session = self.sessions.take(token, self._clock()) if self._may_continue(member, token) else None
+            return self._continue(member, command, session)
+        effects = self._expired_leaves()
+        client_id = record.get("id") if record is not None else None
+        user = record.get("user") if record is not None else None
+        if not isinstance(client_id, str) or user not in (client_id, identity_of(member).user):
+            return effects + self._rejoin(member, command, False)
+        adopted = self._adopt(member, client_id)
+        effects += self._rejoin(member, command, True, client_id if adopted else None)
+        node = record.get("node") if record is not None else None
+        if isinstance(node, str):
+            effects.append(SessionTaken(node, token))
+        return effects
+
+    def taken_elsewhere(self, token: str) -> list[Effect]:
+        """Another node continued session ``token``: forget this node's copy and let go of the presence it
+        held (its user is on that node now, so the cluster sees no leave)."""
+        session = self.sessions.discard(token)
+        return self._release(session) if session is not None else []
+
+    def session_unshared(self, token: str) -> None:
+        """``ShareSession`` could not be written: the session stays this node's alone (taken locally at once)."""
+        session = self.sessions.peek(token, self._clock())
+        if session is not None:
+            session.recorded = False
+
+    def _continue(self, member: Identified, command: messages.Resume, session: Session | None) -> list[Effect]:
+        """Rejoin, continuing ``session`` (taken from this node's table) if there is one."""
+        effects = self._expired_leaves()
+        client = None
+        if session is not None:
+            effects.append(TakeOver(session.client_id))
+            if self.shared and session.expires is not None and self._adopt(member, session.client_id):
+                client = session.client_id
+        effects += self._rejoin(member, command, session is not None, client)
+        if session is not None:
+            # The held presence goes over to this connection where it rejoined (the user never left: no
+            # events); rooms it did not rejoin get their leave now.
+            effects += self._release(session)
+        return effects
+
+    def _adopt(self, member: Identified, client_id: str) -> bool:
+        """Give ``member`` the client id of the session it continues (cluster only), before it joins anything:
+        an anonymous user is its client id, so it stays the same member."""
+        old = member.id
+        if client_id == old:
+            return True
+        if self.adopt is None or self.registry.rooms_of(member) or not self.adopt(member, client_id):
+            return False
+        token = self._tokens.pop(old, None)
+        if token is not None:
+            self._tokens[client_id] = token
+            self.sessions.rename(token, client_id)
+        return True
+
+    def _rejoin(self, member: Identified, command: messages.Resume, continued: bool, client: str | None = None
+                ) -> list[Effect]:
+        effects: list[Effect] = []
         for name, since in command.rooms:
             if not identity_of(member).may(Action.JOIN, name):
                 effects.append(Reply(messages.error(ErrorCode.FORBIDDEN, f"you may not join room {name!r}",
@@ -335,12 +462,8 @@ class RoomProtocol:
                 effects.append(Reply(messages.error(exc.code, exc.message, command.id, room=name)))
                 continue
             announcements, _ = self._joined(member, room.name, None)
-            effects.append(Replay(room.name, since, messages.resumed(room.name, continued, command.id)))
+            effects.append(Replay(room.name, since, messages.resumed(room.name, continued, command.id, client)))
             effects += announcements
         if not command.rooms:
-            effects.append(Reply(messages.resumed(None, continued, command.id)))
-        if session is not None:
-            # The held presence goes over to this connection where it rejoined (the user never left: no
-            # events); rooms it did not rejoin get their leave now.
-            effects += self._release(session)
+            effects.append(Reply(messages.resumed(None, continued, command.id, client)))
         return effects

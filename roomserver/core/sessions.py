@@ -32,6 +32,9 @@ class Session:
     connection: Any = None
     """The closed connection still counted as that user's connection in the ``held`` rooms."""
     held: list[str] = field(default_factory=list)
+    recorded: bool = False
+    """A copy was written to the cluster's shared session records (Redis), so another node may claim it: a
+    take here must claim that copy too (once-only, cluster-wide)."""
 
 
 class SessionTable:
@@ -80,6 +83,17 @@ class SessionTable:
         if session is None:
             session = self._attached.pop(token, None)
         return session
+
+    def discard(self, token: str) -> Session | None:
+        """Forget the detached session ``token`` (another node continued it); returned so its held presence can
+        be let go."""
+        return self._detached.pop(token, None)
+
+    def rename(self, token: str, client_id: str) -> None:
+        """The attached session ``token`` now belongs to ``client_id`` (its connection took over an older id)."""
+        session = self._attached.get(token)
+        if session is not None:
+            session.client_id = client_id
 
     def expire(self, now: float) -> int:
         """Forget detached sessions whose time is up; returns how many."""

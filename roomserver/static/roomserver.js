@@ -323,6 +323,7 @@
         this._emit("error", message);
         return;
       case "resumed":
+        if (typeof message.client === "string") this.id = message.client; // a cluster's continued session keeps its id
         if (message.room && this.rooms[message.room]) {
           // Not recovered: the gap is older than the server's history (or its seq started again), so the
           // sequence goes on from wherever the replay starts.
