@@ -36,3 +36,15 @@ async def make_server() -> AsyncIterator[Callable[..., Any]]:
     yield make
     for server in started:
         await server.stop()
+
+
+@pytest_twisted.async_yield_fixture
+async def prefix() -> AsyncIterator[str]:
+    """A Redis key prefix of the test's own (on the shared 127.0.0.1:6379); its keys are deleted afterwards."""
+    # Imported here: redis_support imports Twisted's global reactor, which must not be installed before
+    # pytest-twisted installs the asyncio one.
+    from .redis_support import delete_prefix, unique_prefix
+
+    chosen = unique_prefix()
+    yield chosen
+    await delete_prefix(chosen)

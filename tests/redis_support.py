@@ -21,6 +21,14 @@ def unique_prefix() -> str:
     return f"rstest-{uuid.uuid4().hex[:12]}:"
 
 
+async def redis_link(url: str = REDIS_URL) -> RedisLink:
+    """A connected ``RedisLink`` for a test to look at Redis with (stop it when done)."""
+    link = RedisLink(RedisURL.parse(url), reactor, name="test")
+    link.start()
+    await link.when_connected(5)
+    return link
+
+
 async def delete_prefix(prefix: str, url: str = REDIS_URL) -> int:
     """Delete every key under ``prefix``; returns how many there were."""
     link = RedisLink(RedisURL.parse(url), reactor, name="test cleanup")

@@ -13,35 +13,20 @@ from typing import Any
 
 import orjson
 import pytest_twisted
-from twisted.internet import reactor
 
 from roomserver import WebSocketServer
-from roomserver.redislink import RedisLink, RedisURL
+from roomserver.redislink import RedisLink
 
 from .auth_support import connect_as, token
 from .auth_support import received_within as quiet
 from .cluster_support import Node
-from .redis_support import REDIS_URL, RedisServer, delete_prefix, delete_prefix_now, scan, unique_prefix
+from .redis_support import REDIS_URL, RedisServer, delete_prefix_now, redis_link, scan, unique_prefix
 from .support import WSClient, aio, eventually, start_server
-
-
-async def redis_link(url: str = REDIS_URL) -> RedisLink:
-    link = RedisLink(RedisURL.parse(url), reactor, name="test")
-    link.start()
-    await link.when_connected(5)
-    return link
 
 
 async def presence_keys(link: RedisLink, prefix: str) -> list[str]:
     return sorted(key.decode()[len(prefix):] for key in await scan(link, prefix)
                   if key.decode()[len(prefix):].startswith(("p:", "pu:", "pn:")))
-
-
-@pytest_twisted.async_yield_fixture
-async def prefix() -> Any:
-    chosen = unique_prefix()
-    yield chosen
-    await delete_prefix(chosen)
 
 
 @pytest_twisted.async_yield_fixture

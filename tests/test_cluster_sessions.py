@@ -8,33 +8,19 @@ import asyncio
 from typing import Any
 
 import pytest_twisted
-from twisted.internet import defer, reactor
+from twisted.internet import defer
 
 from roomserver import WebSocketServer
 from roomserver.core.session import ShareSession
-from roomserver.redislink import RedisLink, RedisURL
+from roomserver.redislink import RedisLink
 
 from .auth_support import received_within as quiet
-from .redis_support import REDIS_URL, delete_prefix, scan, unique_prefix
+from .redis_support import REDIS_URL, redis_link, scan
 from .support import WSClient, aio, eventually, start_server, url_of
-
-
-async def redis_link() -> RedisLink:
-    link = RedisLink(RedisURL.parse(REDIS_URL), reactor, name="test")
-    link.start()
-    await link.when_connected(5)
-    return link
 
 
 async def session_keys(link: RedisLink, prefix: str) -> list[bytes]:
     return [key for key in await scan(link, prefix) if key.decode()[len(prefix):].startswith("s:")]
-
-
-@pytest_twisted.async_yield_fixture
-async def prefix() -> Any:
-    chosen = unique_prefix()
-    yield chosen
-    await delete_prefix(chosen)
 
 
 @pytest_twisted.async_yield_fixture

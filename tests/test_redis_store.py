@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -16,18 +15,11 @@ from roomserver.interfaces import StoreError
 from roomserver.redislink import RedisLink, RedisURL
 from roomserver.store.redis import RedisStore
 
-from .redis_support import REDIS_URL, RedisServer, delete_prefix, free_port, scan, unique_prefix
+from .redis_support import REDIS_URL, RedisServer, free_port, scan
 
 
 def msg(text: str, msg_id: str | None = None) -> NewMessage:
     return NewMessage(chat_body("r", "alice", text, msg_id), msg_id, 0.0)
-
-
-@pytest_twisted.async_yield_fixture
-async def prefix() -> AsyncIterator[str]:
-    name = unique_prefix()
-    yield name
-    await delete_prefix(name)
 
 
 @pytest_twisted.ensureDeferred
