@@ -68,6 +68,12 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("fanout100", "100 members x 5,000 messages",
                  {"scenario": "fanout", "members": 100, "messages": 5000, "window": 16, "window_scope": "all"},
                  METRICS, ("members", "messages")),
+        # A fixed load of 100,000 deliveries/s, which the load generator keeps up with (about half a core): the
+        # servers' CPU at that load, not the load generator's limit, decides the ceiling.
+        Scenario("rate1000", "1,000 members, 100 messages/s for 5 s (100,000 deliveries/s)",
+                 {"scenario": "rate", "members": 1000, "rate": 100, "duration": 5}, METRICS, ("members",)),
+        Scenario("rate100", "100 members, 1,000 messages/s for 5 s (100,000 deliveries/s)",
+                 {"scenario": "rate", "members": 100, "rate": 1000, "duration": 5}, METRICS, ("members",)),
     )
 }
 WORKERS = {"memory": 0, "redis-workers1": 1, "redis-workers2": 2}  # 0: no Redis, one process

@@ -89,10 +89,17 @@ class AppendPipeline:
     ``submit`` returns a Deferred per message that fires, in submission order per room, with its ``Appended``
     (or fails with the store's error). Callbacks run right when the store answers, so whatever they do (the
     broadcast) happens in seq order.
+
+    With ``later`` (``reactor.callLater``), a room's first append waits for the end of the current reactor turn
+    (``callLater(0)``: after the turn's I/O, before the next poll), so the chats of one read go to the store as
+    one batch, their broadcasts leave together, and each member gets them in one ``send``. Without it, the first
+    chat would go alone and the ones behind it in a second batch: twice the store round trips and twice the
+    sends per member for two chats that arrived together.
     """
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, later: Callable[..., Any] | None = None) -> None:
         self.store = store
+        self.later = later
         self._waiting: dict[str, list[tuple[NewMessage, defer.Deferred[Appended]]]] = {}
         self._busy: set[str] = set()
         self._idle_waiters: list[defer.Deferred[None]] = []
@@ -101,7 +108,11 @@ class AppendPipeline:
         done: defer.Deferred[Appended] = defer.Deferred()
         self._waiting.setdefault(room, []).append((message, done))
         if room not in self._busy:
-            self._next(room)
+            if self.later is None:
+                self._next(room)
+            else:
+                self._busy.add(room)  # the batch is being gathered: later chats of this turn join it
+                self.later(0, self._next, room)
         return done
 
     def busy(self, room: str) -> bool:
@@ -155,7 +166,7 @@ class DurableRooms:
         self.server = server
         self.clock = clock if clock is not None else server.reactor
         self.store: Store = store if store is not None else create_store(server.options, server.reactor, clock)
-        self.pipeline = AppendPipeline(self.store)
+        self.pipeline = AppendPipeline(self.store, getattr(self.clock, "callLater", None))
         self._append_now: Callable[[str, Sequence[NewMessage]], list[Appended]] | None = getattr(
             self.store, "append_now", None)
         self.replaying: dict[str, dict[Any, ReplayState]] = {}

@@ -382,3 +382,53 @@ async def test_app_broadcasts_queued_during_a_replay_honour_the_join_filter(make
         ("chat", "one"), ("alert", 1), ("chat", "two"), ("alert", 2)]
     server.broadcast("r", {"type": "alert", "n": 3})
     assert await quiet.recv() == {"type": "alert", "n": 3}, "no filtered-out broadcast was queued before it"
+
+
+class RecordingStore:
+    """A store that records each append batch and answers when told (``answer``)."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+        self.pending: list[tuple[defer.Deferred[list[Any]], int]] = []
+
+    def append(self, room: str, batch: list[Any]) -> defer.Deferred[list[Any]]:
+        from roomserver.core.history import Appended
+
+        start = sum(len(b) for b in self.batches)
+        self.batches.append([message.body for message in batch])
+        done: defer.Deferred[list[Any]] = defer.Deferred()
+        self.pending.append((done, start))
+        results = [Appended(start + i + 1, b"", False) for i in range(len(batch))]
+        done.addCallback(lambda _: results)
+        return done
+
+    def answer(self) -> None:
+        done, _ = self.pending.pop(0)
+        done.callback(None)
+
+
+def test_chats_of_one_reactor_turn_go_to_the_store_as_one_batch() -> None:
+    """The first chat of a turn waits for the turn's end, so the chats that arrived with it share its append
+    (one store round trip, one broadcast burst); chats arriving while a batch is in flight form the next one."""
+    from twisted.internet import task
+
+    from roomserver.core.history import NewMessage
+    from roomserver.durable import AppendPipeline
+
+    clock = task.Clock()
+    store = RecordingStore()
+    pipeline = AppendPipeline(store, clock.callLater)  # type: ignore[arg-type]
+    seqs: list[int] = []
+    for text in (b"a", b"b", b"c"):
+        pipeline.submit("r", NewMessage(text, None, 0.0)).addCallback(lambda result: seqs.append(result.seq))
+    assert store.batches == [] and pipeline.busy("r"), "gathering until the turn ends"
+    clock.advance(0)
+    assert store.batches == [[b"a", b"b", b"c"]]
+    pipeline.submit("r", NewMessage(b"d", None, 0.0)).addCallback(lambda result: seqs.append(result.seq))
+    pipeline.submit("r", NewMessage(b"e", None, 0.0)).addCallback(lambda result: seqs.append(result.seq))
+    store.answer()
+    assert seqs == [1, 2, 3] and store.batches[1] == [b"d", b"e"], "in flight meanwhile: the next batch"
+    store.answer()
+    clock.advance(0)
+    assert seqs == [1, 2, 3, 4, 5] and not pipeline.busy("r")
+    assert pipeline.idle().called
