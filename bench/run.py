@@ -341,6 +341,25 @@ def targets(results: Results) -> list[str]:
     return checks
 
 
+def report_end(results: Results, checks: Sequence[str], title: str, json_path: Path | None,
+               **meta: Any) -> None:
+    """The end of a benchmark's report: the issue's target checks, the failures, and (``--json``) every run's raw
+    figures with ``meta`` (when, where, how many runs) in front."""
+    print(f"\n### {title}\n")
+    for check in checks:
+        print(f"- {check}")
+    if results.failures:
+        print("\n### Failures\n")
+        for failure in results.failures:
+            print(f"- {failure}")
+    if json_path is not None:
+        json_path.write_text(json.dumps({
+            **meta,
+            "results": [{"scenario": sc, "server": sv, "runs": rs} for (sc, sv), rs in results.runs.items()],
+            "failures": results.failures,
+        }, indent=1))
+
+
 def machine() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
@@ -380,19 +399,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = run(servers, scenarios, args.runs, args.scale, args.log_dir,
                   progress=lambda line: print(line, flush=True))
     print(table(results, servers, scenarios))
-    print("\n### Targets (issue 8)\n")
-    for check in targets(results):
-        print(f"- {check}")
-    if results.failures:
-        print("\n### Failures\n")
-        for failure in results.failures:
-            print(f"- {failure}")
-    if args.json:
-        args.json.write_text(json.dumps({
-            "started": started, "machine": header, "runs": args.runs, "scale": args.scale,
-            "results": [{"scenario": sc, "server": sv, "runs": rs} for (sc, sv), rs in results.runs.items()],
-            "failures": results.failures,
-        }, indent=1))
+    report_end(results, targets(results), "Targets (issue 8)", args.json, started=started, machine=header,
+               runs=args.runs, scale=args.scale)
     return 1 if results.failures else 0
 
 

@@ -54,7 +54,19 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from .run import BENCH, Results, Scenario, ServerProcess, free_port, machine, roomserver_argv, run, run_scenario, table
+from .run import (
+    BENCH,
+    Results,
+    Scenario,
+    ServerProcess,
+    free_port,
+    machine,
+    report_end,
+    roomserver_argv,
+    run,
+    run_scenario,
+    table,
+)
 
 METRICS = ("deliveries_per_s", "cpu_us_per_delivery", "busiest_worker_cpu_pct", "busiest_worker_demand_pct",
            "other_worker_cpu_pct", "redis_cpu_pct", "loadgen_demand_pct", "machine_cpu_pct", "worker_ceiling_per_s",
@@ -369,19 +381,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     ratio_metrics=RATIO_METRICS))
         print("\n### Members per process (SO_REUSEPORT)\n")
         print(spread(results, servers, scenarios))
-        print("\n### Target (issue 8)\n")
-        for check in targets(results, scenarios):
-            print(f"- {check}")
-        if results.failures:
-            print("\n### Failures\n")
-            for failure in results.failures:
-                print(f"- {failure}")
-        if args.json:
-            args.json.write_text(json.dumps({
-                "started": started, "commit": commit, "machine": header, "runs": args.runs, "scale": args.scale,
-                "results": [{"scenario": sc, "server": sv, "runs": rs} for (sc, sv), rs in results.runs.items()],
-                "failures": results.failures,
-            }, indent=1))
+        report_end(results, targets(results, scenarios), "Target (issue 8)", args.json, started=started,
+                   commit=commit, machine=header, runs=args.runs, scale=args.scale)
     finally:
         redis.stop()
     return 1 if results.failures else 0
