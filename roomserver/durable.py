@@ -90,14 +90,14 @@ class AppendPipeline:
     (or fails with the store's error). Callbacks run right when the store answers, so whatever they do (the
     broadcast) happens in seq order.
 
-    With ``later`` (``reactor.callLater``), a room's first append waits for the end of the current reactor turn
-    (``callLater(0)``: after the turn's I/O, before the next poll), so the chats of one read go to the store as
-    one batch, their broadcasts leave together, and each member gets them in one ``send``. Without it, the first
-    chat would go alone and the ones behind it in a second batch: twice the store round trips and twice the
+    A room's first append waits for the end of the current reactor turn (``later`` is ``reactor.callLater``:
+    ``callLater(0)`` runs after the turn's I/O, before the next poll), so the chats of one read go to the store as
+    one batch, their broadcasts leave together, and each member gets them in one ``send``. Started at once, the
+    first chat would go alone and the ones behind it in a second batch: twice the store round trips and twice the
     sends per member for two chats that arrived together.
     """
 
-    def __init__(self, store: Store, later: Callable[..., Any] | None = None) -> None:
+    def __init__(self, store: Store, later: Callable[..., Any]) -> None:
         self.store = store
         self.later = later
         self._waiting: dict[str, list[tuple[NewMessage, defer.Deferred[Appended]]]] = {}
@@ -108,11 +108,8 @@ class AppendPipeline:
         done: defer.Deferred[Appended] = defer.Deferred()
         self._waiting.setdefault(room, []).append((message, done))
         if room not in self._busy:
-            if self.later is None:
-                self._next(room)
-            else:
-                self._busy.add(room)  # the batch is being gathered: later chats of this turn join it
-                self.later(0, self._next, room)
+            self._busy.add(room)  # the batch is being gathered: later chats of this turn join it
+            self.later(0, self._next, room)
         return done
 
     def busy(self, room: str) -> bool:
@@ -166,7 +163,7 @@ class DurableRooms:
         self.server = server
         self.clock = clock if clock is not None else server.reactor
         self.store: Store = store if store is not None else create_store(server.options, server.reactor, clock)
-        self.pipeline = AppendPipeline(self.store, getattr(self.clock, "callLater", None))
+        self.pipeline = AppendPipeline(self.store, self.clock.callLater)
         self._append_now: Callable[[str, Sequence[NewMessage]], list[Appended]] | None = getattr(
             self.store, "append_now", None)
         self.replaying: dict[str, dict[Any, ReplayState]] = {}
