@@ -1,6 +1,11 @@
 """Profile one server under one benchmark scenario with py-spy, and print where its time goes.
 
 Usage: python -m bench.profile [--server roomserver] [--scenario fanout1000] [--scale 1.0] [--top 25]
+                               [--redis redis://127.0.0.1:6379/0]
+
+``--redis URL`` profiles roomserver with the Redis store and broker there (one process, its own key prefix,
+deleted afterwards): where a clustered node's time goes. The scenarios of ``bench.workers`` (``rate100``, ...)
+can be named too.
 
 py-spy (``pip install py-spy``; a profiling tool, not a dependency of roomserver) samples the server process
 from the outside, so the server runs unmodified, and only during the measured phase: the load generator writes
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import shutil
 import signal
 import subprocess
@@ -22,7 +28,11 @@ import threading
 import time
 from pathlib import Path
 
-from .run import BENCH, SCENARIOS, SERVERS, ServerProcess, run_scenario
+from .run import BENCH, SCENARIOS, SERVERS, ServerProcess, roomserver_argv, run_scenario
+from .workers import SCENARIOS as WORKER_SCENARIOS
+from .workers import Redis
+
+CATALOG = {**SCENARIOS, **WORKER_SCENARIOS}
 
 
 def summarize(collapsed: Path, top: int) -> str:
@@ -49,19 +59,28 @@ def summarize(collapsed: Path, top: int) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--server", default="roomserver", choices=sorted(SERVERS))
-    parser.add_argument("--scenario", default="fanout1000", choices=sorted(SCENARIOS))
+    parser.add_argument("--scenario", default="fanout1000", choices=sorted(CATALOG))
     parser.add_argument("--scale", type=float, default=1.0)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--redis", metavar="URL", help="the Redis store and broker (roomserver only)")
     parser.add_argument("--out", type=Path, default=BENCH / "results" / "profile.txt")
     args = parser.parse_args()
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    server = ServerProcess(args.server, args.out.parent)
+    redis = Redis(args.redis, args.out.parent) if args.redis else None
+    prefix = f"profile-{os.getpid()}:"
+    argv_of = None
+    if redis is not None:
+        if args.server != "roomserver":
+            parser.error("--redis profiles roomserver only")
+        url = f"{redis.url}?prefix={prefix}"
+        argv_of = lambda port: [*roomserver_argv(port), "--store", url, "--broker", url]  # noqa: E731
+    server = ServerProcess(args.server, args.out.parent, argv_of)
     outcome: dict[str, object] = {}
     try:
         server.wait_ready()
         ready_file = Path(tempfile.mkdtemp()) / "ready"
-        config = dict(SCENARIOS[args.scenario].at_scale(args.scale), ready_file=str(ready_file), ready_pause_ms=1500)
+        config = dict(CATALOG[args.scenario].at_scale(args.scale), ready_file=str(ready_file), ready_pause_ms=1500)
         runner = threading.Thread(target=lambda: outcome.update(result=run_scenario(server, config, timeout=600)))
         runner.start()
         deadline = time.monotonic() + 600
@@ -75,6 +94,9 @@ def main() -> int:
         spy.wait(30)
     finally:
         server.stop()
+        if redis is not None:
+            redis.delete_prefix(prefix)
+            redis.stop()
     result: dict[str, object] = outcome.get("result", {})  # type: ignore[assignment]
     print({k: result.get(k) for k in ("deliveries", "cpu_us_per_delivery", "deliveries_per_s", "p99_ms")})
     print(summarize(args.out, args.top))

@@ -53,6 +53,7 @@ class Relay:
         self.skipped = 0
         self.publish_failures = 0
         self.resets = 0
+        self.fused = False  # the store publishes what it appends (``Broker.fuse``): ``stored`` publishes nothing
         self.rates = RateMeter()
 
     # -- lifecycle -------------------------------------------------------------------------------------------
@@ -60,6 +61,8 @@ class Relay:
     def start(self) -> defer.Deferred[None]:
         if hasattr(self.broker, "report"):
             self.broker.report = self._report
+        fuse = getattr(self.broker, "fuse", None)
+        self.fused = bool(fuse(self.server.durable.store)) if fuse is not None else False
         return self.broker.start(self._received, self._resubscribed, self._subscribed)
 
     def _report(self) -> dict[str, Any]:
@@ -166,14 +169,18 @@ class Relay:
     # -- messages --------------------------------------------------------------------------------------------
 
     def stored(self, name: str, seq: int, payload: bytes) -> None:
-        """A chat this node appended: deliver it here, and publish it once for the other nodes."""
+        """A chat this node appended: deliver it here, and publish it once for the other nodes (unless the store
+        already did, in the append itself)."""
         if not self.clustered:
             self._deliver(name, seq, payload)
             return
-        self.broker.publish(name, seq, payload).addErrback(self._publish_failed, name)
+        if not self.fused:
+            self.broker.publish(name, seq, payload).addErrback(self._publish_failed, name)
         sequence = self.sequences.get(name)
         if sequence is not None:
-            self._apply(name, sequence, sequence.offer(seq, payload))
+            # Fused, the channel brings this message again after every earlier seq: a chat of another node that
+            # this answer overtook is on its way there, not lost.
+            self._apply(name, sequence, sequence.offer(seq, payload, fetch=not self.fused))
 
     def _publish_failed(self, failure: Failure, name: str) -> None:
         self.publish_failures += 1

@@ -129,6 +129,11 @@ class Broker(Protocol):
       while the broker is unreachable; the message is already stored, and the broker publishes the room's
       latest message again once it is back, so the other nodes see the gap and fill it from the store.
     - **Never blocks the reactor.**
+
+    Optionally, ``fuse(store) -> bool``: the broker may have the store publish what it appends, in the same
+    step (the Redis broker does with the Redis store on the same server: one round trip, and the channel in seq
+    order). When it returns True the hub calls ``publish`` no more, and offers its own chats to a room's sequence
+    as "will come again in order" (``RoomSequence.offer(..., fetch=False)``).
     """
 
     name: str

@@ -17,6 +17,7 @@ import websockets
 from websockets.exceptions import ConnectionClosed
 
 from .redis_support import REDIS_URL, delete_prefix_now, unique_prefix
+from .support import metric
 from .twistd_support import free_port, twistd, wait_for_port
 
 
@@ -71,6 +72,12 @@ class Node:
                 return response.status, json.loads(response.read())
         except urllib.error.HTTPError as error:
             return error.code, json.loads(error.read())
+
+    def metric(self, name: str) -> float:
+        """One unlabelled sample of this node's ``/metrics``."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=2) as response:
+            text = response.read().decode()
+        return metric(text, name)
 
     def tracebacks(self) -> str:
         text = self.log.read_text() if self.log.exists() else ""

@@ -85,6 +85,18 @@ class WSClient:
         self.ws.transport.abort()
 
 
+def metric(text: str, name: str, labels: str = "") -> float:
+    """The value of one sample line of the Prometheus text format."""
+    wanted = f"{name}{{{labels}}}" if labels else name
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        key, _, value = line.rpartition(" ")
+        if key == wanted:
+            return float(value)
+    raise AssertionError(f"no sample {wanted} in:\n{text}")
+
+
 async def eventually(predicate: Any, timeout: float = 5.0, interval: float = 0.01) -> None:
     """Wait (bounded) until ``predicate()`` is true; fails the test on timeout."""
     loop = asyncio.get_event_loop()

@@ -24,8 +24,7 @@ from roomserver.redislink import RedisLink, RedisURL
 
 from .cluster_support import Member, publish
 from .redis_support import RedisServer
-from .support import WSClient, aio, url_of
-from .test_http import metric
+from .support import WSClient, aio, metric, url_of
 from .web_support import http
 
 

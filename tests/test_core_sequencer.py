@@ -37,6 +37,29 @@ def test_a_gap_asks_the_store_and_delivers_in_order_once_filled() -> None:
     assert seqs(step.deliver) == [2, 3, 4] and step.fetch is None
 
 
+def test_an_own_message_ahead_waits_for_the_ordered_channel_instead_of_reading_the_store() -> None:
+    room = RoomSequence()
+    room.start(4)
+    step = room.offer(6, p(6), fetch=False)  # this node's own chat, answered before the channel brought seq 5
+    assert step.deliver == [] and step.fetch is None
+    assert seqs(room.offer(5, p(5)).deliver) == [5, 6], "the channel's seq 5 releases both"
+    assert room.offer(6, p(6)).deliver == [] and room.duplicates == 1, "the channel's copy of 6 is dropped"
+    room.offer(9, p(9), fetch=False)
+    room.offer(10, p(10), fetch=False)
+    step = room.offer(7, p(7))  # another node's 7 on the channel: 8 is on its way there too, no fetch yet
+    assert seqs(step.deliver) == [7] and step.fetch is None
+    assert seqs(room.offer(8, p(8)).deliver) == [8, 9, 10] and not room.waiting
+
+
+def test_the_channels_copy_of_a_waiting_own_message_asks_for_a_gap_still_open() -> None:
+    room = RoomSequence()
+    room.start(4)
+    room.offer(6, p(6), fetch=False)
+    step = room.offer(6, p(6))  # the channel brought 6 but not 5: 5 is lost, read it
+    assert step.fetch == Fetch(4, 6, 1) and step.deliver == []
+    assert seqs(room.filled(Fetch(4, 6, 1), [(5, p(5))], complete=True).deliver) == [5, 6]
+
+
 def test_a_gap_beyond_the_fetched_range_is_fetched_not_skipped() -> None:
     room = RoomSequence()
     room.start(0)
@@ -112,3 +135,21 @@ def test_a_subscription_confirmed_before_the_baseline_catches_up_once_it_is_know
     assert step.fetch == Fetch(4, None, 1000), "what was published before the subscription took effect"
     step = room.filled(Fetch(4, None, 1000), [(5, p(5)), (6, p(6))], complete=True)
     assert seqs(step.deliver) == [5, 6] and step.fetch is None
+
+
+@given(st.data())
+def test_own_messages_answered_at_any_time_beside_an_ordered_channel_never_need_a_fetch(data: st.DataObject) -> None:
+    """The fused cluster: the channel brings every seq in order; this node's own chats (any subset) are also
+    offered from the append's answer, before or after their channel copy. Nothing is read from the store."""
+    total = 30
+    events = [(seq, True) for seq in range(1, total + 1)]
+    for seq in sorted(data.draw(st.sets(st.integers(1, total)))):
+        events.insert(data.draw(st.integers(0, len(events))), (seq, False))
+    room = RoomSequence()
+    room.start(0)
+    delivered: list[int] = []
+    for seq, from_channel in events:
+        step = room.offer(seq, p(seq), fetch=from_channel)
+        assert step.fetch is None
+        delivered += seqs(step.deliver)
+    assert delivered == list(range(1, total + 1)) and not room.waiting and not room.pending

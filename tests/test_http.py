@@ -16,22 +16,10 @@ from roomserver import WebSocketServer
 from roomserver.http.auth import AdminToken, AdminTokenError
 from roomserver.http.health import backend_health
 
-from .support import WSClient, aio, eventually, url_of
+from .support import WSClient, aio, eventually, metric, url_of
 from .web_support import http
 
 TOKEN = "correct-horse-battery-staple-42"
-
-
-def metric(text: str, name: str, labels: str = "") -> float:
-    """The value of one sample line of the Prometheus text format."""
-    wanted = f"{name}{{{labels}}}" if labels else name
-    for line in text.splitlines():
-        if line.startswith("#"):
-            continue
-        key, _, value = line.rpartition(" ")
-        if key == wanted:
-            return float(value)
-    raise AssertionError(f"no sample {wanted} in:\n{text}")
 
 
 async def chat_traffic(

@@ -16,6 +16,14 @@ Either way the broker reports itself unhealthy (the node says ``degraded``), rec
 subscribes to every room again, and once Redis confirmed the subscriptions, calls ``on_resubscribed`` so the
 node fetches what its members missed from the room streams.
 
+**Fused with the store.** When the Redis store uses the same Redis server (the usual cluster: one URL for
+``--store`` and ``--broker``), ``fuse`` makes the store's append script publish each appended batch itself, as
+one ``m <node> <seq>:<length>:<payload>...`` message (roomserver/store/redis.py, "Fused publishing"), and the
+node publishes nothing more: one Redis round trip per batch instead of one per message, and the channel carries
+every node's messages in seq order. So the node offers its own messages from the channel to the room's
+sequence too (``on_message``): they are duplicates of what it delivered from the append's answer, unless the
+channel was faster, and either way a message of another node that follows them finds no gap.
+
 A publish that fails (Redis unreachable) is remembered per room (its latest message) and published again once
 the command connection is back: the other nodes then see the gap and fill it from the store.
 """
@@ -91,6 +99,7 @@ class RedisBroker:
         self.resubscriptions = 0
         self.received = 0
         self.published = 0
+        self._fused: Any = None  # the Redis store that publishes for this broker (``fuse``)
         self._owed: dict[str, tuple[int, bytes]] = {}
         self._rooms_dirty = True
         self._on_message: Callable[[str, int, bytes], None] | None = None
@@ -187,7 +196,9 @@ class RedisBroker:
         report: dict[str, Any] = {
             "backend": "redis", "ok": ok, "url": str(self.url), "node": self.node_id,
             "subscriptions": len(self.rooms), "resubscriptions": self.resubscriptions,
-            "received": self.received, "published": self.published,
+            "received": self.received,
+            "published": self.published + (self._fused.published if self._fused is not None else 0),
+            "fused": self._fused is not None,
             "outages": self.subscriber.outages + self.publisher.outages,
         }
         if self.cluster_view is not None:
@@ -336,6 +347,9 @@ class RedisBroker:
             if room in self.rooms and self.on_presence is not None:
                 self.on_presence(room, sender, payload)
             return
+        if seq_text == b"m":
+            self._batch(channel[len(head):], sender, payload)
+            return
         if sender == self._node:
             return  # our own message: already delivered locally
         try:
@@ -348,6 +362,40 @@ class RedisBroker:
             return  # an unsubscription in flight
         self.received += 1
         self._on_message(room, seq, payload)
+
+    def _batch(self, room_name: bytes, sender: bytes, entries: bytes) -> None:
+        """A fused append's batch (``<seq>:<length>:<payload>`` repeated), this node's own included."""
+        room = room_name.decode("utf-8", "surrogateescape")
+        if room not in self.rooms or self._on_message is None:
+            return
+        own = sender == self._node
+        position, end = 0, len(entries)
+        try:
+            while position < end:
+                colon = entries.index(b":", position)
+                seq = int(entries[position:colon])
+                second = entries.index(b":", colon + 1)
+                start = second + 1
+                stop = start + int(entries[colon + 1:second])
+                if stop > end:
+                    raise ValueError("a payload runs past the end")
+                position = stop
+                if not own:
+                    self.received += 1
+                self._on_message(room, seq, entries[start:stop])
+        except ValueError:
+            self.log.warn("redis broker: ignoring the malformed end of a batch on room {room!r}", room=room)
+
+    def fuse(self, store: Any) -> bool:
+        """Have ``store`` publish what it appends, if it is the Redis store on this broker's Redis server (see
+        the module docstring); True if so, and then the node must not ``publish`` its messages again."""
+        from ..store.redis import RedisStore
+
+        if not isinstance(store, RedisStore) or not store.same_server(self.url):
+            return False
+        store.publish_to(self.prefix + b"c:", self._node)
+        self._fused = store
+        return True
 
     # -- publishing ------------------------------------------------------------------------------------------
 

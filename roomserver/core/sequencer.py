@@ -8,6 +8,8 @@ into what every member must see: each seq once, in increasing order, with no gap
 
 - ``offer(seq, payload)``: a message arrived. Deliverable ones come back in order; a message beyond the next
   expected seq waits and the caller is asked to ``fetch`` the missing range from the store (``Step.fetch``).
+  When the broker's channel is itself in seq order (the Redis store publishing, ``Broker.fuse``), a node's own
+  chat is offered with ``fetch=False``: it waits for the channel, which brings whatever it overtook.
 - ``filled(messages, complete)``: the store's answer. Messages the store no longer holds (out of the history
   window) are skipped once a complete answer shows they are gone, so one loss can never stall a room.
 - ``catch_up()``: ask for everything after the last delivered seq (after a resubscription: whatever was
@@ -43,11 +45,12 @@ class Step:
 class RoomSequence:
     """The delivery state of one room on one node (see the module docstring)."""
 
-    __slots__ = ("behind", "delivered", "duplicates", "fetching", "pending", "skipped")
+    __slots__ = ("behind", "delivered", "duplicates", "fetching", "pending", "skipped", "waiting")
 
     def __init__(self) -> None:
         self.delivered: int | None = None  # last seq delivered; None until the baseline is known
         self.pending: dict[int, bytes] = {}
+        self.waiting: set[int] = set()  # pending seqs offered with fetch=False whose second copy has not come
         self.fetching = False
         self.behind = False  # a catch-up is owed once the running fetch is answered
         self.duplicates = 0
@@ -69,20 +72,32 @@ class RoomSequence:
             baseline = min(baseline, min(self.pending) - 1)
         self.delivered = baseline
         self.pending = {seq: payload for seq, payload in self.pending.items() if seq > baseline}
+        self.waiting.intersection_update(self.pending)
         step = self._drain()
         if step.fetch is None and self.behind:
             self.behind = False
             step.fetch = self.catch_up().fetch
         return step
 
-    def offer(self, seq: int, payload: bytes) -> Step:
-        if (self.delivered is not None and seq <= self.delivered) or seq in self.pending:
+    def offer(self, seq: int, payload: bytes, fetch: bool = True) -> Step:
+        """A message arrived. ``fetch=False``: it will come again from an ordered source that brings every seq
+        before it first (a node's own chat when the store publishes in seq order: the channel carries it after
+        all earlier ones), so a gap below it is left for that source to fill rather than read from the store;
+        that second copy, if the gap is still there, asks for the fetch."""
+        if self.delivered is not None and seq <= self.delivered:
             self.duplicates += 1
             return Step()
-        self.pending[seq] = payload
+        if seq in self.pending:
+            self.duplicates += 1
+            if fetch:
+                self.waiting.discard(seq)
+        else:
+            self.pending[seq] = payload
+            if not fetch:
+                self.waiting.add(seq)
         if self.delivered is None:
             return Step()
-        return self._drain()
+        return self._drain(fetch)
 
     def catch_up(self) -> Step:
         """Fetch everything after the last delivered seq (unless a fetch is already running; before the baseline
@@ -119,6 +134,7 @@ class RoomSequence:
                 following = self.delivered + 1
                 if following in self.pending:
                     step.deliver.append((following, self.pending.pop(following)))
+                    self.waiting.discard(following)
                 else:
                     self.skipped += 1
                 self.delivered = following
@@ -153,7 +169,10 @@ class RoomSequence:
         while self.delivered + 1 in self.pending:
             self.delivered += 1
             step.deliver.append((self.delivered, self.pending.pop(self.delivered)))
-        if fetch and self.pending and not self.fetching:
+            if self.waiting:
+                self.waiting.discard(self.delivered)
+        # Only a seq from an ordered source proves that the ones below it are lost (``waiting``: not yet).
+        if fetch and len(self.pending) > len(self.waiting) and not self.fetching:
             step.fetch = self._gap_fetch()
         return step
 

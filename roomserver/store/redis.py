@@ -14,6 +14,14 @@ Appends and reads are Lua scripts, so each is atomic and sees one consistent sta
 entirely (seqs, entries, msg_ids) in one script run. Every key but ``seq`` and ``rooms`` also gets a real
 Redis expiry (the dedupe window, the history ttl) so rooms that stop being used leave nothing behind.
 
+**Fused publishing.** When the Redis broker runs on the same Redis (``RedisBroker.fuse``), the append script
+also publishes what it appended to the room's broker channel, in the same script run: one round trip per batch
+instead of an append plus a ``PUBLISH`` per message, no window in which a message is stored but not published,
+and messages on the channel in exactly seq order (the script runs atomically), so a node reading the channel
+sees no gap unless one was really lost. The message is ``m <node> `` followed by ``<seq>:<length>:<payload>``
+for each new message of the batch (duplicates are not published), split at about ``PUBLISH_BYTES`` of
+payload; ``roomserver.broker.redis`` reads it.
+
 Time comes from the hub's clock (passed to the scripts), not from Redis, like the other stores; a cluster's
 nodes are expected to have synchronised clocks (NTP), which matters only for ``history_ttl`` and
 ``dedupe_window``.
@@ -37,11 +45,21 @@ from ..interfaces import RoomRecord, StoreError
 from ..redislink import LuaScripts, RedisLink, RedisUnavailable, RedisURL
 
 OPEN_TIMEOUT = 5.0
+PUBLISH_BYTES = 256 * 1024
+"""A fused append publishes its batch in messages of about this many payload bytes at most (see ``publish_to``)."""
 
 # The shebang makes Redis 7 check for OOM before a script runs, not at its first write: a write script either
 # runs entirely or not at all. Reads are flagged no-writes.
 APPEND = b"""#!lua
 local room, now, size, ttl, window = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], tonumber(ARGV[5])
+local channel, node = ARGV[6], ARGV[7]
+local published, publishing = {}, 0
+local function publish()
+  if #published > 0 then
+    redis.call('PUBLISH', channel, 'm ' .. node .. ' ' .. table.concat(published))
+    published, publishing = {}, 0
+  end
+end
 local cutoff = now - window
 local expired = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', '(' .. cutoff)
 for i = 1, #expired, 1000 do
@@ -49,7 +67,7 @@ for i = 1, #expired, 1000 do
 end
 if #expired > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', '(' .. cutoff) end
 local out, ids = {}, false
-for i = 6, #ARGV, 3 do
+for i = 8, #ARGV, 3 do
   local id, body, ts = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   local seen = false
   if id ~= '' then seen = redis.call('HGET', KEYS[3], id) end
@@ -70,8 +88,14 @@ for i = 6, #ARGV, 3 do
       ids = true
     end
     out[#out + 1] = {seq, payload, 0}
+    if channel ~= '' then
+      published[#published + 1] = seq .. ':' .. #payload .. ':' .. payload
+      publishing = publishing + #payload
+      if publishing >= PUBLISH_BYTES then publish() end
+    end
   end
 end
+if channel ~= '' then publish() end
 if ids then
   local ms = math.floor(window * 1000) + 1000
   redis.call('PEXPIRE', KEYS[3], ms)
@@ -87,7 +111,7 @@ if ttl ~= '' then
   redis.call('PEXPIRE', KEYS[2], math.floor(tonumber(ttl) * 1000) + 1000)
 end
 return out
-"""
+""".replace(b"PUBLISH_BYTES", b"%d" % PUBLISH_BYTES)
 
 READ = b"""#!lua flags=no-writes
 local last = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
@@ -178,6 +202,20 @@ class RedisStore:
         # the join that caused it, and must not pay (or be reordered by) a NOSCRIPT round trip.
         self.scripts = LuaScripts((APPEND, READ, DELETE))
         self.link = RedisLink(self.url, reactor, name="redis store", on_ready=self.scripts.load)
+        self._channel_prefix = b""
+        self._node = b""
+        self.published = 0  # messages the append script published (``publish_to``)
+
+    def publish_to(self, channel_prefix: bytes, node: bytes) -> None:
+        """Publish every appended batch to ``channel_prefix + room`` as node ``node`` (see "Fused publishing"
+        in the module docstring); called by the Redis broker when it shares this Redis."""
+        self._channel_prefix = channel_prefix
+        self._node = node
+
+    def same_server(self, url: RedisURL) -> bool:
+        """Whether ``url`` names the Redis server and database this store uses (key prefixes may differ)."""
+        mine = self.url
+        return (mine.host, mine.port, mine.db, mine.password) == (url.host, url.port, url.db, url.password)
 
     def __repr__(self) -> str:
         return f"RedisStore({str(self.url)!r}, prefix={self.url.prefix!r})"
@@ -225,14 +263,20 @@ class RedisStore:
     def append(self, room: str, batch: Sequence[NewMessage]) -> defer.Deferred[list[Appended]]:
         args: list[Any] = [room, repr(self._clock.seconds()), self.history_size,
                            "" if self.history_ttl is None else repr(float(self.history_ttl)),
-                           repr(float(self.dedupe_window))]
+                           repr(float(self.dedupe_window)),
+                           self._channel_prefix + room.encode() if self._channel_prefix else b"", self._node]
         for message in batch:
             args.extend((message.msg_id or "", message.body, repr(message.ts)))
         keys = [self.key("seq"), self.key("h:", room), self.key("d:", room), self.key("dt:", room)]
         done = self._script(APPEND, keys, args)
-        done.addCallback(lambda rows: [Appended(int(seq), bytes(payload), bool(int(dup)))
-                                       for seq, payload, dup in rows])
+        done.addCallback(self._appended)
         return done.addErrback(self._fail, "append")
+
+    def _appended(self, rows: list[Any]) -> list[Appended]:
+        results = [Appended(int(seq), bytes(payload), bool(int(dup))) for seq, payload, dup in rows]
+        if self._channel_prefix:
+            self.published += sum(not result.duplicate for result in results)
+        return results
 
     def read(
         self, room: str, since: int | None = None, before: int | None = None, limit: int = 100
