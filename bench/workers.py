@@ -86,6 +86,11 @@ SCENARIOS: dict[str, Scenario] = {
                  {"scenario": "rate", "members": 1000, "rate": 100, "duration": 5}, METRICS, ("members",)),
         Scenario("rate100", "100 members, 1,000 messages/s for 5 s (100,000 deliveries/s)",
                  {"scenario": "rate", "members": 100, "rate": 1000, "duration": 5}, METRICS, ("members",)),
+        # Chats from random members of the one room, so every worker publishes (and the chats of the two
+        # workers meet in the room's seq order): at most ``window`` in flight, each until its sender got it.
+        Scenario("spread100", "100 members x 5,000 messages from random members",
+                 {"scenario": "rooms", "rooms": 1, "room_size": 100, "messages": 5000, "window": 16}, METRICS,
+                 ("messages",)),
     )
 }
 WORKERS = {"memory": 0, "redis-workers1": 1, "redis-workers2": 2}  # 0: no Redis, one process
