@@ -64,6 +64,53 @@ class SendBufferWatch:
             self.on_overflow()
 
 
+def send_now(transport: Any, data: bytes) -> bytes:
+    """Hand ``data`` to the kernel at once when Twisted has nothing queued for this socket; return what the kernel
+    did not take (the caller then writes it through Twisted's buffer, in order, as before).
+
+    Twisted's own ``write`` only queues the bytes and registers the socket with epoll for writing; the send
+    happens in the next poll, and the socket is unregistered again: two ``epoll_ctl`` calls and a pass through
+    the reactor's dispatch for every flush. When a member gets one message per reactor iteration (many small
+    rooms, a fixed low rate), or a Redis connection one command, that is most of a write's cost. The order of
+    bytes is kept: this path is taken only when Twisted's buffers are empty. ``transport`` must be a plain TCP
+    ``tcp.Connection`` (TLS must go through the TLS layer); never once the connection is closing.
+    """
+    if transport.disconnecting or not transport.connected or transport.dataBuffer or transport._tempDataBuffer:
+        return data
+    try:
+        sent = transport.socket.send(data)
+    except OSError:
+        # EAGAIN (the kernel buffer is full), or the connection broke: Twisted's buffer takes the bytes, and
+        # its next write attempt finds and reports the error the usual way.
+        return data
+    return data[sent:] if sent < len(data) else b""
+
+
+def is_plain_tcp(transport: Any) -> bool:
+    """Whether ``send_now`` may write to ``transport`` (a TCP connection with no TLS layer)."""
+    return isinstance(transport, tcp.Connection) and not transport.TLS
+
+
+class DirectWriteTransport:
+    """A plain TCP transport whose ``write`` goes straight to the socket when Twisted has nothing queued
+    (``send_now``); everything else is the transport's own. For a client protocol that writes through
+    ``self.transport`` (txredisapi: one ``write`` per Redis command)."""
+
+    def __init__(self, transport: Any) -> None:
+        self._transport = transport
+
+    def write(self, data: bytes) -> None:
+        rest = send_now(self._transport, data)
+        if rest:
+            self._transport.write(rest)
+
+    def writeSequence(self, data: Iterable[bytes]) -> None:
+        self.write(b"".join(data))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class WriteBatcher:
     """Flushes every connection that has batched bytes once, at the end of the current reactor iteration.
 
@@ -100,7 +147,7 @@ class GuardedConnection(ProtocolWrapper):
     and leave together when ``WriteBatcher`` flushes, in the order they were written, as one
     ``transport.write``: a burst of broadcasts costs one pass through Twisted's write path per connection
     instead of one per message. Back-pressure and the send-buffer watch see the same bytes as before, one
-    reactor turn later. A flush that finds Twisted's buffer empty goes straight to the socket (``_send_now``).
+    reactor turn later. A flush that finds Twisted's buffer empty goes straight to the socket (``send_now``).
     """
 
     watch: SendBufferWatch | None = None
@@ -120,7 +167,7 @@ class GuardedConnection(ProtocolWrapper):
         if transport is None:
             return
         self.watch = SendBufferWatch(limit, on_overflow)
-        self._direct = isinstance(transport, tcp.Connection) and not transport.TLS
+        self._direct = is_plain_tcp(transport)
         if self._direct and socket_buffer > 0:
             transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, socket_buffer)
         transport.unregisterProducer()
@@ -161,36 +208,14 @@ class GuardedConnection(ProtocolWrapper):
             return
         watch = self.watch
         if self._direct and watch is not None and not watch.paused:
-            data = self._send_now(transport, data)
+            # Slow consumers are still found: once the kernel stops taking bytes they go to Twisted's buffer,
+            # which pauses the watch, which counts from there on.
+            data = send_now(transport, data)
             if not data:
                 return
         transport.write(data)
         if watch is not None and watch.paused:
             watch.wrote(len(data))
-
-    @staticmethod
-    def _send_now(transport: Any, data: bytes) -> bytes:
-        """Hand ``data`` to the kernel at once when Twisted has nothing queued for this socket; return what the
-        kernel did not take (it then goes through Twisted's buffer, in order, as before).
-
-        Twisted's own ``write`` only queues the bytes and registers the socket with epoll for writing; the send
-        happens in the next poll, and the socket is unregistered again: two ``epoll_ctl`` calls and a pass
-        through the reactor's dispatch for every flush. When a member gets one message per reactor iteration
-        (many small rooms, a fixed low rate) that is most of a delivery's cost. The order of bytes is kept:
-        this path is taken only when Twisted's buffers are empty. Plain TCP only (TLS must go through the TLS
-        layer), and never once the connection is closing. Slow consumers are still found: once the kernel stops
-        taking bytes they go to Twisted's buffer, which pauses the watch, which counts from there on.
-        """
-        if (transport.disconnecting or not transport.connected or transport.dataBuffer
-                or transport._tempDataBuffer):
-            return data
-        try:
-            sent = transport.socket.send(data)
-        except OSError:
-            # EAGAIN (the kernel buffer is full), or the connection broke: Twisted's buffer takes the bytes, and
-            # its next write attempt finds and reports the error the usual way.
-            return data
-        return data[sent:] if sent < len(data) else b""
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.watch = None

@@ -17,6 +17,7 @@ from roomserver.core.history import NewMessage
 from roomserver.core.messages import chat_body
 from roomserver.redislink import RedisLink, RedisURL
 from roomserver.store.redis import PUBLISH_BYTES, RedisStore
+from roomserver.transport import DirectWriteTransport
 
 from .redis_support import REDIS_URL
 from .support import eventually
@@ -40,6 +41,8 @@ class Node:
         await self.broker.start(lambda *message: self.got.append(message), lambda: None, lambda room: None)
         self.broker.subscribe(room)
         await eventually(lambda: self.broker.subscribed, timeout=5)
+        for link in (self.store.link, self.broker.publisher, self.broker.subscriber):
+            assert isinstance(link.protocol.transport, DirectWriteTransport), "commands go straight to the socket"
 
     async def stop(self) -> None:
         await self.broker.stop()

@@ -17,7 +17,7 @@ from twisted.internet import defer, task
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 
-from roomserver.transport import GuardedConnection, SendBufferWatch
+from roomserver.transport import DirectWriteTransport, GuardedConnection, SendBufferWatch
 from roomserver.web import TrackingFactory
 
 from .support import RawClient, WSClient, aio, frame, url_of
@@ -96,7 +96,7 @@ class KernelSocket:
 
 
 class TwistedBuffer:
-    """What ``_send_now`` looks at on a ``tcp.Connection``: Twisted's own buffers, and its write path."""
+    """What ``send_now`` looks at on a ``tcp.Connection``: Twisted's own buffers, and its write path."""
 
     TLS = False
     connected = True
@@ -148,6 +148,20 @@ def test_a_full_or_closing_socket_leaves_the_bytes_to_twisted() -> None:
     transport.disconnecting = True
     connection.write(b"bye")
     assert transport.socket.wire == b"" and transport._tempDataBuffer == [b"bye"]
+
+
+def test_a_redis_command_goes_straight_to_the_socket_in_order_with_twisteds_buffer() -> None:
+    transport = TwistedBuffer(KernelSocket(4))
+    direct = DirectWriteTransport(transport)
+    direct.write(b"PING\r\n")  # the kernel takes 4 bytes, Twisted keeps the rest
+    assert transport.socket.wire == b"PING" and transport._tempDataBuffer == [b"\r\n"]
+    transport.socket.room = 100
+    direct.writeSequence([b"GET ", b"k\r\n"])  # behind the queued bytes, not ahead of them
+    assert transport.socket.wire == b"PING"
+    transport.doWrite()
+    direct.write(b"QUIT\r\n")
+    assert transport.socket.wire == b"PING\r\nGET k\r\nQUIT\r\n"
+    assert direct.connected and direct.socket is transport.socket, "the rest is the transport's own"
 
 
 async def _joined_raw(server: Any, room: str, recv_buffer: int | None = None) -> RawClient:
