@@ -6,6 +6,8 @@ is dropped from the broken entry on, with a warning, never a crash."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest_twisted
@@ -49,6 +51,19 @@ class Node:
         await self.store.close()
 
 
+@contextlib.asynccontextmanager
+async def two_nodes(prefix: str, room: str) -> AsyncIterator[tuple[Node, Node]]:
+    url = f"{REDIS_URL}?prefix={prefix}"
+    a, b = Node(url, "node-a"), Node(url, "node-b")
+    await a.start(room)
+    await b.start(room)
+    try:
+        yield a, b
+    finally:
+        await a.stop()
+        await b.stop()
+
+
 class Pushes(txredisapi.RedisProtocol):
     """Records every message Redis pushes on the channels it subscribed to (bytes: ``charset=None``)."""
 
@@ -66,11 +81,7 @@ class Pushes(txredisapi.RedisProtocol):
 
 @pytest_twisted.ensureDeferred
 async def test_an_append_publishes_its_new_messages_once_in_seq_order_to_every_node(prefix: str) -> None:
-    url = f"{REDIS_URL}?prefix={prefix}"
-    a, b = Node(url, "node-a"), Node(url, "node-b")
-    await a.start("r")
-    await b.start("r")
-    try:
+    async with two_nodes(prefix, "r") as (a, b):
         [first] = await a.store.append("r", [msg("one", "id-1")])
         batch = await a.store.append("r", [msg("one", "id-1"), msg("two", "id-2"), msg("three")])
         assert [(r.seq, r.duplicate) for r in batch] == [(1, True), (2, False), (3, False)]
@@ -82,9 +93,6 @@ async def test_an_append_publishes_its_new_messages_once_in_seq_order_to_every_n
         assert a.got == b.got, "the appending node reads its own messages from the channel too"
         assert b.broker.health()["received"] == 3 and a.broker.health()["received"] == 0
         assert a.broker.health()["published"] == 3 and a.broker.health()["fused"] is True
-    finally:
-        await a.stop()
-        await b.stop()
 
 
 @pytest_twisted.ensureDeferred
@@ -135,16 +143,9 @@ def test_a_malformed_batch_delivers_what_came_before_the_break_and_nothing_after
 
 @pytest_twisted.ensureDeferred
 async def test_fused_appends_and_publishes_from_two_nodes_interleave_in_seq_order(prefix: str) -> None:
-    url = f"{REDIS_URL}?prefix={prefix}"
-    a, b = Node(url, "node-a"), Node(url, "node-b")
-    await a.start("r")
-    await b.start("r")
-    try:
+    async with two_nodes(prefix, "r") as (a, b):
         await defer.gatherResults([
             (a if i % 2 else b).store.append("r", [msg(f"m{i}")]) for i in range(60)])
         for node in (a, b):
             await eventually(lambda node=node: len(node.got) == 60, timeout=5)  # type: ignore[misc]
             assert [seq for _, seq, _ in node.got] == list(range(1, 61)), "the channel is in seq order"
-    finally:
-        await a.stop()
-        await b.stop()
