@@ -178,9 +178,11 @@ class Relay:
             self.broker.publish(name, seq, payload).addErrback(self._publish_failed, name)
         sequence = self.sequences.get(name)
         if sequence is not None:
-            # Fused, the channel brings this message again after every earlier seq: a chat of another node that
-            # this answer overtook is on its way there, not lost.
-            self._apply(name, sequence, sequence.offer(seq, payload, fetch=not self.fused))
+            # Fused and subscribed, the channel brings this message again after every earlier seq: a chat of
+            # another node that this answer overtook is on its way there, not lost. Without a subscription (the
+            # subscriber connection is down) nothing is on its way: a gap is read from the store at once.
+            waits = self.fused and bool(getattr(self.broker, "subscribed", False))
+            self._apply(name, sequence, sequence.offer(seq, payload, fetch=not waits))
 
     def _publish_failed(self, failure: Failure, name: str) -> None:
         self.publish_failures += 1

@@ -133,7 +133,7 @@ class Broker(Protocol):
     Optionally, ``fuse(store) -> bool``: the broker may have the store publish what it appends, in the same
     step (the Redis broker does with the Redis store on the same server: one round trip, and the channel in seq
     order). When it returns True the hub calls ``publish`` no more, and offers its own chats to a room's sequence
-    as "will come again in order" (``RoomSequence.offer(..., fetch=False)``).
+    as "will come again in order" while subscribed (``RoomSequence.offer(..., fetch=False)``).
     """
 
     name: str
