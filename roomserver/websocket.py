@@ -21,6 +21,7 @@ from . import autobahn_debug
 from .closing import GracefulCloseMixin
 from .compression import compression_hook
 from .core.ratelimit import FloodGuard
+from .inframe import single_frame
 from .options import ServerOptions
 from .transport import GuardedConnection
 
@@ -29,6 +30,18 @@ if TYPE_CHECKING:
     from .server import WebSocketServer
 
 autobahn_debug.install()
+
+STATE_OPEN = WebSocketProtocol.STATE_OPEN
+
+
+def _valid_utf8(payload: bytes) -> bool:
+    """RFC 3629 UTF-8, as WebSocket text requires (Python's strict decoder rejects overlongs and surrogates)."""
+    try:
+        payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
 
 # Codes the peer-facing ``sendClose`` refuses (it only takes 1000 and 3000-4999) but a server must send.
 _PROTOCOL_LEVEL_CODES = frozenset({1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014})
@@ -88,6 +101,31 @@ class RoomServerProtocol(GracefulCloseMixin, WebSocketServerProtocol):  # type: 
     def onOpen(self) -> None:
         """Called from Autobahn once the opening handshake succeeded."""
         self.factory.hub.on_open(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        """Called from Twisted with every read. The common read, one whole chat-sized frame (``inframe``), is
+        handed to ``onMessage`` here, with the bookkeeping Autobahn would do for it (traffic counters, the
+        auto-ping restart, UTF-8 validation); any other read, or any state in which Autobahn's frame machine
+        holds something (a partial frame, a fragmented message, compression, frame logging, protocol-level
+        listeners), goes to Autobahn unchanged."""
+        if (self.state == STATE_OPEN and not self.data and self.current_frame is None and not self.inside_message
+                and self._perMessageCompress is None and self.applyMask and not self.logFrames
+                and not self.logOctets and not self.trackedTimings and not self._listeners):
+            frame = single_frame(data, self.factory.inframe_max_payload)
+            if frame is not None:
+                is_binary, payload = frame
+                if is_binary or not self.utf8validateIncoming or _valid_utf8(payload):
+                    stats = self.trafficStats
+                    stats.incomingOctetsWireLevel += len(data)
+                    stats.incomingOctetsWebSocketLevel += len(payload)
+                    stats.incomingOctetsAppLevel += len(payload)
+                    stats.incomingWebSocketFrames += 1
+                    stats.incomingWebSocketMessages += 1
+                    if self.autoPingTimeoutCall and self.autoPingRestartOnAnyTraffic:
+                        self._cancelAutoPingTimeoutCall()
+                    self.onMessage(payload, is_binary)
+                    return
+        super().dataReceived(data)
 
     def onMessageBegin(self, isBinary: bool) -> None:
         """Called from Autobahn when a message starts; counts its frames from here."""
@@ -151,6 +189,9 @@ class RoomServerFactory(WebSocketServerFactory):  # type: ignore[misc]
         is left open so the two never disagree.
         """
         self.max_fragments = options.max_fragments
+        limits = [limit for limit in (options.effective_max_frame_size, options.max_message_size) if limit > 0]
+        self.inframe_max_payload = min(limits) if limits else 0
+        """What ``RoomServerProtocol.dataReceived`` reads itself at most: beyond it Autobahn reads (and refuses)."""
         self.setProtocolOptions(
             webStatus=False,
             utf8validateIncoming=True,
