@@ -4,13 +4,22 @@ tests/test_conformance.py and the Autobahn TestSuite run (tests/test_compliance.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
+from typing import Any
 
+import pytest
+import pytest_twisted
 from autobahn.websocket.xormasker import create_xor_masker  # type: ignore[attr-defined]
 from hypothesis import given
 from hypothesis import strategies as st
 
+from roomserver import websocket
 from roomserver.inframe import INT_UNMASK_MAX, single_frame, unmask
+
+from .support import RawClient, aio
+from .support import frame as support_frame
 
 MASK = b"\x11\x22\x33\x44"
 
@@ -62,3 +71,54 @@ def test_everything_but_the_common_frame_is_left_to_autobahn() -> None:
         assert single_frame(data, 0) is None, why
     assert single_frame(frame(b"x" * 300), 299) is None, "beyond the limit: Autobahn refuses it (1009)"
     assert single_frame(frame(b"x" * 300), 300) == (False, b"x" * 300)
+
+
+@pytest_twisted.ensureDeferred
+async def test_whole_split_and_batched_frames_all_reach_the_room_in_order(
+        make_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same server reads a whole frame itself, and leaves a frame split over two reads, two frames in one
+    read, a fragmented message and a ping to Autobahn: every chat arrives once, in the order sent."""
+    read_here: list[bytes] = []
+
+    def counting(data: bytes, max_payload: int) -> tuple[bool, bytes] | None:
+        found = single_frame(data, max_payload)
+        if found is not None:
+            read_here.append(found[1])
+        return found
+
+    monkeypatch.setattr(websocket, "single_frame", counting)
+    server = await make_server(room_protocol=True)
+    raw = await RawClient.connect(server)
+    await raw.read_frame()  # welcome
+    raw.send(support_frame(0x1, json.dumps({"type": "join", "room": "mix"}).encode()))
+    assert json.loads((await raw.read_frame())[1])["type"] == "joined"
+
+    def chat(text: str) -> bytes:
+        return support_frame(0x1, json.dumps({"type": "chat", "room": "mix", "text": text}).encode())
+
+    raw.send(chat("whole"))
+    await aio(asyncio.sleep(0.05))  # its own read
+    split = chat("split")
+    raw.send(split[:5])
+    await aio(asyncio.sleep(0.05))
+    raw.send(split[5:])
+    raw.send(chat("first of two") + chat("second of two"))
+    body = json.dumps({"type": "chat", "room": "mix", "text": "fragmented"}).encode()
+    raw.send(support_frame(0x1, body[:10], fin=False) + support_frame(0x9, b"ping")
+             + support_frame(0x0, body[10:]))
+    raw.send(chat("é ünïcode"))
+    texts: list[str] = []
+    pongs = 0
+    while len(texts) < 6:
+        opcode, payload = await raw.read_frame()
+        if opcode == 0xA:
+            pongs += 1
+            continue
+        event = json.loads(payload)
+        if event["type"] == "chat":
+            texts.append(event["text"])
+    assert texts == ["whole", "split", "first of two", "second of two", "fragmented", "é ünïcode"]
+    assert pongs == 1
+    assert any(b'"whole"' in payload for payload in read_here), "the whole frame took the fast path"
+    assert not any(b"split" in payload or b"of two" in payload for payload in read_here)
+    assert server.get_stats().messages_received >= 7
