@@ -110,7 +110,7 @@ class RoomServerProtocol(GracefulCloseMixin, WebSocketServerProtocol):  # type: 
         listeners), goes to Autobahn unchanged."""
         if (self.state == STATE_OPEN and not self.data and self.current_frame is None and not self.inside_message
                 and self._perMessageCompress is None and self.applyMask and not self.logFrames
-                and not self.logOctets and not self.trackedTimings and not self._listeners):
+                and not self.logOctets and not self.trackedTimings and not self._listeners and not self.failedByMe):
             frame = single_frame(data, self.factory.inframe_max_payload)
             if frame is not None:
                 is_binary, payload = frame
