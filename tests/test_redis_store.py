@@ -7,12 +7,15 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+import txredisapi
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet import defer, reactor, task
 
 from roomserver.core.history import NewMessage
 from roomserver.core.messages import chat_body
 from roomserver.interfaces import StoreError
-from roomserver.redislink import RedisLink, RedisURL
+from roomserver.redislink import LinkProtocol, RedisLink, RedisURL
 from roomserver.store.redis import RedisStore
 
 from .redis_support import REDIS_URL, RedisServer, free_port, scan
@@ -113,3 +116,10 @@ async def test_scripts_flushed_from_redis_are_loaded_again_on_the_fly(tmp_path: 
         await admin.stop()
         await store.close()
         server.stop()
+
+
+@given(st.lists(st.one_of(st.binary(max_size=300), st.text(max_size=50), st.integers(), st.floats(allow_nan=False),
+                          st.binary(max_size=20).map(bytearray)), min_size=1, max_size=20))
+def test_the_link_encodes_commands_byte_for_byte_as_txredisapi(args: list[Any]) -> None:
+    assert LinkProtocol(charset=None)._build_command(*args) == \
+        txredisapi.RedisProtocol(charset=None)._build_command(*args)

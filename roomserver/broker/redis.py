@@ -35,12 +35,11 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
-import txredisapi
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from ..interfaces import BrokerError
-from ..redislink import RedisLink, RedisUnavailable, RedisURL
+from ..redislink import LinkProtocol, RedisLink, RedisUnavailable, RedisURL
 
 HEARTBEAT_INTERVAL = 2.0
 NODE_TTL = 3 * HEARTBEAT_INTERVAL
@@ -63,7 +62,7 @@ START_TIMEOUT = 5.0
 SUBSCRIBE_CHUNK = 500
 
 
-class _Subscriber(txredisapi.RedisProtocol):
+class _Subscriber(LinkProtocol):
     """A txredisapi protocol in subscribed mode: pushes (messages, confirmations, pongs) go to the broker."""
 
     broker: RedisBroker
