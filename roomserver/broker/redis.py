@@ -339,15 +339,16 @@ class RedisBroker:
         head = self.prefix + b"c:"
         if not channel.startswith(head) or self._on_message is None:
             return
+        room = channel[len(head):].decode("utf-8", "surrogateescape")
         seq_text, _, rest = data.partition(b" ")
         sender, _, payload = rest.partition(b" ")
         if seq_text == b"p":  # a cluster presence event: every node forwards it to its local subscribers once
-            room = channel[len(head):].decode("utf-8", "surrogateescape")
             if room in self.rooms and self.on_presence is not None:
                 self.on_presence(room, sender, payload)
             return
         if seq_text == b"m":
-            self._batch(channel[len(head):], sender, payload)
+            if room in self.rooms:
+                self._batch(room, sender, payload, self._on_message)
             return
         if sender == self._node:
             return  # our own message: already delivered locally
@@ -356,17 +357,13 @@ class RedisBroker:
         except ValueError:
             self.log.warn("redis broker: ignoring a malformed message on {channel!r}", channel=channel)
             return
-        room = channel[len(head):].decode("utf-8", "surrogateescape")
         if room not in self.rooms:
             return  # an unsubscription in flight
         self.received += 1
         self._on_message(room, seq, payload)
 
-    def _batch(self, room_name: bytes, sender: bytes, entries: bytes) -> None:
+    def _batch(self, room: str, sender: bytes, entries: bytes, deliver: Callable[[str, int, bytes], None]) -> None:
         """A fused append's batch (``<seq>:<length>:<payload>`` repeated), this node's own included."""
-        room = room_name.decode("utf-8", "surrogateescape")
-        if room not in self.rooms or self._on_message is None:
-            return
         own = sender == self._node
         position, end = 0, len(entries)
         try:
@@ -381,7 +378,7 @@ class RedisBroker:
                 position = stop
                 if not own:
                     self.received += 1
-                self._on_message(room, seq, entries[start:stop])
+                deliver(room, seq, entries[start:stop])
         except ValueError:
             self.log.warn("redis broker: ignoring the malformed end of a batch on room {room!r}", room=room)
 
