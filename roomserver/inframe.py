@@ -1,14 +1,15 @@
-"""The common incoming frame, read without Autobahn's general frame machine: one complete, masked, unfragmented
-text or binary frame that is the whole of one read.
+"""The common incoming frame, read without Autobahn's general frame machine: a complete, masked, unfragmented
+text or binary frame, of which a read holds one or several.
 
 That is what a chat client sends: one frame per message, one message per write, so the kernel hands the server
-one frame per read. Autobahn's receive path handles every case (partial frames, several frames per read,
-fragments, control frames, compression) with a per-frame state machine in Python: a ``FrameHeader``, a CFFI
-XOR masker created per frame, begin/data/end callbacks, a list joined into the message, a debug line formatted
-on every read. For the common frame that is about a third of a chat's own CPU (docs/performance.md). This module
-only *recognises* the common frame and unmasks it; anything else (and anything doubtful: a non-minimal length,
-an empty payload, a length beyond the limits) returns None and goes through Autobahn unchanged, which also
-keeps every error path (close codes 1002, 1007, 1009) Autobahn's.
+one frame per read, or several whole ones when the client sends faster than the server reads. Autobahn's
+receive path handles every case (partial frames, fragments, control frames, compression) with a per-frame state
+machine in Python: a ``FrameHeader``, a CFFI XOR masker created per frame, begin/data/end callbacks, a list
+joined into the message, a debug line formatted on every read. For the common frame that is about a third of a
+chat's own CPU (docs/performance.md). This module only *recognises* the common frame and unmasks it; anything
+else (a partial frame, a control frame, a fragment, and anything doubtful: a non-minimal length, an empty
+payload, a length beyond the limits) returns None, and the rest of the read goes through Autobahn unchanged,
+which also keeps every error path (close codes 1002, 1007, 1009) Autobahn's.
 """
 
 from __future__ import annotations
@@ -32,26 +33,27 @@ def unmask(payload: bytes, mask: bytes) -> bytes:
     return (int.from_bytes(payload, "little") ^ int.from_bytes(key, "little")).to_bytes(size, "little")
 
 
-def single_frame(data: bytes, max_payload: int) -> tuple[bool, bytes] | None:
-    """``(is_binary, unmasked payload)`` if ``data`` is exactly one complete, masked, final text or binary frame
-    with no RSV bits, a minimally encoded length of 1 to 65535 bytes and at most ``max_payload`` bytes (0: no
-    limit); otherwise None (let Autobahn read it)."""
+def whole_frame(data: bytes, start: int, max_payload: int) -> tuple[bool, bytes, int] | None:
+    """``(is_binary, unmasked payload, end)`` if ``data`` holds, from offset ``start``, one complete, masked,
+    final text or binary frame with no RSV bits and a minimally encoded length of 1 to 65535 bytes, at most
+    ``max_payload`` (0: no limit), ending at offset ``end``; otherwise None (let Autobahn read from there)."""
     size = len(data)
-    if size < 7:
+    if size - start < 7:
         return None
-    first, second = data[0], data[1]
+    first, second = data[start], data[start + 1]
     if (first != FIN_TEXT and first != FIN_BINARY) or not second & 0x80:
         return None
     length = second & 0x7F
     if length < 126:
-        header = 6
-    elif length == 126 and size >= 8:
-        length = (data[2] << 8) | data[3]
+        mask_at = start + 2
+    elif length == 126 and size - start >= 8:
+        length = (data[start + 2] << 8) | data[start + 3]
         if length < 126:
             return None  # not minimal: Autobahn fails the connection for it
-        header = 8
+        mask_at = start + 4
     else:
         return None
-    if length == 0 or header + length != size or 0 < max_payload < length:
+    end = mask_at + 4 + length
+    if length == 0 or end > size or 0 < max_payload < length:
         return None
-    return first == FIN_BINARY, unmask(data[header:], data[header - 4:header])
+    return first == FIN_BINARY, unmask(data[mask_at + 4:end], data[mask_at:mask_at + 4]), end

@@ -21,7 +21,7 @@ from . import autobahn_debug
 from .closing import GracefulCloseMixin
 from .compression import compression_hook
 from .core.ratelimit import FloodGuard
-from .inframe import single_frame
+from .inframe import whole_frame
 from .options import ServerOptions
 from .transport import GuardedConnection
 
@@ -103,29 +103,37 @@ class RoomServerProtocol(GracefulCloseMixin, WebSocketServerProtocol):  # type: 
         self.factory.hub.on_open(self)
 
     def dataReceived(self, data: bytes) -> None:
-        """Called from Twisted with every read. The common read, one whole chat-sized frame (``inframe``), is
-        handed to ``onMessage`` here, with the bookkeeping Autobahn would do for it (traffic counters, the
-        auto-ping restart, UTF-8 validation); any other read, or any state in which Autobahn's frame machine
-        holds something (a partial frame, a fragmented message, compression, frame logging, protocol-level
-        listeners), goes to Autobahn unchanged."""
-        if (self.state == STATE_OPEN and not self.data and self.current_frame is None and not self.inside_message
-                and self._perMessageCompress is None and self.applyMask and not self.logFrames
-                and not self.logOctets and not self.trackedTimings and not self._listeners and not self.failedByMe):
-            frame = single_frame(data, self.factory.inframe_max_payload)
-            if frame is not None:
-                is_binary, payload = frame
-                if is_binary or not self.utf8validateIncoming or _valid_utf8(payload):
-                    stats = self.trafficStats
-                    stats.incomingOctetsWireLevel += len(data)
-                    stats.incomingOctetsWebSocketLevel += len(payload)
-                    stats.incomingOctetsAppLevel += len(payload)
-                    stats.incomingWebSocketFrames += 1
-                    stats.incomingWebSocketMessages += 1
-                    if self.autoPingTimeoutCall and self.autoPingRestartOnAnyTraffic:
-                        self._cancelAutoPingTimeoutCall()
-                    self.onMessage(payload, is_binary)
-                    return
-        super().dataReceived(data)
+        """Called from Twisted with every read. The common frames, whole chat-sized ones (``inframe``), are handed
+        to ``onMessage`` here, one after another, with the bookkeeping Autobahn would do for each (traffic
+        counters, the auto-ping restart, UTF-8 validation). From the first byte that is not such a frame (a
+        partial frame, a control frame, invalid UTF-8), the rest of the read goes to Autobahn, as it does in any
+        state in which Autobahn's frame machine holds something (a partial frame, a fragmented message,
+        compression, frame logging, protocol-level listeners) or the connection is no longer open: the state is
+        checked again after every message, since handling one can close the connection."""
+        start = 0
+        max_payload = self.factory.inframe_max_payload
+        while (self.state == STATE_OPEN and not self.data and self.current_frame is None and not self.inside_message
+               and self._perMessageCompress is None and self.applyMask and not self.logFrames
+               and not self.logOctets and not self.trackedTimings and not self._listeners and not self.failedByMe):
+            frame = whole_frame(data, start, max_payload)
+            if frame is None:
+                break
+            is_binary, payload, end = frame
+            if not is_binary and self.utf8validateIncoming and not _valid_utf8(payload):
+                break  # Autobahn fails the connection with 1007
+            stats = self.trafficStats
+            stats.incomingOctetsWireLevel += end - start
+            stats.incomingOctetsWebSocketLevel += len(payload)
+            stats.incomingOctetsAppLevel += len(payload)
+            stats.incomingWebSocketFrames += 1
+            stats.incomingWebSocketMessages += 1
+            if self.autoPingTimeoutCall and self.autoPingRestartOnAnyTraffic:
+                self._cancelAutoPingTimeoutCall()
+            start = end
+            self.onMessage(payload, is_binary)
+            if start == len(data):
+                return
+        super().dataReceived(data[start:] if start else data)
 
     def onMessageBegin(self, isBinary: bool) -> None:
         """Called from Autobahn when a message starts; counts its frames from here."""
