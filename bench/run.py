@@ -113,6 +113,11 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("latency", "100 members, 200 messages/s for 5 s",
                  {"scenario": "rate", "members": 100, "rate": 200, "duration": 5},
                  ("p50_ms", "p99_ms", "cpu_us_per_delivery"), ("members",)),
+        # One member, the sender itself: a delivery per chat, so the figure is the per-chat work (read, parse,
+        # seq, store, ack, one send) and the reactor wake-up each chat costs at a steady, modest rate.
+        Scenario("chat1", "1 member, 1,000 messages/s for 5 s (the per-chat work)",
+                 {"scenario": "rate", "members": 1, "rate": 1000, "duration": 5},
+                 ("cpu_us_per_delivery", "sys_us_per_delivery", "p50_ms", "p99_ms")),
         Scenario("connect", "2,000 connections, 64 at a time",
                  {"scenario": "connect", "connections": 2000, "concurrency": 64},
                  ("connections_per_s", "cpu_us_per_connection"), ("connections",)),
