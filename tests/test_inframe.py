@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 from typing import Any
 
 import pytest
@@ -187,3 +188,59 @@ async def test_a_flood_in_one_read_is_cut_off_where_the_rate_limit_closes(make_s
     # Two chats within the burst, three refused (the flood allowance, also a burst of 3), then the close.
     assert kinds == ["chat 0", "chat 1", "rate_limited", "rate_limited", "rate_limited"]
     assert server.get_stats().messages_received == 1 + 6
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_frame_stream_cut_into_reads_anywhere_delivers_every_chat_once_in_order(
+        make_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seeded fuzz of the two receive paths together: rounds of whole chats (short, 16-bit lengths), fragmented
+    chats and pings, each round's bytes cut at random points into separate writes, so reads start and end
+    anywhere (mid-header, mid-mask, mid-payload, between frames). Every chat arrives once, in the order sent,
+    every ping is answered, and both the fast path and Autobahn's read some of the chats."""
+    read_here: list[bytes] = []
+
+    def counting(data: bytes, start: int, max_payload: int) -> tuple[bool, bytes, int] | None:
+        found = whole_frame(data, start, max_payload)
+        if found is not None:
+            read_here.append(found[1])
+        return found
+
+    monkeypatch.setattr(websocket, "whole_frame", counting)
+    server = await make_server(room_protocol=True, rate_limit=0)
+    raw = await joined(server, "fuzz")
+    rng = random.Random(8)
+    sent: list[str] = []
+    pings = 0
+    for round_number in range(40):
+        stream = b""
+        for _ in range(rng.randint(1, 8)):
+            kind = rng.random()
+            text = f"{round_number}-{len(sent)}-" + "x" * rng.choice([0, 10, 90, 200, 1000])
+            body = json.dumps({"type": "chat", "room": "fuzz", "text": text}).encode()
+            if kind < 0.15:
+                stream += support_frame(0x9, b"p")
+                pings += 1
+                continue
+            if kind < 0.3:
+                cut = rng.randint(1, len(body) - 1)
+                stream += support_frame(0x1, body[:cut], fin=False) + support_frame(0x0, body[cut:])
+            else:
+                stream += support_frame(0x1, body)
+            sent.append(text)
+        cuts = sorted(rng.sample(range(1, len(stream)), k=min(len(stream) - 1, rng.randint(0, 3))))
+        for begin, end in zip([0, *cuts], [*cuts, len(stream)], strict=True):
+            raw.send(stream[begin:end])
+            await aio(raw.writer.drain())
+            await aio(asyncio.sleep(0.002))  # most pieces become reads of their own
+    texts: list[str] = []
+    pongs = 0
+    while len(texts) < len(sent) or pongs < pings:
+        opcode, payload = await raw.read_frame()
+        if opcode == 0xA:
+            pongs += 1
+        elif json.loads(payload)["type"] == "chat":
+            texts.append(json.loads(payload)["text"])
+    assert texts == sent
+    assert pongs == pings
+    fast = sum(1 for payload in read_here if b'"chat"' in payload)
+    assert 0 < fast < len(sent), "both paths read chats"
