@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,6 +129,7 @@ SCENARIOS: dict[str, Scenario] = {
     )
 }
 
+GC_FIGURES = ("gc_full_collections", "gc_full_pause_max_ms", "gc_pause_total_ms")
 # Lower is better for these; higher for the rest (rates).
 LOWER_IS_BETTER = {"cpu_us_per_delivery", "sys_us_per_delivery", "cpu_us_per_connection", "p50_ms", "p99_ms",
                    "idle_kib_per_connection"}
@@ -225,6 +227,32 @@ def run_scenario(server: ServerProcess, config: dict[str, Any], timeout: float) 
     return result
 
 
+def collector_pauses(server: ServerProcess) -> dict[str, float]:
+    """The garbage collector's pauses over a roomserver's life (connection set-up included), read from its
+    /metrics; empty for the peers, which have none. Reported beside the figures, not compared between servers."""
+    if server.name != "roomserver" and server.name not in BASELINES:
+        return {}
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+    except OSError:
+        return {}
+    samples = {}
+    for line in text.splitlines():
+        if line.startswith("roomserver_gc_pause_"):
+            key, _, value = line.rpartition(" ")
+            samples[key] = float(value)
+    if not samples:
+        return {}  # a checkout from before the pauses were measured
+    full = '{generation="2"}'
+    return {
+        "gc_full_collections": samples.get(f"roomserver_gc_pause_seconds_count{full}", 0.0),
+        "gc_full_pause_max_ms": 1000 * samples.get(f"roomserver_gc_pause_max_seconds{full}", 0.0),
+        "gc_pause_total_ms": 1000 * sum(value for key, value in samples.items()
+                                        if key.startswith("roomserver_gc_pause_seconds_sum")),
+    }
+
+
 def run(servers: Sequence[str], scenarios: Sequence[str], runs: int, scale: float, log_dir: Path,
         progress: Callable[[str], None] = print,
         start: Callable[[str, Path], ServerProcess] = ServerProcess,
@@ -244,6 +272,7 @@ def run(servers: Sequence[str], scenarios: Sequence[str], runs: int, scale: floa
                 try:
                     server.wait_ready()
                     result = measure(server, scenario.at_scale(scale), 600)
+                    result.update(collector_pauses(server))
                 except Exception as exc:  # a failing peer must not hide the others' figures
                     results.failures.append(f"run {run_index + 1} {scenario_name} {server_name}: {exc}")
                     progress(f"  FAILED {scenario_name} {server_name}: {exc}")
@@ -256,6 +285,7 @@ def run(servers: Sequence[str], scenarios: Sequence[str], runs: int, scale: floa
                     f"run {run_index + 1}/{runs} {scenario_name:<10} {server_name:<22} "
                     + " ".join(f"{m}={_fmt(result.get(m))}" for m in scenario.metrics)
                     + f" loadgen_cpu={_fmt(result.get('loadgen_cpu_pct'))}%"
+                    + "".join(f" {key}={_fmt(result[key])}" for key in GC_FIGURES if key in result)
                     + (f" ERRORS={errors} {result.get('first_error', '')}" if errors else "")
                 )
     return results

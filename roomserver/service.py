@@ -3,6 +3,9 @@
 twistd starts it with the reactor and, on SIGTERM, calls ``stopService`` and waits for the Deferred it returns,
 which is what drains the clients (reconnect hint, 1001, in batches) before the process exits.
 
+With ``freeze_heap`` (what ``twistd roomserver`` sets, since the process is the server's own), everything alive
+once the server listens is exempted from the garbage collector's scans (``roomserver.heap``).
+
 A start that fails (the store cannot be opened, the port is taken) logs one critical line and stops the
 reactor. twistd itself has no way to exit with a status other than 0 after its reactor stopped, so with
 ``exit_status_on_failure`` (what ``twistd roomserver`` sets) the process ends with status 1 once twistd has
@@ -29,10 +32,12 @@ class RoomServerService(service.Service):
 
     name = "roomserver"
 
-    def __init__(self, server: WebSocketServer, exit_status_on_failure: int | None = None) -> None:
+    def __init__(self, server: WebSocketServer, exit_status_on_failure: int | None = None,
+                 freeze_heap: bool = False) -> None:
         self.server = server
         self.on_listening: Callable[[], None] | None = None
         self.exit_status_on_failure = exit_status_on_failure
+        self.freeze_heap = freeze_heap
         self.failed = False
 
     def startService(self) -> None:
@@ -41,6 +46,12 @@ class RoomServerService(service.Service):
         self._started.addCallbacks(self._listening, self._failed_to_start)
 
     def _listening(self, server: WebSocketServer) -> None:
+        if self.freeze_heap:
+            from twisted.logger import Logger
+
+            from .heap import freeze_startup_heap
+
+            Logger().info("froze {count} objects of the start-up heap (gc.freeze)", count=freeze_startup_heap())
         if self.on_listening is not None:
             self.on_listening()
 

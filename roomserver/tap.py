@@ -237,7 +237,8 @@ def makeService(config: Options) -> service.MultiService:
         server = WebSocketServer(config.server_options())
     except ValueError as exc:
         raise usage.UsageError(str(exc)) from exc
-    serving = RoomServerService(server, exit_status_on_failure=1)  # twistd exits 1 when the start fails
+    # twistd exits 1 when the start fails; the process is the server's own, so its start-up heap is frozen.
+    serving = RoomServerService(server, exit_status_on_failure=1, freeze_heap=True)
     serving.setServiceParent(root)
     if config["workers"] > 1:
         import sys

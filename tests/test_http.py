@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 from pathlib import Path
 from typing import Any
@@ -125,6 +126,26 @@ async def test_two_servers_in_one_process_keep_their_own_metrics(make_server: An
     await chat_traffic(first, clients=1, chats=2)
     assert metric((await http(first, "GET", "/metrics")).text, "roomserver_messages_received_total") == 3
     assert metric((await http(second, "GET", "/metrics")).text, "roomserver_messages_received_total") == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics_time_the_garbage_collectors_pauses_while_the_server_runs(make_server: Any) -> None:
+    """Every collection is timed per generation from start to stop; an embedded server freezes nothing (only
+    ``twistd roomserver``, whose process is its own, does: tests/test_tap_web.py)."""
+    server = await make_server(room_protocol=True)
+    before = metric((await http(server, "GET", "/metrics")).text, "roomserver_gc_pause_seconds_count",
+                    'generation="2"')
+    gc.collect()
+    gc.collect(0)
+    text = (await http(server, "GET", "/metrics")).text
+    assert metric(text, "roomserver_gc_pause_seconds_count", 'generation="2"') >= before + 1
+    assert metric(text, "roomserver_gc_pause_seconds_count", 'generation="0"') >= 1
+    assert metric(text, "roomserver_gc_pause_max_seconds", 'generation="2"') > 0
+    assert metric(text, "roomserver_gc_frozen_objects") == gc.get_freeze_count() == 0
+    callback = server.http.metrics.gc_pauses._callback
+    assert callback in gc.callbacks
+    await server.stop()
+    assert callback not in gc.callbacks, "a stopped server stops timing (gc.callbacks is process-wide)"
 
 
 # -- /healthz ------------------------------------------------------------------------------------------------

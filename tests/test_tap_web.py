@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import urllib.request
 from pathlib import Path
@@ -80,3 +81,29 @@ def test_twistd_json_logs_one_line_per_event_and_no_token(tmp_path: Path) -> Non
     closed = next(line for line in lines if line.get("event") == "connection_closed")
     assert closed["code"] == 1000 and isinstance(closed["duration"], float)
     assert TOKEN not in output
+
+
+def test_twistd_freezes_its_startup_heap_and_reports_collector_pauses(tmp_path: Path) -> None:
+    """``twistd roomserver`` exempts its start-up heap from the garbage collector once it listens (the process
+    is the server's own), and /metrics shows that and the collection it made first, as a generation-2 pause."""
+    from .support import metric
+
+    port = free_port()
+    process = twistd(tmp_path, "--port", f"tcp:{port}:interface=127.0.0.1")
+    try:
+        wait_for_port(port, process)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(15) in (0, -signal.SIGTERM)
+    finally:
+        output = reap(process)
+    frozen = metric(text, "roomserver_gc_frozen_objects")
+    assert frozen > 10_000, "modules, classes and functions are frozen"
+    logged = re.search(r"froze (\d+) objects of the start-up heap", output)
+    assert logged, output
+    # Frozen objects are still freed by reference counting when they die: the count can only have shrunk a little.
+    assert 0.99 * int(logged.group(1)) <= frozen <= int(logged.group(1))
+    assert metric(text, "roomserver_gc_pause_seconds_count", 'generation="2"') >= 1
+    assert metric(text, "roomserver_gc_pause_max_seconds", 'generation="2"') > 0
+    assert metric(text, "python_gc_collections_total", 'generation="2"') >= 1

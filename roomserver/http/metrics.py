@@ -5,19 +5,23 @@ servers in one process, as in the tests, never mix their numbers. Totals that th
 (connections, rooms, messages, bytes, drops, error replies) are read from ``server.get_stats()`` at scrape time
 by a custom collector: nothing is counted twice and the broadcast path pays nothing for them. What the hub does
 not count is fed by the observer hooks: failed handshakes by reason, opened and closed connections, and the
-broadcast latency histogram (one observation per broadcast, not per recipient).
+broadcast latency histogram (one observation per broadcast, not per recipient). The cyclic garbage collector's
+pauses (``roomserver.heap``) are timed while the server runs: a full collection stops the reactor, and this is
+where an operator sees it.
 """
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
+from prometheus_client import CollectorRegistry, Counter, GCCollector, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from twisted.web.resource import Resource
 
+from ..heap import GENERATIONS, GCPauses
 from ..observe import ServerObserver, handshake_failure_reason
 
 if TYPE_CHECKING:
@@ -28,6 +32,8 @@ if TYPE_CHECKING:
 
 # From 10 microseconds (a small room) to 1 second (something is very wrong).
 LATENCY_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 1.0)
+# A young-generation collection takes tens of microseconds; a full one over a large heap, hundreds of milliseconds.
+GC_PAUSE_BUCKETS = (1e-4, 5e-4, 1e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 class StatsCollector:
@@ -79,8 +85,25 @@ class StatsCollector:
                                       "node could deliver them", value=cluster["skipped"])
 
 
+class HeapCollector:
+    """The longest collector pause per generation and how many objects start-up froze, at each scrape."""
+
+    def __init__(self, pauses: GCPauses) -> None:
+        self._pauses = pauses
+
+    def collect(self) -> Iterator[Metric]:
+        longest = GaugeMetricFamily("roomserver_gc_pause_max_seconds", "Longest pause of the cyclic garbage "
+                                    "collector since the server started, by generation", labels=["generation"])
+        for generation in range(GENERATIONS):
+            longest.add_metric([str(generation)], self._pauses.longest[generation])
+        yield longest
+        yield GaugeMetricFamily("roomserver_gc_frozen_objects", "Objects exempted from collection at start-up "
+                                "(gc.freeze; twistd only)", value=gc.get_freeze_count())
+
+
 class MetricsObserver(ServerObserver):
-    """Counts what the hub does not: handshakes that failed, connections opened/closed, broadcast latency."""
+    """Counts what the hub does not: handshakes that failed, connections opened/closed, broadcast latency,
+    the garbage collector's pauses."""
 
     def __init__(self, server: WebSocketServer) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -99,6 +122,20 @@ class MetricsObserver(ServerObserver):
             buckets=LATENCY_BUCKETS, registry=self.registry,
         )
         self._observe_latency = self.broadcast_latency.observe
+        GCCollector(registry=self.registry)
+        gc_pause = Histogram(
+            "roomserver_gc_pause_seconds", "Pauses of the cyclic garbage collector (the reactor stands still), by "
+            "generation", ["generation"], buckets=GC_PAUSE_BUCKETS, registry=self.registry,
+        )
+        by_generation = [gc_pause.labels(str(generation)) for generation in range(GENERATIONS)]
+        self.gc_pauses = GCPauses(lambda generation, seconds: by_generation[generation].observe(seconds))
+        self.registry.register(HeapCollector(self.gc_pauses))  # type: ignore[arg-type]
+
+    def started(self, server: WebSocketServer) -> None:
+        self.gc_pauses.install()
+
+    def stopping(self, server: WebSocketServer) -> None:
+        self.gc_pauses.remove()
 
     def connection_opened(self, client: Client) -> None:
         self.opened.inc()

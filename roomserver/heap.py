@@ -1,0 +1,63 @@
+"""The cyclic garbage collector in a process that holds thousands of connections.
+
+CPython frees most objects by reference counting. Its cyclic collector, for reference cycles, runs whenever
+allocations outnumber deallocations by a threshold, and a collection of the oldest generation scans every
+tracked container object in the process: the reactor stands still meanwhile, and every member's next message
+waits. With 10,000 joined connections such a full collection takes about 270 ms here, and the heap growing by a
+quarter (connections arriving) triggers one (docs/performance.md, "K"). Two things follow:
+
+- Objects that live as long as the process (modules, classes, functions, the configuration: some 80,000 after
+  start-up) never need scanning. ``freeze_startup_heap`` moves them to the permanent generation
+  (``gc.freeze()``), which no collection scans, once the server listens. It is for a process that is the
+  server's own (``twistd roomserver``), never for a host application that embeds a ``WebSocketServer``.
+- Pauses must be visible. ``GCPauses`` times every collection, per generation (``gc.callbacks``), so /metrics
+  can tell an operator that a latency spike was the collector, not the network.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable
+from time import perf_counter
+from typing import Any
+
+GENERATIONS = 3
+
+
+def freeze_startup_heap() -> int:
+    """Collect what start-up left behind, then exempt everything alive now from every later collection; returns
+    how many objects are frozen. Objects frozen here are still freed by reference counting when they die; only a
+    frozen object that later ends up in an unreachable cycle is never reclaimed, which is why this runs once,
+    when what is alive is the program itself."""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
+
+
+class GCPauses:
+    """Times each collection of the cyclic collector and hands ``(generation, seconds)`` to ``observe``; keeps the
+    longest pause per generation. ``install``/``remove`` bracket the server's life: ``gc.callbacks`` is one list
+    for the whole process."""
+
+    def __init__(self, observe: Callable[[int, float], None]) -> None:
+        self._observe = observe
+        self._began = 0.0
+        self.longest = [0.0] * GENERATIONS
+
+    def install(self) -> None:
+        if self._callback not in gc.callbacks:
+            gc.callbacks.append(self._callback)
+
+    def remove(self) -> None:
+        if self._callback in gc.callbacks:
+            gc.callbacks.remove(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._began = perf_counter()
+            return
+        seconds = perf_counter() - self._began
+        generation = info["generation"]
+        if seconds > self.longest[generation]:
+            self.longest[generation] = seconds
+        self._observe(generation, seconds)
