@@ -193,6 +193,32 @@ def percentile(samples: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
+class CollectorTally:
+    """What the cyclic garbage collector did during the run: collections, objects it had to free (what reference
+    counting could not: cycles) and its pauses, per generation (roomserver.heap)."""
+
+    def __init__(self) -> None:
+        from roomserver.heap import GENERATIONS, GCPauses
+
+        self.paused = [0.0] * GENERATIONS
+        self.pauses = GCPauses(self._add)
+        self.pauses.install()
+        self.start = gc.get_stats()
+
+    def _add(self, generation: int, seconds: float) -> None:
+        self.paused[generation] += seconds
+
+    def summary(self) -> str:
+        self.pauses.remove()
+        parts = []
+        for generation, (before, after) in enumerate(zip(self.start, gc.get_stats(), strict=True)):
+            parts.append(f"generation {generation}: {after['collections'] - before['collections']} collections, "
+                         f"{after['collected'] - before['collected']} objects freed, "
+                         f"{self.paused[generation] * 1000:.0f} ms in all, longest "
+                         f"{self.pauses.longest[generation] * 1000:.1f} ms")
+        return "collector: " + "; ".join(parts)
+
+
 async def leak(args: argparse.Namespace, reactor: Any) -> None:
     from twisted.internet import task
 
@@ -219,6 +245,7 @@ async def leak(args: argparse.Namespace, reactor: Any) -> None:
     base_census = roomserver_census()
     base_objects, base_calls, base_rss = sum(base_census.values()), len(reactor.getDelayedCalls()), rss_kib()
     print(f"start: rss {base_rss} KiB, roomserver objects {base_objects}, delayed calls {base_calls}")
+    collector = CollectorTally()
     share = args.cycles // args.workers
     workers = [spawn("cycles", url, share, args.concurrency // args.workers, n) for n in range(args.workers)]
     samples: list[tuple[int, int, int, int]] = []
@@ -246,6 +273,7 @@ async def leak(args: argparse.Namespace, reactor: Any) -> None:
           f"{base_objects}), delayed calls {end_calls} (start {base_calls})")
     print(f"end: rss {end_rss} KiB vs {reference} KiB after the first 10,000 cycles "
           f"({(end_rss - reference) / reference * 100:+.1f}%)")
+    print(f"end: {collector.summary()}")
     ok = (stats.connections == 0 and stats.rooms == 0 and end_objects <= base_objects and end_calls <= base_calls
           and end_rss <= reference * 1.10)
     print("PASS" if ok else "FAIL")
