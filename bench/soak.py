@@ -242,10 +242,10 @@ async def leak(args: argparse.Namespace, reactor: Any) -> None:
     server.on("connection", on_connection)
     await server.start()
     url = f"ws://127.0.0.1:{server.port}/ws"
+    collector = CollectorTally()
     base_census = roomserver_census()
     base_objects, base_calls, base_rss = sum(base_census.values()), len(reactor.getDelayedCalls()), rss_kib()
     print(f"start: rss {base_rss} KiB, roomserver objects {base_objects}, delayed calls {base_calls}")
-    collector = CollectorTally()
     share = args.cycles // args.workers
     workers = [spawn("cycles", url, share, args.concurrency // args.workers, n) for n in range(args.workers)]
     samples: list[tuple[int, int, int, int]] = []

@@ -20,7 +20,6 @@ from time import perf_counter
 from typing import Any
 
 import orjson
-from autobahn.twisted.resource import WebSocketResource
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet import defer, endpoints
 from twisted.internet.interfaces import IReactorCore
@@ -66,7 +65,7 @@ from .options import ServerOptions
 from .system import raise_open_files_limit
 from .testee import as_testee, install_echo
 from .transport import GuardedConnection
-from .web import QuietSite, TrackingFactory, build_root
+from .web import QuietSite, TrackingFactory, UpgradeResource, build_root
 from .websocket import RoomServerFactory, RoomServerProtocol
 from .workers import ReusePortEndpoint, tcp_address
 
@@ -164,7 +163,7 @@ class WebSocketServer:
         self.connect_limit = (KeyedRateLimit(self.options.connect_rate, self.options.connect_burst)
                               if self.options.connect_rate > 0 else None)
         self.site = QuietSite(
-            build_root(self.options.path, WebSocketResource(self.factory), self._http_pages()),
+            build_root(self.options.path, UpgradeResource(self.factory), self._http_pages()),
             handshake_timeout=self.options.open_handshake_timeout,
             max_handshake_size=self.options.max_handshake_size,
             on_handshake_timeout=lambda: self.counters.dropped("handshake_timeout"),

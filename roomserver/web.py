@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from autobahn.twisted.resource import WebSocketResource
 from twisted.internet import defer
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.web.pages import notFound
@@ -36,6 +37,24 @@ class Directory(Resource):
     def render(self, request: Any) -> Any:
         page: Any = notFound()
         return page.render(request)
+
+
+class UpgradeResource(WebSocketResource):  # type: ignore[misc]  # Autobahn is untyped
+    """Autobahn's ``WebSocketResource``, which lets go of the HTTP side once it handed the connection over.
+
+    After an upgrade the HTTP channel and its ``Request`` (headers, addresses, buffers: some 30 objects) are done
+    with, but they refer to each other: the channel's list of requests in progress holds the upgrade request,
+    which is never finished, and the request holds its channel. Only the cyclic garbage collector would reclaim
+    them (roomserver/heap.py). Taking the request off that list once Autobahn took the transport lets reference
+    counting free both at once; nothing speaks to that channel again.
+    """
+
+    def render(self, request: Any) -> Any:
+        result = super().render(request)
+        channel = request.channel
+        if channel is not None and channel.transport is None and request in channel.requests:
+            channel.requests.remove(request)  # Autobahn took the transport: the WebSocket side has it
+        return result
 
 
 def build_root(path: str, websocket: Any, extra: dict[bytes, Any] | None = None) -> Any:

@@ -22,8 +22,7 @@ from __future__ import annotations
 import html
 from typing import TYPE_CHECKING, Any
 
-from autobahn.twisted.resource import WebSocketResource
-
+from ..web import UpgradeResource
 from .admin import AdminApi
 from .auth import AdminToken
 from .dashboard import DashboardFactory, DashboardFeed
@@ -51,7 +50,7 @@ class HttpSide:
     def pages(self) -> dict[bytes, Any]:
         ws_path = html.escape(self.server.options.path, quote=True).encode("utf-8")
         dashboard: Any = StaticFile("dashboard.html")
-        dashboard.putChild(b"ws", WebSocketResource(DashboardFactory(self.feed, self.token, self.server.reactor)))
+        dashboard.putChild(b"ws", UpgradeResource(DashboardFactory(self.feed, self.token, self.server.reactor)))
         return {
             b"": StaticFile("index.html", {b'data-ws-path="/ws"': b'data-ws-path="%s"' % ws_path}),
             b"dashboard": dashboard,
