@@ -89,6 +89,21 @@ def test_everything_but_the_common_frame_is_left_to_autobahn() -> None:
     assert whole_frame(frame(b"x" * 300), 0, 300) == (False, b"x" * 300, 308)
 
 
+@pytest.fixture
+def read_here(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """The payloads of the frames the fast path read (in order), for the servers a test starts."""
+    payloads: list[bytes] = []
+
+    def counting(data: bytes, start: int, max_payload: int) -> tuple[bool, bytes, int] | None:
+        found = whole_frame(data, start, max_payload)
+        if found is not None:
+            payloads.append(found[1])
+        return found
+
+    monkeypatch.setattr(websocket, "whole_frame", counting)
+    return payloads
+
+
 def chat(text: str, room: str = "mix") -> bytes:
     return support_frame(0x1, json.dumps({"type": "chat", "room": room, "text": text}).encode())
 
@@ -103,19 +118,10 @@ async def joined(server: Any, room: str = "mix") -> RawClient:
 
 @pytest_twisted.ensureDeferred
 async def test_whole_split_and_batched_frames_all_reach_the_room_in_order(
-        make_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+        make_server: Any, read_here: list[bytes]) -> None:
     """The same server reads whole frames itself, one or several per read, and leaves to Autobahn a frame split
     over two reads (and a whole frame's partial successor), a fragmented message and pings: every chat arrives
     once, in the order sent."""
-    read_here: list[bytes] = []
-
-    def counting(data: bytes, start: int, max_payload: int) -> tuple[bool, bytes, int] | None:
-        found = whole_frame(data, start, max_payload)
-        if found is not None:
-            read_here.append(found[1])
-        return found
-
-    monkeypatch.setattr(websocket, "whole_frame", counting)
     server = await make_server(room_protocol=True)
     raw = await joined(server)
 
@@ -192,20 +198,11 @@ async def test_a_flood_in_one_read_is_cut_off_where_the_rate_limit_closes(make_s
 
 @pytest_twisted.ensureDeferred
 async def test_a_frame_stream_cut_into_reads_anywhere_delivers_every_chat_once_in_order(
-        make_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+        make_server: Any, read_here: list[bytes]) -> None:
     """Seeded fuzz of the two receive paths together: rounds of whole chats (short, 16-bit lengths), fragmented
     chats and pings, each round's bytes cut at random points into separate writes, so reads start and end
     anywhere (mid-header, mid-mask, mid-payload, between frames). Every chat arrives once, in the order sent,
     every ping is answered, and both the fast path and Autobahn's read some of the chats."""
-    read_here: list[bytes] = []
-
-    def counting(data: bytes, start: int, max_payload: int) -> tuple[bool, bytes, int] | None:
-        found = whole_frame(data, start, max_payload)
-        if found is not None:
-            read_here.append(found[1])
-        return found
-
-    monkeypatch.setattr(websocket, "whole_frame", counting)
     server = await make_server(room_protocol=True, rate_limit=0)
     raw = await joined(server, "fuzz")
     rng = random.Random(8)
