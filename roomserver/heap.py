@@ -6,7 +6,7 @@ tracked container object in the process: the reactor stands still meanwhile, and
 waits. With 10,000 joined connections such a full collection takes about 270 ms here, and the heap growing by a
 quarter (connections arriving) triggers one (docs/performance.md, "K"). Two things follow:
 
-- Objects that live as long as the process (modules, classes, functions, the configuration: some 80,000 after
+- Objects that live as long as the process (modules, classes, functions, the configuration: some 60,000 after
   start-up) never need scanning. ``freeze_startup_heap`` moves them to the permanent generation
   (``gc.freeze()``), which no collection scans, once the server listens. It is for a process that is the
   server's own (``twistd roomserver``), never for a host application that embeds a ``WebSocketServer``.
