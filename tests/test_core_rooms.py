@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 
 from roomserver.core.errors import RoomFull, TooManyRooms
@@ -90,6 +93,25 @@ def test_stale_room_object_cannot_shadow_a_new_room() -> None:
     with pytest.raises(ValueError):
         old.clients.add(a)
     assert a not in old.clients and registry.rooms_of(a) == frozenset()
+
+
+def test_a_dropped_room_is_freed_by_reference_counting() -> None:
+    """A room and its member set are no reference cycle: once the registry dropped the room and nobody holds it,
+    it is gone with the cyclic garbage collector off, and a member set kept on its own is a plain set."""
+    registry = RoomRegistry()
+    a = Member("a")
+    room = registry.join(a, "r")
+    members = room.clients
+    gone = weakref.ref(room)
+    registry.leave(a, "r")
+    gc.disable()
+    try:
+        del room
+        assert gone() is None
+    finally:
+        gc.enable()
+    members.add(a)
+    assert a in members and "r" not in registry and registry.rooms_of(a) == frozenset()
 
 
 def test_room_limits() -> None:

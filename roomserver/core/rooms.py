@@ -12,6 +12,7 @@ requests take; direct ``room.clients.add`` is trusted application code and is no
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Hashable, Iterator, MutableSet
 from typing import Any
 
@@ -21,12 +22,17 @@ Member = Hashable
 
 
 class MemberSet(MutableSet[Any]):
-    """The set of members of one room; every change is reported to the owning registry."""
+    """The set of members of one room; every change is reported to the owning registry.
+
+    It refers to its room weakly: the room holds its ``MemberSet``, and a strong reference back would make every
+    room a reference cycle, which only the cyclic garbage collector can free once the room is dropped (a full
+    collection, for a room that lived long: roomserver/heap.py). A ``MemberSet`` whose room no longer exists
+    (someone kept ``room.clients`` only) is a plain set."""
 
     __slots__ = ("_members", "_room")
 
     def __init__(self, room: Room) -> None:
-        self._room = room
+        self._room = weakref.ref(room)
         self._members: set[Any] = set()
 
     def __contains__(self, member: object) -> bool:
@@ -45,13 +51,17 @@ class MemberSet(MutableSet[Any]):
         if member in self._members:
             return
         self._members.add(member)
-        self._room._registry._member_added(self._room, member)
+        room = self._room()
+        if room is not None:
+            room._registry._member_added(room, member)
 
     def discard(self, member: Any) -> None:
         if member not in self._members:
             return
         self._members.remove(member)
-        self._room._registry._member_removed(self._room, member)
+        room = self._room()
+        if room is not None:
+            room._registry._member_removed(room, member)
 
     def snapshot(self) -> tuple[Any, ...]:
         """A copy to iterate over while members may come and go (a broadcast's handlers can close clients)."""
