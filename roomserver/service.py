@@ -3,8 +3,9 @@
 twistd starts it with the reactor and, on SIGTERM, calls ``stopService`` and waits for the Deferred it returns,
 which is what drains the clients (reconnect hint, 1001, in batches) before the process exits.
 
-With ``freeze_heap`` (what ``twistd roomserver`` sets, since the process is the server's own), everything alive
-once the server listens is exempted from the garbage collector's scans (``roomserver.heap``).
+With ``freeze_heap`` (what ``twistd roomserver`` sets unless ``--no-gc-freeze``, since the process is the server's
+own), everything alive once the server listens is exempted from the garbage collector's scans, and so is what
+survives each full collection, thawed every ``thaw_every`` seconds (``roomserver.heap``).
 
 A start that fails (the store cannot be opened, the port is taken) logs one critical line and stops the
 reactor. twistd itself has no way to exit with a status other than 0 after its reactor stopped, so with
@@ -24,6 +25,7 @@ from typing import Any
 from twisted.application import service
 from twisted.internet import defer
 
+from .heap import FreezeAfterFullCollections, freeze_startup_heap
 from .server import WebSocketServer
 
 
@@ -33,11 +35,13 @@ class RoomServerService(service.Service):
     name = "roomserver"
 
     def __init__(self, server: WebSocketServer, exit_status_on_failure: int | None = None,
-                 freeze_heap: bool = False) -> None:
+                 freeze_heap: bool = False, thaw_every: float = 900.0) -> None:
         self.server = server
         self.on_listening: Callable[[], None] | None = None
         self.exit_status_on_failure = exit_status_on_failure
         self.freeze_heap = freeze_heap
+        self.thaw_every = thaw_every
+        self.freezer: FreezeAfterFullCollections | None = None
         self.failed = False
 
     def startService(self) -> None:
@@ -49,9 +53,9 @@ class RoomServerService(service.Service):
         if self.freeze_heap:
             from twisted.logger import Logger
 
-            from .heap import freeze_startup_heap
-
             Logger().info("froze {count} objects of the start-up heap (gc.freeze)", count=freeze_startup_heap())
+            self.freezer = FreezeAfterFullCollections(self.server.reactor, self.thaw_every)
+            self.freezer.start()
         if self.on_listening is not None:
             self.on_listening()
 
@@ -77,6 +81,8 @@ class RoomServerService(service.Service):
 
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
+        if self.freezer is not None:
+            self.freezer.stop()
         if self.failed:
             return defer.succeed(None)  # nothing was started: _start undid what it had begun
         return self.server.stop()

@@ -91,6 +91,8 @@ class Options(usage.Options):
          "--workers uses)."],
         ["no-http-pages", None, "Serve the WebSocket path only: no demo page, dashboard, /metrics, /healthz or "
          "admin API."],
+        ["no-gc-freeze", None, "Leave Python's garbage collector as it is: no gc.freeze() of the start-up heap "
+         "and of what survives each full collection (docs/performance.md, K and M)."],
     ]
 
     optParameters: list[Any] = [
@@ -160,6 +162,8 @@ class Options(usage.Options):
          "(or set ROOMSERVER_ADMIN_TOKEN; never the token itself on the command line)."],
         ["workers", None, 1, "Processes sharing the port (SO_REUSEPORT), one per core; more than 1 needs "
          "--broker redis://... and a port number (docs/cluster.md).", _positive_int],
+        ["gc-thaw-interval", None, 900.0, "Seconds between thaws of the frozen heap, after which one full "
+         "collection scans everything again (0 = never).", _non_negative_float],
         ["log-format", None, "text", "Log format: text, or json (one JSON object per line).", _log_format],
         ["store", None, DEFAULT_STORE, "Where rooms and history live: sqlite:PATH (a SQLite file, created if "
          "missing), memory (lost at exit) or redis://HOST:PORT/DB[?prefix=NAME:] (shared by a cluster's nodes; "
@@ -199,6 +203,7 @@ class Options(usage.Options):
         values["ping_timeout"] = values["ping_timeout"] or None
         values.pop("log_format")  # a twistd logging choice, not a server option
         values.pop("workers")  # a process-supervision choice, not a server option
+        values.pop("gc_thaw_interval")  # a process-wide garbage collector choice, not a server option
         values["reuse_port"] = bool(self["reuse-port"]) or self["workers"] > 1
         values["http_pages"] = not self["no-http-pages"]
         values["history_ttl"] = values["history_ttl"] or None
@@ -237,8 +242,9 @@ def makeService(config: Options) -> service.MultiService:
         server = WebSocketServer(config.server_options())
     except ValueError as exc:
         raise usage.UsageError(str(exc)) from exc
-    # twistd exits 1 when the start fails; the process is the server's own, so its start-up heap is frozen.
-    serving = RoomServerService(server, exit_status_on_failure=1, freeze_heap=True)
+    # twistd exits 1 when the start fails; the process is the server's own, so its heap may be frozen.
+    serving = RoomServerService(server, exit_status_on_failure=1, freeze_heap=not config["no-gc-freeze"],
+                                thaw_every=config["gc-thaw-interval"])
     serving.setServiceParent(root)
     if config["workers"] > 1:
         import sys

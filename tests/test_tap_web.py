@@ -107,3 +107,20 @@ def test_twistd_freezes_its_startup_heap_and_reports_collector_pauses(tmp_path: 
     assert metric(text, "roomserver_gc_pause_seconds_count", 'generation="2"') >= 1
     assert metric(text, "roomserver_gc_pause_max_seconds", 'generation="2"') > 0
     assert metric(text, "python_gc_collections_total", 'generation="2"') >= 1
+
+
+def test_no_gc_freeze_leaves_the_collector_alone(tmp_path: Path) -> None:
+    from .support import metric
+
+    port = free_port()
+    process = twistd(tmp_path, "--port", f"tcp:{port}:interface=127.0.0.1", "--no-gc-freeze")
+    try:
+        wait_for_port(port, process)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(15) in (0, -signal.SIGTERM)
+    finally:
+        output = reap(process)
+    assert metric(text, "roomserver_gc_frozen_objects") == 0
+    assert "froze" not in output

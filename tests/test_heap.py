@@ -1,0 +1,70 @@
+"""``roomserver.heap``: the collector's pauses are timed per generation, and the heap is frozen after each full
+collection and thawed on a schedule (fake clock, the real ``gc``; the process-wide state is restored)."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterator
+
+import pytest
+from twisted.internet.task import Clock
+
+from roomserver.heap import FreezeAfterFullCollections, GCPauses
+
+
+@pytest.fixture
+def clean_heap() -> Iterator[None]:
+    gc.unfreeze()
+    yield
+    gc.unfreeze()
+
+
+def test_each_collection_is_timed_with_its_generation_and_the_longest_is_kept(clean_heap: None) -> None:
+    seen: list[tuple[int, float]] = []
+    pauses = GCPauses(lambda generation, seconds: seen.append((generation, seconds)))
+    pauses.install()
+    try:
+        gc.collect(0)
+        gc.collect(2)
+    finally:
+        pauses.remove()
+    gc.collect(1)
+    assert [generation for generation, _ in seen][-2:] == [0, 2], "not timed once removed"
+    assert all(seconds >= 0 for _, seconds in seen)
+    assert pauses.longest[2] == max(seconds for generation, seconds in seen if generation == 2) > 0
+
+
+def test_what_survives_a_full_collection_is_frozen_on_the_next_turn_and_thawed_on_schedule(clean_heap: None) -> None:
+    clock = Clock()
+    freezer = FreezeAfterFullCollections(clock, thaw_every=600)
+    freezer.start()
+    try:
+        gc.collect(0)
+        gc.collect(1)
+        assert len(clock.getDelayedCalls()) == 1, "young collections freeze nothing: only the thaw is due"
+        gc.collect()
+        gc.collect()
+        assert gc.get_freeze_count() == 0, "not from inside the collector"
+        clock.advance(0)
+        assert freezer.freezes == 1, "two full collections in one turn, one freeze"
+        assert gc.get_freeze_count() > 1000
+        clock.advance(600)
+        assert freezer.thaws == 1 and gc.get_freeze_count() == 0
+        gc.collect()
+        clock.advance(0)
+        assert freezer.freezes == 2 and gc.get_freeze_count() > 1000
+    finally:
+        freezer.stop()
+    assert not clock.getDelayedCalls(), "stop cancels the thaw"
+    gc.collect()
+    assert freezer.freezes == 2 and not clock.getDelayedCalls(), "stopped: no more freezes"
+
+
+def test_no_thaw_when_the_interval_is_zero(clean_heap: None) -> None:
+    clock = Clock()
+    freezer = FreezeAfterFullCollections(clock, thaw_every=0)
+    freezer.start()
+    try:
+        assert not clock.getDelayedCalls()
+    finally:
+        freezer.stop()
