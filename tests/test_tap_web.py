@@ -102,8 +102,9 @@ def test_twistd_freezes_its_startup_heap_and_reports_collector_pauses(tmp_path: 
     assert frozen > 10_000, "modules, classes and functions are frozen"
     logged = re.search(r"froze (\d+) objects of the start-up heap", output)
     assert logged, output
-    # Frozen objects are still freed by reference counting when they die: the count can only have shrunk a little.
-    assert 0.99 * int(logged.group(1)) <= frozen <= int(logged.group(1))
+    # Frozen objects are still freed by reference counting when they die (the count shrinks a little), and a full
+    # collection since would have frozen more.
+    assert frozen >= 0.99 * int(logged.group(1))
     assert metric(text, "roomserver_gc_pause_seconds_count", 'generation="2"') >= 1
     assert metric(text, "roomserver_gc_pause_max_seconds", 'generation="2"') > 0
     assert metric(text, "python_gc_collections_total", 'generation="2"') >= 1
