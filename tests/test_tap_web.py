@@ -13,6 +13,7 @@ from twisted.python import usage
 
 from roomserver.tap import Options, makeService
 
+from .support import metric
 from .twistd_support import free_port, reap, twistd, wait_for_port
 
 TOKEN = "a-long-enough-admin-token-0001"
@@ -83,13 +84,10 @@ def test_twistd_json_logs_one_line_per_event_and_no_token(tmp_path: Path) -> Non
     assert TOKEN not in output
 
 
-def test_twistd_freezes_its_startup_heap_and_reports_collector_pauses(tmp_path: Path) -> None:
-    """``twistd roomserver`` exempts its start-up heap from the garbage collector once it listens (the process
-    is the server's own), and /metrics shows that and the collection it made first, as a generation-2 pause."""
-    from .support import metric
-
+def metrics_of_twistd(tmp_path: Path, *args: str) -> tuple[str, str]:
+    """Start ``twistd roomserver ARGS``, read its /metrics once it listens, stop it: (metrics text, its output)."""
     port = free_port()
-    process = twistd(tmp_path, "--port", f"tcp:{port}:interface=127.0.0.1")
+    process = twistd(tmp_path, "--port", f"tcp:{port}:interface=127.0.0.1", *args)
     try:
         wait_for_port(port, process)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
@@ -98,6 +96,13 @@ def test_twistd_freezes_its_startup_heap_and_reports_collector_pauses(tmp_path: 
         assert process.wait(15) in (0, -signal.SIGTERM)
     finally:
         output = reap(process)
+    return text, output
+
+
+def test_twistd_freezes_its_startup_heap_and_reports_collector_pauses(tmp_path: Path) -> None:
+    """``twistd roomserver`` exempts its start-up heap from the garbage collector once it listens (the process
+    is the server's own), and /metrics shows that and the collection it made first, as a generation-2 pause."""
+    text, output = metrics_of_twistd(tmp_path)
     frozen = metric(text, "roomserver_gc_frozen_objects")
     assert frozen > 10_000, "modules, classes and functions are frozen"
     logged = re.search(r"froze (\d+) objects of the start-up heap", output)
@@ -111,17 +116,6 @@ def test_twistd_freezes_its_startup_heap_and_reports_collector_pauses(tmp_path: 
 
 
 def test_no_gc_freeze_leaves_the_collector_alone(tmp_path: Path) -> None:
-    from .support import metric
-
-    port = free_port()
-    process = twistd(tmp_path, "--port", f"tcp:{port}:interface=127.0.0.1", "--no-gc-freeze")
-    try:
-        wait_for_port(port, process)
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-            text = response.read().decode()
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(15) in (0, -signal.SIGTERM)
-    finally:
-        output = reap(process)
+    text, output = metrics_of_twistd(tmp_path, "--no-gc-freeze")
     assert metric(text, "roomserver_gc_frozen_objects") == 0
     assert "froze" not in output
