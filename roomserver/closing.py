@@ -11,11 +11,17 @@ After a clean closing handshake there is nothing left to protect against, so ``G
 ``loseConnection`` (write buffer flushed, then FIN: the server still closes the TCP connection first, as RFC 6455
 section 7.1.1 wants), bounded by the close-handshake timeout in case the peer stops reading. Every other abort
 (timeouts, ``abort()``, unclean ends) stays an abort.
+
+``ReleasedOnClose`` lets reference counting free a closed connection (see its docstring).
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from twisted.internet.defer import succeed
+from twisted.internet.protocol import connectionDone
+from twisted.python.failure import Failure
 
 DEFAULT_FLUSH_TIMEOUT = 2.0
 """Seconds to wait for the final flush when no close-handshake timeout is configured."""
@@ -48,3 +54,20 @@ class GracefulCloseMixin:
         if deadline is not None and deadline.active():
             deadline.cancel()
         super().connectionLost(reason)  # type: ignore[misc]
+
+
+class ReleasedOnClose:
+    """Mixed into an Autobahn server protocol (before it in the bases): a closed connection is no reference cycle.
+
+    Autobahn resolves ``is_closed`` with the protocol itself (protocol, Deferred, protocol), a cycle that only the
+    cyclic garbage collector can reclaim: every closed connection, its transport wrapper and buffers would wait
+    in the oldest generation for a full collection, or, with the heap frozen (``roomserver.heap``), for the next
+    thaw. Once it has fired its callbacks have run: a fired Deferred without the protocol takes its place (a
+    later ``addCallback`` gets None), and reference counting frees the connection at once
+    (tests/test_concurrency.py, tests/test_http.py)."""
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        super().connectionLost(reason)  # type: ignore[misc]
+        this: Any = self
+        if this.is_closed.called:
+            this.is_closed = succeed(None)

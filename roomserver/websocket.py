@@ -16,12 +16,9 @@ from typing import TYPE_CHECKING, Any
 from autobahn.twisted.util import extract_peer_certificate, transport_channel_id
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
-from twisted.internet.defer import succeed
-from twisted.internet.protocol import connectionDone
-from twisted.python.failure import Failure
 
 from . import autobahn_debug
-from .closing import GracefulCloseMixin
+from .closing import GracefulCloseMixin, ReleasedOnClose
 from .compression import compression_hook
 from .core.ratelimit import FloodGuard
 from .inframe import whole_frame
@@ -50,7 +47,7 @@ def _valid_utf8(payload: bytes) -> bool:
 _PROTOCOL_LEVEL_CODES = frozenset({1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014})
 
 
-class RoomServerProtocol(GracefulCloseMixin, WebSocketServerProtocol):  # type: ignore[misc]
+class RoomServerProtocol(GracefulCloseMixin, ReleasedOnClose, WebSocketServerProtocol):  # type: ignore[misc]
     """One WebSocket connection; ``client`` is the application's handle once the connection is open.
 
     ``GracefulCloseMixin`` makes sure the peer receives our close frame when its own close frame was invalid."""
@@ -156,17 +153,6 @@ class RoomServerProtocol(GracefulCloseMixin, WebSocketServerProtocol):  # type: 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         """Called from Autobahn with one complete, size-checked, UTF-8-validated message."""
         self.factory.hub.on_message(self, payload, isBinary)
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        """Called from Twisted once the TCP connection is gone. Autobahn resolves ``is_closed`` with the protocol
-        itself, a reference cycle (protocol, Deferred, protocol) that only the cyclic garbage collector can
-        reclaim: every closed connection, its transport wrapper, ``Client`` and buffers would wait in the oldest
-        generation for a full collection (``roomserver.heap``). Once it has fired, its callbacks have run:
-        a fired Deferred without the protocol takes its place (a later ``addCallback`` gets None), and reference
-        counting frees the connection at once (tests/test_concurrency.py)."""
-        super().connectionLost(reason)
-        if self.is_closed.called:
-            self.is_closed = succeed(None)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         """Called from Autobahn exactly once, for every connection, opened or not."""

@@ -122,8 +122,8 @@ async def test_a_connection_is_freed_by_reference_counting_alone(make_server: An
             server.clients[client_id].close(1000, "done")
         await eventually(lambda: len(server.clients) == 1 and len(server.connections.protocols) == 1, timeout=10)
         await aio(asyncio.sleep(0.1))
-        protocols = [obj for obj in gc.get_objects() if isinstance(obj, RoomServerProtocol)]
-        clients = [obj for obj in gc.get_objects() if isinstance(obj, Client) and obj._server is server]
+        protocols = [obj for obj in gc.get_objects() if type(obj) is RoomServerProtocol]
+        clients = [obj for obj in gc.get_objects() if type(obj) is Client and obj._server is server]
         assert (len(protocols), len(clients)) == (1, 1), "only the member that stays is alive"
         del protocols, clients
         gc.set_debug(gc.DEBUG_SAVEALL)

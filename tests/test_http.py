@@ -314,6 +314,25 @@ async def test_dashboard_pushes_samples_matching_get_stats(make_server: Any, mon
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_closed_dashboard_viewer_is_freed_by_reference_counting(make_server: Any, monkeypatch: Any) -> None:
+    from roomserver.http.dashboard import DashboardProtocol
+
+    monkeypatch.delenv("ROOMSERVER_ADMIN_TOKEN", raising=False)
+    server = await make_server(room_protocol=True)
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(3):
+            viewer = await WSClient.connect(url_of(server, "/dashboard/ws"))
+            assert (await viewer.recv())["type"] == "snapshot"
+            await viewer.close()
+        await eventually(lambda: not server.connections.protocols)
+        assert not [obj for obj in gc.get_objects() if type(obj) is DashboardProtocol]
+    finally:
+        gc.enable()
+
+
+@pytest_twisted.ensureDeferred
 async def test_dashboard_requires_the_token_when_configured(make_server: Any, token_file: str) -> None:
     server = await make_server(room_protocol=True, admin_token_file=token_file)
     wrong = await WSClient.connect(url_of(server, "/dashboard/ws"))

@@ -29,6 +29,7 @@ from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from ..closing import ReleasedOnClose
 from ..core.timeseries import Reading, TrafficSeries
 from ..observe import ServerObserver
 from .auth import AdminToken
@@ -131,7 +132,7 @@ class DashboardFeed(ServerObserver):
         self.viewers.discard(viewer)
 
 
-class DashboardProtocol(WebSocketServerProtocol):  # type: ignore[misc]
+class DashboardProtocol(ReleasedOnClose, WebSocketServerProtocol):  # type: ignore[misc]
     """One dashboard viewer: authenticates if needed, then only receives samples."""
 
     factory: DashboardFactory
