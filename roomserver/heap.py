@@ -24,6 +24,7 @@ quarter (connections arriving) triggers one (docs/performance.md, "K"). Two thin
 from __future__ import annotations
 
 import gc
+import threading
 from collections.abc import Callable
 from time import perf_counter
 from typing import Any
@@ -73,23 +74,35 @@ class GCPauses:
 class FreezeAfterFullCollections:
     """After every full collection, ``gc.freeze()`` what survived it (on the next reactor turn: not from inside
     the collector's callback); every ``thaw_every`` seconds, ``gc.unfreeze()`` as a safety valve. For a process
-    that is the server's own (``twistd roomserver``)."""
+    that is the server's own (``twistd roomserver``).
+
+    A collection can run in any thread that allocates (the SQLite store's ``adbapi`` pool among them), and
+    Twisted's ``callLater`` is for the reactor's thread only: from another thread the freeze is handed over with
+    ``callFromThread``."""
 
     def __init__(self, reactor: Any, thaw_every: float) -> None:
         self.reactor = reactor
         self.thaw_every = thaw_every
         self.freezes = 0
         self.thaws = 0
+        self._running = False
+        self._wanted = False
+        self._reactor_thread = threading.get_ident()
         self._freeze_call: Any = None
         self._thaw_call: Any = None
 
     def start(self) -> None:
+        """Called in the reactor's thread."""
+        self._running = True
+        self._reactor_thread = threading.get_ident()
         if self._callback not in gc.callbacks:
             gc.callbacks.append(self._callback)
         if self.thaw_every > 0 and self._thaw_call is None:
             self._thaw_call = self.reactor.callLater(self.thaw_every, self._thaw)
 
     def stop(self) -> None:
+        self._running = False
+        self._wanted = False
         if self._callback in gc.callbacks:
             gc.callbacks.remove(self._callback)
         for call in (self._freeze_call, self._thaw_call):
@@ -98,11 +111,19 @@ class FreezeAfterFullCollections:
         self._freeze_call = self._thaw_call = None
 
     def _callback(self, phase: str, info: dict[str, Any]) -> None:
-        if phase == "stop" and info["generation"] == GENERATIONS - 1 and self._freeze_call is None:
+        if phase != "stop" or info["generation"] != GENERATIONS - 1 or self._wanted or not self._running:
+            return
+        self._wanted = True
+        if threading.get_ident() == self._reactor_thread:
             self._freeze_call = self.reactor.callLater(0, self._freeze)
+        else:
+            self.reactor.callFromThread(self._freeze)
 
     def _freeze(self) -> None:
         self._freeze_call = None
+        if not (self._running and self._wanted):
+            return  # stopped meanwhile
+        self._wanted = False
         gc.freeze()
         self.freezes += 1
 

@@ -4,6 +4,7 @@ collection and thawed on a schedule (fake clock, the real ``gc``; the process-wi
 from __future__ import annotations
 
 import gc
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -68,3 +69,39 @@ def test_no_thaw_when_the_interval_is_zero(clean_heap: None) -> None:
         assert not clock.getDelayedCalls()
     finally:
         freezer.stop()
+
+
+def test_a_full_collection_in_another_thread_hands_the_freeze_to_the_reactor_thread(clean_heap: None) -> None:
+    """The SQLite store's adbapi threads allocate too: a collection there must not call ``callLater``."""
+    clock = Clock()
+    handed_over: list[object] = []
+
+    def call_from_thread(function: object) -> None:
+        handed_over.append(function)
+        clock.callLater(0, function)  # what the reactor does with it on its next turn
+
+    clock.callFromThread = call_from_thread  # type: ignore[attr-defined]
+    freezer = FreezeAfterFullCollections(clock, thaw_every=0)
+    freezer.start()
+    try:
+        collector = threading.Thread(target=gc.collect)
+        collector.start()
+        collector.join()
+        assert len(handed_over) == 1 and gc.get_freeze_count() == 0
+        clock.advance(0)
+        assert freezer.freezes == 1 and gc.get_freeze_count() > 1000
+    finally:
+        freezer.stop()
+
+
+def test_a_freeze_handed_over_before_stop_does_nothing_after_it(clean_heap: None) -> None:
+    clock = Clock()
+    clock.callFromThread = lambda function: clock.callLater(0, function)  # type: ignore[attr-defined]
+    freezer = FreezeAfterFullCollections(clock, thaw_every=0)
+    freezer.start()
+    collector = threading.Thread(target=gc.collect)
+    collector.start()
+    collector.join()
+    freezer.stop()
+    clock.advance(0)
+    assert freezer.freezes == 0 and gc.get_freeze_count() == 0
