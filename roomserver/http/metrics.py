@@ -86,7 +86,7 @@ class StatsCollector:
 
 
 class HeapCollector:
-    """The longest collector pause per generation and how many objects start-up froze, at each scrape."""
+    """The longest collector pause per generation and how many objects are frozen, at each scrape."""
 
     def __init__(self, pauses: GCPauses) -> None:
         self._pauses = pauses
@@ -97,8 +97,9 @@ class HeapCollector:
         for generation in range(GENERATIONS):
             longest.add_metric([str(generation)], self._pauses.longest[generation])
         yield longest
-        yield GaugeMetricFamily("roomserver_gc_frozen_objects", "Objects exempted from collection at start-up "
-                                "(gc.freeze; twistd only)", value=gc.get_freeze_count())
+        yield GaugeMetricFamily("roomserver_gc_frozen_objects", "Objects exempted from collection (gc.freeze: "
+                                "twistd freezes at start-up and after each full collection)",
+                                value=gc.get_freeze_count())
 
 
 class MetricsObserver(ServerObserver):
