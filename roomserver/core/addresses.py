@@ -49,8 +49,10 @@ class AddressResolver:
         A hop that is not an address at all (a client wrote garbage there) stops the walk: everything to its
         left is the client's own say. The result is always an address, never the raw header text.
         """
+        if not self.trusted or not forwarded_for:
+            return peer  # the common case, and the cheap one: no address parsing per connection
         current = _ip(peer)
-        if current is None or not self.trusted or not forwarded_for:
+        if current is None:
             return peer
         for hop in reversed(forwarded_for.split(",")):
             if not self._is_trusted(current):
