@@ -29,6 +29,16 @@ class ServerOptions:
     """Seconds to wait for a pong before dropping the peer; defaults to ``ping_interval``."""
     host: str = ""
     """Interface to bind when ``port`` is a number ("" = every IPv4 interface)."""
+    backlog: int = 4096
+    """Connections the kernel may queue for this node before it accepts them (``listen()``'s backlog; Linux caps
+    it at ``net.core.somaxconn``). A ``tcp:PORT:backlog=N`` port description sets its own. Twisted's default, 50,
+    overflows in a reconnect storm (roomserver/listening.py)."""
+    accept_rate: float = 0.0
+    """Connections per second this node accepts (0 = no limit); beyond it new connections wait in the kernel's
+    accept queue, so a reconnect storm is taken at a pace the node can hand-shake (roomserver/listening.py).
+    Needs a TCP port (a number or a ``tcp:`` description)."""
+    accept_burst: int = 100
+    """Connections accepted in a burst above ``accept_rate``."""
     reuse_port: bool = False
     """Listen with ``SO_REUSEPORT`` (``port`` must be a number), so several processes share the port and the
     kernel spreads connections over them; what ``twistd roomserver --workers N`` uses (docs/cluster.md)."""
@@ -189,10 +199,16 @@ class ServerOptions:
         from .store import parse_store_spec
 
         parse_store_spec(self.store)
-        if self.reuse_port:
-            from .workers import tcp_address
+        if self.backlog < 1 or self.accept_rate < 0 or self.accept_burst < 1:
+            raise ValueError("backlog must be >= 1, accept_rate >= 0 and accept_burst >= 1")
+        if self.reuse_port or self.accept_rate > 0:
+            from .listening import tcp_address
 
-            tcp_address(self.port, self.host)
+            try:
+                tcp_address(self.port, self.host)
+            except ValueError as exc:
+                what = "reuse_port" if self.reuse_port else "accept_rate"
+                raise ValueError(f"{what} needs a port number or a tcp: port description ({exc})") from None
         from .broker import parse_broker_spec
 
         parse_broker_spec(self.broker, self.store)

@@ -60,6 +60,7 @@ from .draining import Drainer
 from .durable import DurableRooms, History
 from .events import EventEmitter
 from .fanout import STATE_OPEN, send_prepared
+from .listening import AcceptPacer, PacedEndpoint, tcp_address
 from .observe import ConnectionLog, Observers
 from .options import ServerOptions
 from .system import raise_open_files_limit
@@ -67,7 +68,6 @@ from .testee import as_testee, install_echo
 from .transport import GuardedConnection
 from .web import QuietSite, TrackingFactory, UpgradeResource, build_root
 from .websocket import RoomServerFactory, RoomServerProtocol
-from .workers import ReusePortEndpoint, tcp_address
 
 SERVER_EVENTS = frozenset({"connection", "join", "leave"})
 RATE_LIMITED = encode(messages.error(ErrorCode.RATE_LIMITED, "too many messages: this one was dropped"))
@@ -155,6 +155,7 @@ class WebSocketServer:
         self._stopping = False
         self._drained: set[Client] = set()  # told to reconnect (stop() is draining them): chats are refused
         self._listening: Any = None  # IListeningPort once started
+        self.accept_pacer: AcceptPacer | None = None  # with accept_rate, once started
         self.observers = Observers()
         self.observers.add(ConnectionLog(self.reactor))
         self.factory = RoomServerFactory(self, self.options)
@@ -337,15 +338,18 @@ class WebSocketServer:
         return install(self)
 
     def _endpoint(self) -> Any:
-        port = self.options.port
-        if self.options.reuse_port:
-            number, interface = tcp_address(port, self.options.host)
-            return ReusePortEndpoint(self.reactor, number, interface)
-        if isinstance(port, int):
-            return endpoints.TCP4ServerEndpoint(self.reactor, port, interface=self.options.host)
-        if isinstance(port, str) and port.isdigit():
-            return endpoints.TCP4ServerEndpoint(self.reactor, int(port), interface=self.options.host)
-        return endpoints.serverFromString(self.reactor, port)
+        """A TCP port listens through roomserver/listening.py (its backlog, ``reuse_port``, the accept rate);
+        any other endpoint description (``ssl:``, ``unix:``, ``systemd:``...) is Twisted's own."""
+        options = self.options
+        try:
+            address = tcp_address(options.port, options.host)
+        except ValueError:
+            return endpoints.serverFromString(self.reactor, str(options.port))
+        self.accept_pacer = (AcceptPacer(options.accept_rate, options.accept_burst, self.reactor.seconds())
+                             if options.accept_rate > 0 else None)
+        return PacedEndpoint(self.reactor, address.port, address.interface,
+                             backlog=address.backlog or options.backlog, reuse_port=options.reuse_port,
+                             pacer=self.accept_pacer)
 
     async def _start(self) -> WebSocketServer:
         if self._listening is not None:

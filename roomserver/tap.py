@@ -141,6 +141,12 @@ class Options(usage.Options):
         ["connect-rate", None, _DEFAULTS.connect_rate, "WebSocket upgrades per second from one client address "
          "(0 = no limit); beyond it HTTP 429.", _non_negative_float],
         ["connect-burst", None, _DEFAULTS.connect_burst, "Upgrades one address may make in a burst.", _positive_int],
+        ["backlog", None, _DEFAULTS.backlog, "Connections the kernel may queue before the node accepts them "
+         "(listen() backlog; Linux caps it at net.core.somaxconn).", _positive_int],
+        ["accept-rate", None, _DEFAULTS.accept_rate, "Connections per second the node accepts (0 = no limit); "
+         "beyond it they wait in the kernel's accept queue (reconnect storms).", _non_negative_float],
+        ["accept-burst", None, _DEFAULTS.accept_burst, "Connections accepted in a burst above --accept-rate.",
+         _positive_int],
         ["trusted-proxies", None, "", "Comma-separated proxy addresses/networks whose X-Forwarded-For is "
          "believed (e.g. 10.0.0.0/8); the client address is the nearest hop not among them.", _comma_list],
         ["max-handshake-size", None, _DEFAULTS.max_handshake_size, "Bytes of HTTP request head; beyond it "

@@ -4,8 +4,8 @@ A CPython process uses one core. ``--workers N`` starts N-1 more processes of th
 on the same TCP port with ``SO_REUSEPORT``: the kernel spreads new connections over them evenly. They act as
 one server through the Redis broker and store (``--workers`` needs them), like nodes on different machines.
 
-- ``ReusePortEndpoint``: binds a socket with ``SO_REUSEPORT`` and hands it to the reactor
-  (``adoptStreamPort``), since Twisted's TCP endpoints do not set that option.
+- ``reuse_port``: each process listens with ``SO_REUSEPORT`` (roomserver/listening.py's ``PacedPort``), since
+  Twisted's TCP endpoints do not set that option.
 - ``WorkersService``: run by the first process; starts the others (``python -m twisted roomserver ...`` with
   the same options, ``--workers`` removed and the port the first process bound), restarts one that dies
   (after a second, so a crashing worker cannot spin), and on stop sends them SIGTERM and waits for them (each
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -26,27 +25,6 @@ from twisted.internet import defer, protocol
 from twisted.logger import Logger
 
 RESTART_DELAY = 1.0
-BACKLOG = 1024
-
-
-def tcp_address(port: int | str, host: str = "") -> tuple[int, str]:
-    """(port, interface) of a port number or a ``tcp:PORT[:interface=HOST]`` description; ValueError if it is
-    anything else (``reuse_port`` binds the socket itself)."""
-    if isinstance(port, int):
-        return port, host
-    if port.isdigit():
-        return int(port), host
-    kind, _, rest = port.partition(":")
-    number, _, params = rest.partition(":")
-    interface = host
-    for param in filter(None, params.split(":")):
-        key, _, value = param.partition("=")
-        if key != "interface":
-            raise ValueError(f"reuse_port supports only the interface= parameter, not {param!r}")
-        interface = value
-    if kind != "tcp" or not number.isdigit():
-        raise ValueError("reuse_port needs a port number or tcp:PORT[:interface=HOST], not " + repr(port))
-    return int(number), interface
 
 
 def with_port(spec: str, port: int) -> str:
@@ -56,34 +34,6 @@ def with_port(spec: str, port: int) -> str:
     kind, _, rest = spec.partition(":")
     _, _, params = rest.partition(":")
     return f"{kind}:{port}" + (f":{params}" if params else "")
-
-
-class ReusePortEndpoint:
-    """``IStreamServerEndpoint`` for TCP on ``host:port`` with ``SO_REUSEPORT`` (Linux, BSD, macOS)."""
-
-    def __init__(self, reactor: Any, port: int, host: str = "") -> None:
-        self.reactor = reactor
-        self.port = port
-        self.host = host
-
-    def listen(self, factory: Any) -> defer.Deferred[Any]:
-        try:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                sock.bind((self.host, self.port))
-                sock.listen(BACKLOG)
-                sock.setblocking(False)
-                # adoptStreamPort duplicates the descriptor: ours is closed right after.
-                port = self.reactor.adoptStreamPort(sock.fileno(), socket.AF_INET, factory)
-            finally:
-                sock.close()
-        except OSError as exc:
-            from twisted.internet.error import CannotListenError
-
-            return defer.fail(CannotListenError(self.host, self.port, exc))
-        return defer.succeed(port)
 
 
 def worker_argv(argv: Sequence[str], spec: str, port: int) -> list[str]:

@@ -26,7 +26,7 @@ from .support import WSClient, aio
 def test_workers_need_the_redis_broker_and_a_port_number() -> None:
     with pytest.raises(Exception, match="--workers needs --broker redis"):
         Options().parseOptions(["--workers", "2", "--store", "memory"])
-    with pytest.raises(Exception, match="reuse_port needs a port number"):
+    with pytest.raises(Exception, match="reuse_port needs a port number or a tcp: port description"):
         Options().parseOptions(["--reuse-port", "--port", "unix:/tmp/x.sock", "--store", "memory"])
     config = Options()
     config.parseOptions(["--reuse-port", "--port", "0", "--store", "memory"])

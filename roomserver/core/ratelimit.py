@@ -32,13 +32,17 @@ class TokenBucket:
         self.tokens = capacity
         self._last = now
 
-    def take(self, now: float, amount: float = 1.0) -> bool:
-        """Take ``amount`` tokens if there are enough at time ``now``."""
+    def available(self, now: float) -> float:
+        """The tokens there are at time ``now`` (refilled for the time since the last look)."""
         elapsed = now - self._last
         if elapsed > 0:
             self.tokens = min(self.capacity, self.tokens + elapsed * self.rate)
             self._last = now
-        if self.tokens >= amount:
+        return self.tokens
+
+    def take(self, now: float, amount: float = 1.0) -> bool:
+        """Take ``amount`` tokens if there are enough at time ``now``."""
+        if self.available(now) >= amount:
             self.tokens -= amount
             return True
         return False

@@ -63,6 +63,12 @@ class StatsCollector:
         for reason, count in sorted(stats.drops.items()):
             drops.add_metric([reason], count)
         yield drops
+        pacer = self._server.accept_pacer
+        if pacer is not None:
+            yield CounterMetricFamily("roomserver_accept_pauses", "Times the listening port stopped accepting "
+                                      "because --accept-rate was reached", value=pacer.pauses)
+            yield CounterMetricFamily("roomserver_accept_paused_seconds", "Seconds new connections waited in "
+                                      "the kernel's accept queue for --accept-rate", value=pacer.paused_seconds)
         errors = CounterMetricFamily("roomserver_errors", "Error replies sent to clients, by code",
                                      labels=["code"])
         for code, count in sorted(stats.errors.items()):
