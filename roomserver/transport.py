@@ -117,23 +117,42 @@ class WriteBatcher:
     ``reactor.callLater(0, ...)`` runs in the reactor's next ``runUntilCurrent``, which comes after all the I/O
     events of the current iteration and before the next poll: everything written to a connection while
     handling them (a burst of broadcasts, replies, pongs) leaves in one ``send``, as uWebSockets' "cork" does.
+
+    An iteration can be long: in a reconnect storm one poll returns thousands of new connections, each a
+    handshake of a few hundred microseconds, and the first client's welcome would wait for the last one's
+    handshake. So the batch is held at most ``max_hold`` seconds: every ``CHECK_EVERY`` connections added, a
+    batch older than that leaves at once (the end-of-iteration flush still comes for the rest). ``max_hold``
+    is well above a fan-out iteration (a few chats to 1,000 members take a few milliseconds), so big-room
+    batching is untouched.
     """
 
-    __slots__ = ("dirty", "reactor", "scheduled")
+    CHECK_EVERY = 32
 
-    def __init__(self, reactor: Any) -> None:
+    __slots__ = ("dirty", "max_hold", "reactor", "scheduled", "started")
+
+    def __init__(self, reactor: Any, max_hold: float = 0.02) -> None:
         self.reactor = reactor
         self.dirty: list[GuardedConnection] = []
         self.scheduled = False
+        self.started = 0.0
+        self.max_hold = max_hold
 
     def add(self, connection: GuardedConnection) -> None:
-        self.dirty.append(connection)
+        dirty = self.dirty
+        dirty.append(connection)
         if not self.scheduled:
             self.scheduled = True
+            self.started = self.reactor.seconds()
             self.reactor.callLater(0, self.flush)
+        elif not len(dirty) % self.CHECK_EVERY and self.reactor.seconds() - self.started > self.max_hold:
+            self._flush_dirty()
+            self.started = self.reactor.seconds()
 
     def flush(self) -> None:
         self.scheduled = False
+        self._flush_dirty()
+
+    def _flush_dirty(self) -> None:
         dirty, self.dirty = self.dirty, []
         for connection in dirty:
             connection.flush()

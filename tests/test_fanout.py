@@ -36,11 +36,7 @@ class CountingTransport(StringTransport):
 
 
 def guarded(clock: task.Clock | None) -> tuple[GuardedConnection, CountingTransport]:
-    factory = TrackingFactory(Factory.forProtocol(Protocol), reactor=clock)
-    connection: GuardedConnection = factory.buildProtocol(None)
-    transport = CountingTransport()
-    connection.makeConnection(transport)
-    return connection, transport
+    return guarded_by(TrackingFactory(Factory.forProtocol(Protocol), reactor=clock))
 
 
 def test_writes_of_one_reactor_iteration_leave_together_in_order() -> None:
@@ -55,6 +51,38 @@ def test_writes_of_one_reactor_iteration_leave_together_in_order() -> None:
     connection.write(b"four")
     clock.advance(0)
     assert transport.value() == b"one,two,threefour" and transport.writes == 2
+
+
+def test_a_long_iteration_sends_its_batch_after_the_longest_hold_not_at_its_end() -> None:
+    """A reconnect storm's iteration: hundreds of handshakes, each writing to its own connection. Batches older
+    than ``max_hold`` leave as the iteration goes on; within the hold, nothing leaves before its end."""
+    clock = task.Clock()
+    factory = TrackingFactory(Factory.forProtocol(Protocol), reactor=clock)
+    assert factory.batcher is not None
+    pairs = [guarded_by(factory) for _ in range(100)]
+    for connection, _ in pairs[:40]:
+        connection.write(b"welcome")  # quick handshakes: the hold (20 ms) is not over
+    assert all(transport.value() == b"" for _, transport in pairs)
+    clock.rightNow += 0.015  # the handshakes cost time; no reactor turn in between (no advance())
+    for connection, _ in pairs[40:63]:
+        connection.write(b"welcome")
+    assert all(transport.value() == b"" for _, transport in pairs)
+    clock.rightNow += 0.006  # the 64th write finds the batch 21 ms old: the 64 leave now
+    pairs[63][0].write(b"welcome")
+    assert [transport.value() for _, transport in pairs[:64]] == [b"welcome"] * 64
+    for connection, _ in pairs[64:]:
+        connection.write(b"welcome")
+    assert all(transport.value() == b"" for _, transport in pairs[64:])
+    clock.advance(0)  # the end of the iteration: the rest
+    assert [transport.value() for _, transport in pairs] == [b"welcome"] * 100
+    assert all(transport.writes == 1 for _, transport in pairs)
+
+
+def guarded_by(factory: TrackingFactory) -> tuple[GuardedConnection, CountingTransport]:
+    connection: GuardedConnection = factory.buildProtocol(None)
+    transport = CountingTransport()
+    connection.makeConnection(transport)
+    return connection, transport
 
 
 def test_close_sends_what_was_batched_first_and_abort_drops_it() -> None:
