@@ -12,7 +12,7 @@
 // processes whose CPU time is reported over the same window (`watch_cpu_s`, `watch_cpu_pct`), e.g. Redis.
 //
 // Usage: node loadgen.js '<json config>'  ->  prints one JSON object (the figures) on stdout.
-//   config: {url, pid, scenario: "fanout" | "rate" | "connect" | "rooms", ...scenario parameters}
+//   config: {url, pid, scenario: "fanout" | "rate" | "connect" | "rooms" | "storm", ...scenario parameters}
 //
 // Every chat text is exactly `size` bytes: a 16-digit send timestamp (microseconds since this process
 // started), a 7-digit sender index, then padding. Receivers slice the timestamp out of the raw frame without
@@ -61,9 +61,10 @@ function runQueueWaitSeconds(pid) {
   }
 }
 
-function serverRssKiB(pid) {
+// VmRSS (resident now) or VmHWM (the peak over the process's life).
+function serverRssKiB(pid, field = 'VmRSS') {
   const status = fs.readFileSync(`/proc/${pid}/status`, 'latin1');
-  const match = /VmRSS:\s+(\d+) kB/.exec(status);
+  const match = new RegExp(`${field}:\\s+(\\d+) kB`).exec(status);
   return match ? Number(match[1]) : NaN;
 }
 
@@ -411,7 +412,50 @@ async function rooms() {
   return result;
 }
 
-const SCENARIOS = { fanout, rate, connect: connectRate, rooms };
+// A reconnect storm: `connections` clients opened in the same tick, each counted once the server's welcome
+// arrived, or failed (refused, reset, no welcome within `timeout_ms`). How long the storm took to be served
+// (time to welcome: p50, p99, last), the failures, the server's CPU per connection, and its peak RSS (VmHWM: a
+// fresh server process per run, so the storm's peak) against its RSS once the storm settled, connections open.
+async function storm() {
+  const { connections, timeout_ms: timeoutMs = 60000 } = config;
+  await phaseReady();
+  const start = measureStart();
+  const waits = new Float64Array(connections);
+  const members = [];
+  let failed = 0;
+  let firstError = null;
+  await Promise.all(Array.from({ length: connections }, (_, index) => connect(config.url, index, timeoutMs).then(
+    (member) => {
+      waits[members.length] = (nowUs() - start.wall) / 1000;
+      members.push(member);
+    },
+    (err) => {
+      failed += 1;
+      if (firstError === null) firstError = String(err && err.message);
+    },
+  )));
+  const result = measureEnd(start, 0, null);
+  result.connections = connections;
+  result.served = members.length;
+  result.failed = failed;
+  result.first_error = firstError;
+  result.welcome_p50_s = percentile(waits, members.length, 50) / 1000;
+  result.welcome_p99_s = percentile(waits, members.length, 99) / 1000;
+  result.welcome_last_s = percentile(waits, members.length, 100) / 1000;
+  result.cpu_us_per_connection = (result.server_cpu_s * 1e6) / Math.max(1, members.length);
+  delete result.deliveries;
+  delete result.deliveries_per_s;
+  delete result.cpu_us_per_delivery;
+  delete result.sys_us_per_delivery;
+  await sleep(config.settle_ms || 1000);
+  result.rss_settled_kib = serverRssKiB(config.pid);
+  result.rss_peak_kib = serverRssKiB(config.pid, 'VmHWM');
+  result.rss_peak_over_settled = result.rss_peak_kib / result.rss_settled_kib;
+  await closeAll(members);
+  return result;
+}
+
+const SCENARIOS = { fanout, rate, connect: connectRate, rooms, storm };
 
 async function main() {
   const scenario = SCENARIOS[config.scenario];

@@ -122,6 +122,12 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("connect", "2,000 connections, 64 at a time",
                  {"scenario": "connect", "connections": 2000, "concurrency": 64},
                  ("connections_per_s", "cpu_us_per_connection"), ("connections",)),
+        # A reconnect storm: every connection opened at once; how long until every client has its welcome, how
+        # many gave up (no welcome within 60 s), and the peak memory against the memory once settled.
+        Scenario("storm", "10,000 connections at once (a reconnect storm)",
+                 {"scenario": "storm", "connections": 10000, "timeout_ms": 60000},
+                 ("welcome_p50_s", "welcome_p99_s", "welcome_last_s", "failed", "cpu_us_per_connection",
+                  "rss_peak_over_settled"), ("connections",)),
         Scenario("rooms", "10,000 connections in 1,000 rooms of 10; 5,000 messages from random members",
                  {"scenario": "rooms", "rooms": 1000, "room_size": 10, "messages": 5000, "window": 16},
                  ("idle_kib_per_connection", "cpu_us_per_delivery", "sys_us_per_delivery", "deliveries_per_s"),
@@ -132,7 +138,8 @@ SCENARIOS: dict[str, Scenario] = {
 GC_FIGURES = ("gc_full_collections", "gc_full_pause_max_ms", "gc_pause_total_ms")
 # Lower is better for these; higher for the rest (rates).
 LOWER_IS_BETTER = {"cpu_us_per_delivery", "sys_us_per_delivery", "cpu_us_per_connection", "p50_ms", "p99_ms",
-                   "idle_kib_per_connection"}
+                   "idle_kib_per_connection", "welcome_p50_s", "welcome_p99_s", "welcome_last_s", "failed",
+                   "rss_peak_over_settled"}
 METRIC_LABELS = {
     "cpu_us_per_delivery": "CPU µs/delivery",
     "sys_us_per_delivery": "of it in the kernel",
@@ -142,6 +149,11 @@ METRIC_LABELS = {
     "connections_per_s": "connections/s",
     "cpu_us_per_connection": "CPU µs/connection",
     "idle_kib_per_connection": "idle KiB/connection",
+    "welcome_p50_s": "welcome p50 s",
+    "welcome_p99_s": "welcome p99 s",
+    "welcome_last_s": "last welcome s",
+    "failed": "failed",
+    "rss_peak_over_settled": "peak RSS ÷ settled RSS",
     "loadgen_cpu_pct": "load generator CPU %",
     # bench/workers.py (several server processes and Redis)
     "busiest_worker_cpu_pct": "busiest process CPU %",
