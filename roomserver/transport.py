@@ -250,6 +250,8 @@ class HandshakeDeadlineChannel(HTTPChannel):
     _deadline: Any = None
     _served = False  # a request was answered: an idle keep-alive connection is closed, but is no attack
     _head_started = False  # bytes of the next request head arrived since the deadline was armed
+    _extensions = 0  # deadlines extended because a whole request head was waiting unread
+    MAX_EXTENSIONS = 2
 
     def dataReceived(self, data: bytes) -> None:
         self._head_started = True
@@ -276,8 +278,21 @@ class HandshakeDeadlineChannel(HTTPChannel):
     def _arm(self) -> None:
         self._disarm()
         self._head_started = False
+        self._extensions = 0
         if self.handshake_timeout > 0:
             self._deadline = self.callLater(self.handshake_timeout, self._expired)
+
+    def _head_waiting(self) -> bool:
+        """Whether a complete request head (up to its blank line) waits unread in the socket. A slow client
+        (slowloris) never has one: what it trickles never ends the head, so it is dropped as before."""
+        connection = getattr(self.transport, "transport", None)  # the TCP connection under GuardedConnection
+        if not isinstance(connection, tcp.Connection) or connection.TLS:
+            return False
+        try:
+            waiting = connection.socket.recv(self.totalHeadersSize, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except OSError:
+            return False
+        return b"\r\n\r\n" in waiting
 
     def _disarm(self) -> None:
         deadline, self._deadline = self._deadline, None
@@ -286,6 +301,12 @@ class HandshakeDeadlineChannel(HTTPChannel):
 
     def _expired(self) -> None:
         self._deadline = None
+        if self._extensions < self.MAX_EXTENSIONS and self._head_waiting():
+            # The client kept the deadline: its whole request head is in the socket, not yet read because this
+            # reactor iteration is long (a reconnect storm's thousands of handshakes). Ours to read, not to drop.
+            self._extensions += 1
+            self._deadline = self.callLater(self.handshake_timeout, self._expired)
+            return
         if self.on_timeout is not None and (self._head_started or not self._served):
             self.on_timeout()
         if self.transport is not None:

@@ -1,4 +1,5 @@
-"""The listening socket (roomserver/listening.py): the backlog, the accept rate, and the ``tcp:`` descriptions.
+"""Reconnect storms: the listening socket (roomserver/listening.py: the backlog, the accept rate, the ``tcp:``
+descriptions), and the handshake deadline of a connection whose request waits unread in a long iteration.
 
 The pacing is checked on Twisted's ``MemoryReactorClock`` with a real listening socket and real client sockets
 waiting in the kernel's accept queue: the port's ``doRead`` is called by hand, as the reactor would when the
@@ -20,13 +21,15 @@ from typing import Any
 import pytest
 import pytest_twisted
 import websockets
-from twisted.internet import protocol
+from twisted.internet import protocol, tcp
 from twisted.internet.testing import MemoryReactorClock
 
 from roomserver.core.ratelimit import TokenBucket
 from roomserver.listening import AcceptPacer, PacedPort, TcpAddress, tcp_address
 from roomserver.options import ServerOptions
 from roomserver.tap import Options
+from roomserver.transport import GuardedConnection, HandshakeDeadlineChannel
+from roomserver.web import TrackingFactory
 
 from .support import WSClient, aio, metric, url_of
 from .web_support import http
@@ -217,3 +220,58 @@ async def _connect_and_welcome(url: str) -> tuple[WSClient, Any]:
     """Plain asyncio (run concurrently under ``asyncio.gather``): connect, read the welcome."""
     ws = await websockets.connect(url, open_timeout=10, ping_interval=None)
     return WSClient(ws), json.loads(await asyncio.wait_for(ws.recv(), 10))
+
+
+def deadline_channel(reactor: MemoryReactorClock) -> tuple[Any, socket.socket, list[str]]:
+    """An HTTP channel with a 5 s handshake deadline on a real socket (one end of a socketpair) that the fake
+    reactor never reads: what the client sends stays waiting, as in a long reactor iteration."""
+    ours, theirs = socket.socketpair()
+    timeouts: list[str] = []
+    channel = HandshakeDeadlineChannel()
+    channel.callLater = reactor.callLater  # type: ignore[method-assign]
+    channel.handshake_timeout = 5.0
+    channel.on_timeout = lambda: timeouts.append("timeout")
+    wrapper = GuardedConnection(TrackingFactory(protocol.Factory()), channel)
+    wrapper.makeConnection(tcp.Connection(ours, wrapper, reactor))
+    return channel, theirs, timeouts
+
+
+def dropped(client: socket.socket) -> bool:
+    """Whether the server's end of the connection is closed (reset or closed; not merely silent)."""
+    client.setblocking(False)
+    try:
+        return client.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def test_a_whole_request_head_waiting_unread_at_the_deadline_is_not_dropped() -> None:
+    reactor = MemoryReactorClock()
+    _, client, timeouts = deadline_channel(reactor)
+    try:
+        client.sendall(b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        reactor.advance(5)
+        reactor.advance(0)
+        assert timeouts == [] and not dropped(client)
+        assert reactor.getDelayedCalls()  # a new deadline, in case it is still not read
+        reactor.advance(5)
+        assert timeouts == []
+        reactor.advance(5)  # at most two extensions: then it is dropped like any late head
+        reactor.advance(0)
+        assert timeouts == ["timeout"] and dropped(client)
+    finally:
+        client.close()
+
+
+def test_a_slow_client_whose_head_never_ends_is_dropped_at_the_deadline() -> None:
+    reactor = MemoryReactorClock()
+    _, client, timeouts = deadline_channel(reactor)
+    try:
+        client.sendall(b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: a")  # slowloris: no blank line yet
+        reactor.advance(5)
+        reactor.advance(0)  # Twisted closes an aborted connection's socket on the next turn
+        assert timeouts == ["timeout"] and dropped(client)
+    finally:
+        client.close()
