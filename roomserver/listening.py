@@ -5,9 +5,9 @@ within a second. What the node does then decides whether they are back in second
 
 - **The accept queue.** Twisted listens with a backlog of 50. A storm overflows it at once, and Linux then drops
   the handshake's last ACK: the client believes it is connected, sends its HTTP upgrade and waits while its TCP
-  stack retransmits with growing delays. Measured here (docs/performance.md, "Reconnect storms"): 5,000 clients
-  at once against a backlog of 50 got their welcome after 30 to 57 s at p99, and up to 6 % of them waited more
-  than a minute; with a backlog of 4,096 every one was in within 4 to 5.5 s. ``backlog`` defaults to 4,096
+  stack retransmits with growing delays. Measured here (one Node client, loopback): 5,000 clients at once
+  against a backlog of 50 got their welcome after 30 to 57 s at p99, and up to 6 % of them waited more than a
+  minute; with a backlog of 4,096 every one was in within 4 to 5.5 s (10,000 at once: docs/performance.md, "N"). ``backlog`` defaults to 4,096
   (Linux caps it at ``net.core.somaxconn``, 4,096 on current kernels).
 - **The accept rate** (``accept_rate`` connections per second, bursts of ``accept_burst``; off by default).
   Every accepted connection gets ``open_handshake_timeout`` seconds to finish its handshake, and costs a few
@@ -16,7 +16,8 @@ within a second. What the node does then decides whether they are back in second
   its live clients of CPU meanwhile. With a rate, the port stops reading while its bucket is empty: the kernel
   keeps the rest in its accept queue, for free, until the node takes them, and what the node accepts it can
   serve. The rate should sit below what the node can hand-shake (``bench.run --scenarios connect`` measures
-  it: about 2,000 connections/s per core here).
+  it: about 1,000 to 2,000 connections/s per core here). Off by default: docs/performance.md ("N") has a
+  benchmark failure of the paced node that is not yet explained.
 
 ``PacedPort`` is Twisted's own ``tcp.Port`` with those two additions, so everything else (IPv6 interfaces,
 ``stopListening``, the reactor's accept loop and its error handling) stays Twisted's.
