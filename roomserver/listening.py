@@ -7,8 +7,8 @@ within a second. What the node does then decides whether they are back in second
   the handshake's last ACK: the client believes it is connected, sends its HTTP upgrade and waits while its TCP
   stack retransmits with growing delays. Measured here (one Node client, loopback): 5,000 clients at once
   against a backlog of 50 got their welcome after 30 to 57 s at p99, and up to 6 % of them waited more than a
-  minute; with a backlog of 4,096 every one was in within 4 to 5.5 s (10,000 at once: docs/performance.md, "N"). ``backlog`` defaults to 4,096
-  (Linux caps it at ``net.core.somaxconn``, 4,096 on current kernels).
+  minute; with a backlog of 4,096 every one was in within 4 to 5.5 s (10,000 at once: docs/performance.md,
+  "N"). ``backlog`` defaults to 4,096 (Linux caps it at ``net.core.somaxconn``, 4,096 on current kernels).
 - **The accept rate** (``accept_rate`` connections per second, bursts of ``accept_burst``; off by default).
   Every accepted connection gets ``open_handshake_timeout`` seconds to finish its handshake, and costs a few
   hundred microseconds of CPU to do so. A node that accepts a whole storm at once can end up with more accepted
