@@ -82,3 +82,23 @@ def test_workers_bench_measures_every_process_and_the_spread(bench_deps: None, t
         assert math.isclose(sum(result["server_cpu_s_by_pid"].values()), result["server_cpu_s"], abs_tol=1e-9)
         assert result["watch_cpu_s"]["redis"] >= 0 and result["loadgen_cpu_pct"] > 0
         assert result["machine_cpu_pct"] >= result["loadgen_cpu_pct"]
+
+
+def test_storm_scenario_serves_every_client_and_reports_its_figures(bench_deps: None, tmp_path: Path) -> None:
+    """The reconnect storm, tiny (500 connections opened at once), against roomserver with and without an accept
+    rate: every client gets its welcome, none gives up, and the figures are in order."""
+    out_json = tmp_path / "storm.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--runs", "1", "--scale", "0.05", "--servers",
+         "roomserver,roomserver-paced", "--scenarios", "storm", "--json", str(out_json), "--log-dir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=240, check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out_json.read_text())
+    assert report["failures"] == []
+    for entry in report["results"]:
+        result = entry["runs"][0]
+        assert (result["connections"], result["served"], result["failed"]) == (500, 500, 0), entry["server"]
+        assert 0 < result["welcome_p50_s"] <= result["welcome_p99_s"] <= result["welcome_last_s"] < 60
+        assert result["rss_peak_kib"] >= result["rss_settled_kib"] > 0
+        assert result["cpu_us_per_connection"] > 0
