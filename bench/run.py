@@ -254,18 +254,22 @@ def collector_pauses(server: ServerProcess) -> dict[str, float]:
     except OSError:
         return {}
     samples = {}
+    drops: dict[str, float] = {}
     for line in text.splitlines():
+        key, _, value = line.rpartition(" ")
         if line.startswith("roomserver_gc_pause_"):
-            key, _, value = line.rpartition(" ")
             samples[key] = float(value)
+        elif line.startswith("roomserver_drops_total{reason="):
+            drops[f"drops_{key.split(chr(34))[1]}"] = float(value)  # why the server dropped connections
     if not samples:
-        return {}  # a checkout from before the pauses were measured
+        return drops  # a checkout from before the pauses were measured
     full = '{generation="2"}'
     return {
         "gc_full_collections": samples.get(f"roomserver_gc_pause_seconds_count{full}", 0.0),
         "gc_full_pause_max_ms": 1000 * samples.get(f"roomserver_gc_pause_max_seconds{full}", 0.0),
         "gc_pause_total_ms": 1000 * sum(value for key, value in samples.items()
                                         if key.startswith("roomserver_gc_pause_seconds_sum")),
+        **drops,
     }
 
 
@@ -302,6 +306,8 @@ def run(servers: Sequence[str], scenarios: Sequence[str], runs: int, scale: floa
                     + " ".join(f"{m}={_fmt(result.get(m))}" for m in scenario.metrics)
                     + f" loadgen_cpu={_fmt(result.get('loadgen_cpu_pct'))}%"
                     + "".join(f" {key}={_fmt(result[key])}" for key in GC_FIGURES if key in result)
+                    + "".join(f" {key}={_fmt(value)}" for key, value in sorted(result.items())
+                              if key.startswith("drops_"))
                     + (f" ERRORS={errors} {result.get('first_error', '')}" if errors else "")
                 )
     return results
