@@ -16,8 +16,9 @@ within a second. What the node does then decides whether they are back in second
   its live clients of CPU meanwhile. With a rate, the port stops reading while its bucket is empty: the kernel
   keeps the rest in its accept queue, for free, until the node takes them, and what the node accepts it can
   serve. The rate should sit below what the node can hand-shake (``bench.run --scenarios connect`` measures
-  it: about 1,000 to 2,000 connections/s per core here). Off by default: docs/performance.md ("N") has a
-  benchmark failure of the paced node that is not yet explained.
+  it: about 1,000 to 2,000 connections/s per core here). Off by default: the right rate depends on the
+  machine, and with the backlog and the handshake deadline's extension (roomserver/transport.py) an unpaced
+  node already served every client of a 10,000-connection storm here (docs/performance.md, "N").
 
 ``PacedPort`` is Twisted's own ``tcp.Port`` with those two additions, so everything else (IPv6 interfaces,
 ``stopListening``, the reactor's accept loop and its error handling) stays Twisted's.
