@@ -27,6 +27,7 @@ within a second. What the node does then decides whether they are back in second
 from __future__ import annotations
 
 import socket
+from dataclasses import KW_ONLY, dataclass
 from typing import Any, NamedTuple
 
 from twisted.internet import defer, tcp
@@ -164,17 +165,17 @@ class PacedPort(tcp.Port):
     stopListening = loseConnection
 
 
+@dataclass(frozen=True)
 class PacedEndpoint:
     """``IStreamServerEndpoint`` listening with a ``PacedPort``."""
 
-    def __init__(self, reactor: Any, port: int, interface: str = "", *, backlog: int = BACKLOG,
-                 reuse_port: bool = False, pacer: AcceptPacer | None = None) -> None:
-        self.reactor = reactor
-        self.port = port
-        self.interface = interface
-        self.backlog = backlog
-        self.reuse_port = reuse_port
-        self.pacer = pacer
+    reactor: Any
+    port: int
+    interface: str = ""
+    _: KW_ONLY
+    backlog: int = BACKLOG
+    reuse_port: bool = False
+    pacer: AcceptPacer | None = None
 
     def listen(self, factory: Any) -> defer.Deferred[Any]:
         port = PacedPort(self.port, factory, self.backlog, self.interface, self.reactor,
