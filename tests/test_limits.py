@@ -241,6 +241,37 @@ async def test_slow_consumer_is_dropped_with_4008_and_others_keep_pace(make_serv
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_slow_consumer_that_reads_again_in_time_gets_4008_after_what_was_queued(make_server: Any) -> None:
+    """The 4008 on the wire: the close frame leaves behind everything already queued for the member, so a client
+    that reads again within close_handshake_timeout gets its messages in order, then the close code, and knows
+    to reconnect and resume."""
+    server = await make_server(room_protocol=True, max_send_buffer=256 * 1024, rate_limit=0,
+                               max_message_size=128 * 1024)
+    stalled = await RawClient.connect(server, recv_buffer=4096)
+    await stalled.read_frame()
+    stalled.send(frame(0x1, json.dumps({"type": "join", "room": "r"}).encode()))
+    await stalled.read_frame()
+    publisher = await joined(server)
+    text = "x" * 32 * 1024
+    for _ in range(400):
+        await publisher.send({"type": "chat", "room": "r", "text": text})
+        await publisher.recv()
+        if server.get_stats().drops.get("slow_consumer"):
+            break
+    assert server.get_stats().drops["slow_consumer"] == 1
+    seqs = []
+    while True:
+        opcode, payload = await stalled.read_frame()
+        if opcode == 0x8:
+            break
+        seqs.append(json.loads(payload)["seq"])
+    assert int.from_bytes(payload[:2], "big") == 4008
+    assert payload[2:].decode().startswith("slow consumer")
+    assert seqs == list(range(1, len(seqs) + 1))  # in order, none missing before the close
+    stalled.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_ping_flooder_that_never_reads_is_a_slow_consumer(make_server: Any) -> None:
     server = await make_server(max_send_buffer=128 * 1024, max_message_size=16 * 1024)
     raw = await RawClient.connect(server, recv_buffer=4096)
