@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 from typing import Any
 
 import pytest_twisted
@@ -11,7 +12,7 @@ from twisted.internet import defer
 
 from roomserver import Client
 
-from .support import RawClient, WSClient, aio, eventually, logged_errors, url_of
+from .support import RawClient, WSClient, aio, eventually, frame, logged_errors, url_of
 
 MEMBERS = 100
 PUBLISHERS = 20
@@ -87,6 +88,34 @@ async def test_abrupt_drops_leave_no_rooms_clients_or_timers(make_server: Any) -
     await eventually(lambda: len(reactor.getDelayedCalls()) <= baseline_calls, timeout=5)
     gc.collect()
     assert not [obj for obj in gc.get_objects() if isinstance(obj, Client) and obj._server is server]
+
+
+@pytest_twisted.ensureDeferred
+async def test_requests_after_a_close_frame_or_a_reset_never_reach_a_room(make_server: Any) -> None:
+    """A join and a chat that follow the client's own close frame in the same read are not acted upon (the
+    connection is closing), and a join sent just before a reset leaves no dead member behind: the room's only
+    member sees no ghost chat, and the registry holds live connections only."""
+    server = await make_server(room_protocol=True, rate_limit=0)
+    watcher = await WSClient.connect(url_of(server))
+    await watcher.recv()
+    await watcher.request({"type": "join", "room": "r"})
+    join = frame(0x1, json.dumps({"type": "join", "room": "r"}).encode())
+    ghost = frame(0x1, json.dumps({"type": "chat", "room": "r", "text": "ghost"}).encode())
+    for _ in range(20):  # the close frame first: what follows it in the same read is not acted upon
+        closing = await RawClient.connect(server)
+        await closing.read_frame()
+        closing.send(frame(0x8, (1000).to_bytes(2, "big")) + join + ghost)
+        assert await closing.close_code() == 1000
+    await watcher.send({"type": "chat", "room": "r", "text": "last"})
+    assert (await watcher.recv())["text"] == "last"  # no ghost before it
+    for _ in range(20):  # a join, then a reset: processed or not, it leaves no dead member behind
+        resetting = await RawClient.connect(server)
+        await resetting.read_frame()
+        resetting.send(join + ghost)
+        resetting.writer.transport.abort()
+    await eventually(lambda: server.get_stats().connections == 1, timeout=10)
+    await eventually(lambda: len(server.get_room("r").clients) == 1, timeout=5)
+    assert server.registry.member_count() == 1
 
 
 @pytest_twisted.ensureDeferred
