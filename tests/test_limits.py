@@ -164,6 +164,24 @@ async def test_slowloris_is_cut_at_the_open_handshake_timeout(make_server: Any) 
 
 
 @pytest_twisted.ensureDeferred
+async def test_five_hundred_slowloris_sockets_are_all_cut_while_real_clients_get_in(make_server: Any) -> None:
+    """RELIABILITY H1, scaled to 500 sockets: each sends part of a request head and never ends it. Every one is
+    cut at the deadline (none is mistaken for a head waiting unread), and clients connecting during the attack
+    are served."""
+    server = await make_server(open_handshake_timeout=1.0, room_protocol=True, max_clients=2000)
+    attackers = [await RawClient.open_tcp(server) for _ in range(500)]
+    for raw in attackers:
+        raw.send(b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n")
+    legit = [await joined(server, f"r{i}") for i in range(20)]
+    for raw in attackers:
+        assert await raw.at_eof(timeout=5)
+    await eventually(lambda: server.get_stats().drops.get("handshake_timeout") == 500, timeout=5)
+    for i, ws in enumerate(legit):
+        assert (await ws.request({"type": "chat", "room": f"r{i}", "text": "alive"}))["text"] == "alive"
+    assert server.get_stats().connections == 20
+
+
+@pytest_twisted.ensureDeferred
 async def test_completed_handshake_is_not_cut(make_server: Any) -> None:
     server = await make_server(open_handshake_timeout=1.0, room_protocol=True)
     ws = await joined(server)
