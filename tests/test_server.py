@@ -195,6 +195,34 @@ async def test_max_clients_refuses_with_503_and_keeps_nothing(make_server: Any) 
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_hundred_over_max_clients_all_get_503_and_the_members_keep_chatting(make_server: Any) -> None:
+    """RELIABILITY H4: max_clients 20, then 100 more at once: each extra one gets 503, none of the 20 is dropped,
+    and they still chat."""
+    import asyncio
+
+    server = await make_server(max_clients=20, room_protocol=True)
+    members = [await WSClient.connect(url_of(server)) for _ in range(20)]
+    for ws in members:
+        await ws.recv()
+        await ws.request({"type": "join", "room": "full"})
+
+    async def refused() -> int:
+        try:
+            await websockets.connect(url_of(server), open_timeout=10)
+        except websockets.InvalidStatus as error:
+            return error.response.status_code
+        return 101
+
+    statuses = await aio(asyncio.gather(*(refused() for _ in range(100))))
+    assert statuses == [503] * 100
+    assert server.get_stats().drops["server_full"] == 100
+    await members[0].send({"type": "chat", "room": "full", "text": "still here"})
+    for ws in members:
+        assert (await ws.recv())["text"] == "still here"
+    assert server.get_stats().connections == 20
+
+
+@pytest_twisted.ensureDeferred
 async def test_heartbeat_drops_a_silent_peer(make_server: Any) -> None:
     """A peer that completes the handshake and then never answers pings (a pulled cable) is dropped and
     cleaned up within two intervals."""
