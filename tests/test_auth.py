@@ -94,6 +94,33 @@ async def test_no_auth_message_in_time_closes_1008(make_server: Any, secret_file
 
 
 @pytest_twisted.ensureDeferred
+async def test_two_hundred_silent_connections_all_close_1008_and_leave_no_timer(
+        make_server: Any, secret_file: str) -> None:
+    """RELIABILITY A3, scaled: 200 connections that never authenticate are all closed with 1008 at the auth
+    timeout, and afterwards the reactor holds no timer more than before they came."""
+    from twisted.internet import reactor
+
+    server = await make_server(room_protocol=True, jwt_secret_file=secret_file, auth_timeout=0.5,
+                               ping_interval=30)
+    baseline = len(reactor.getDelayedCalls())
+    silent = await aio(asyncio.gather(*(_connect(url_of(server)) for _ in range(200))))
+    codes = await aio(asyncio.gather(*(_close_code(ws) for ws in silent)))
+    assert codes == [1008] * 200
+    assert server.get_stats().drops["auth_timeout"] == 200
+    await eventually(lambda: server.get_stats().connections == 0, timeout=5)
+    await eventually(lambda: len(reactor.getDelayedCalls()) <= baseline, timeout=5)
+
+
+async def _connect(url: str) -> Any:
+    return await websockets.connect(url, open_timeout=10, ping_interval=None)
+
+
+async def _close_code(ws: Any) -> int | None:
+    await asyncio.wait_for(ws.wait_closed(), 10)
+    return ws.protocol.close_rcvd.code if ws.protocol.close_rcvd is not None else None
+
+
+@pytest_twisted.ensureDeferred
 async def test_expiring_token_closes_4001_unless_refreshed(make_server: Any, secret_file: str) -> None:
     server = await make_server(room_protocol=True, jwt_secret_file=secret_file)
     expiring = await authed(server, make_token("carol", exp=time.time() + 0.6))
