@@ -231,25 +231,40 @@ async def test_same_origin_is_the_default(make_server: Any) -> None:
     assert server.get_stats().drops["origin_refused"] == 1
 
 
-@pytest_twisted.ensureDeferred
-async def test_slow_consumer_is_dropped_with_4008_and_others_keep_pace(make_server: Any) -> None:
-    """A member that stops reading is dropped once its queue passes max_send_buffer; the reader keeps up."""
-    server = await make_server(room_protocol=True, max_send_buffer=256 * 1024, rate_limit=0,
-                               max_message_size=128 * 1024)
-    reader = await joined(server)
+SLOW_CONSUMER_OPTIONS = {"room_protocol": True, "max_send_buffer": 256 * 1024, "rate_limit": 0,
+                         "max_message_size": 128 * 1024}
+
+
+async def stalled_member(server: Any) -> tuple[RawClient, WSClient]:
+    """A member of room "r" that reads no more (a 4 KiB receive buffer), and a publisher in the same room."""
     stalled = await RawClient.connect(server, recv_buffer=4096)
     await stalled.read_frame()
     stalled.send(frame(0x1, json.dumps({"type": "join", "room": "r"}).encode()))
     await stalled.read_frame()
-    publisher = await joined(server)
+    return stalled, await joined(server)
+
+
+async def publish_until_dropped(server: Any, publisher: WSClient, reader: WSClient | None = None) -> None:
+    """32 KiB chats to room "r" until the server drops the stalled member as a slow consumer (at most 12.8 MiB:
+    far beyond every kernel buffer on loopback); ``reader`` keeps reading them."""
     text = "x" * 32 * 1024
-    for _ in range(400):  # up to 12.8 MiB for the stalled client: far beyond every kernel buffer on loopback
+    for _ in range(400):
         await publisher.send({"type": "chat", "room": "r", "text": text})
         await publisher.recv()
-        await reader.recv()
+        if reader is not None:
+            await reader.recv()
         if server.get_stats().drops.get("slow_consumer"):
             break
     assert server.get_stats().drops["slow_consumer"] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_slow_consumer_is_dropped_with_4008_and_others_keep_pace(make_server: Any) -> None:
+    """A member that stops reading is dropped once its queue passes max_send_buffer; the reader keeps up."""
+    server = await make_server(**SLOW_CONSUMER_OPTIONS)
+    reader = await joined(server)
+    stalled, publisher = await stalled_member(server)
+    await publish_until_dropped(server, publisher, reader)
     await eventually(lambda: len(server.get_room("r").clients) == 2, timeout=5)
     # the close frame sits behind everything queued; the connection is gone within the close timeout
     await eventually(lambda: server.get_stats().connections == 2, timeout=5)
@@ -263,20 +278,9 @@ async def test_a_slow_consumer_that_reads_again_in_time_gets_4008_after_what_was
     """The 4008 on the wire: the close frame leaves behind everything already queued for the member, so a client
     that reads again within close_handshake_timeout gets its messages in order, then the close code, and knows
     to reconnect and resume."""
-    server = await make_server(room_protocol=True, max_send_buffer=256 * 1024, rate_limit=0,
-                               max_message_size=128 * 1024)
-    stalled = await RawClient.connect(server, recv_buffer=4096)
-    await stalled.read_frame()
-    stalled.send(frame(0x1, json.dumps({"type": "join", "room": "r"}).encode()))
-    await stalled.read_frame()
-    publisher = await joined(server)
-    text = "x" * 32 * 1024
-    for _ in range(400):
-        await publisher.send({"type": "chat", "room": "r", "text": text})
-        await publisher.recv()
-        if server.get_stats().drops.get("slow_consumer"):
-            break
-    assert server.get_stats().drops["slow_consumer"] == 1
+    server = await make_server(**SLOW_CONSUMER_OPTIONS)
+    stalled, publisher = await stalled_member(server)
+    await publish_until_dropped(server, publisher)
     seqs = []
     while True:
         opcode, payload = await stalled.read_frame()
