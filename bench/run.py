@@ -243,9 +243,10 @@ def run_scenario(server: ServerProcess, config: dict[str, Any], timeout: float) 
     return result
 
 
-def collector_pauses(server: ServerProcess) -> dict[str, float]:
-    """The garbage collector's pauses over a roomserver's life (connection set-up included), read from its
-    /metrics; empty for the peers, which have none. Reported beside the figures, not compared between servers."""
+def server_figures(server: ServerProcess) -> dict[str, float]:
+    """A roomserver's own figures from its /metrics: the garbage collector's pauses over its life (connection
+    set-up included) and the connections it dropped, by reason; empty for the peers, which have neither.
+    Reported beside the figures, not compared between servers."""
     if not server.name.startswith("roomserver") and server.name not in BASELINES:
         return {}
     try:
@@ -292,7 +293,7 @@ def run(servers: Sequence[str], scenarios: Sequence[str], runs: int, scale: floa
                 try:
                     server.wait_ready()
                     result = measure(server, scenario.at_scale(scale), 600)
-                    result.update(collector_pauses(server))
+                    result.update(server_figures(server))
                 except Exception as exc:  # a failing peer must not hide the others' figures
                     results.failures.append(f"run {run_index + 1} {scenario_name} {server_name}: {exc}")
                     progress(f"  FAILED {scenario_name} {server_name}: {exc}")

@@ -133,7 +133,7 @@ class PacedPort(tcp.Port):
         now = self.reactor.seconds()
         allowance = pacer.allowance(now)
         if allowance < 1:
-            self._pause(pacer)
+            self._pause(pacer, now)
             return
         # Twisted's accept loop takes up to numberAccepts connections per call (and grows it under load).
         self.numberAccepts = min(self.numberAccepts, allowance)
@@ -141,10 +141,10 @@ class PacedPort(tcp.Port):
         super().doRead()
         pacer.spend(now, self.sessionno - before)
 
-    def _pause(self, pacer: AcceptPacer) -> None:
+    def _pause(self, pacer: AcceptPacer, now: float) -> None:
         self.stopReading()
         pacer.pauses += 1
-        self._paused_at = self.reactor.seconds()
+        self._paused_at = now
         self._resume = self.reactor.callLater(pacer.delay(), self._read_again)
 
     def _read_again(self) -> None:

@@ -40,8 +40,9 @@ class ServerOptions:
     accept_burst: int = 100
     """Connections accepted in a burst above ``accept_rate``."""
     reuse_port: bool = False
-    """Listen with ``SO_REUSEPORT`` (``port`` must be a number), so several processes share the port and the
-    kernel spreads connections over them; what ``twistd roomserver --workers N`` uses (docs/cluster.md)."""
+    """Listen with ``SO_REUSEPORT`` (``port`` must be a number or a ``tcp:`` description), so several processes
+    share the port and the kernel spreads connections over them; what ``twistd roomserver --workers N`` uses
+    (docs/cluster.md)."""
     room_protocol: bool = False
     """Serve the built-in JSON room protocol (what ``twistd roomserver`` runs)."""
     max_message_size: int = 1 * MIB

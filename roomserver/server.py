@@ -155,7 +155,10 @@ class WebSocketServer:
         self._stopping = False
         self._drained: set[Client] = set()  # told to reconnect (stop() is draining them): chats are refused
         self._listening: Any = None  # IListeningPort once started
-        self.accept_pacer: AcceptPacer | None = None  # with accept_rate, once started
+        # ServerOptions allows an accept rate for TCP ports only, which _endpoint listens on with this pacer.
+        self.accept_pacer = (
+            AcceptPacer(self.options.accept_rate, self.options.accept_burst, self.reactor.seconds())
+            if self.options.accept_rate > 0 else None)
         self.observers = Observers()
         self.observers.add(ConnectionLog(self.reactor))
         self.factory = RoomServerFactory(self, self.options)
@@ -345,8 +348,6 @@ class WebSocketServer:
             address = tcp_address(options.port, options.host)
         except ValueError:
             return endpoints.serverFromString(self.reactor, str(options.port))
-        self.accept_pacer = (AcceptPacer(options.accept_rate, options.accept_burst, self.reactor.seconds())
-                             if options.accept_rate > 0 else None)
         return PacedEndpoint(self.reactor, address.port, address.interface,
                              backlog=address.backlog or options.backlog, reuse_port=options.reuse_port,
                              pacer=self.accept_pacer)

@@ -144,9 +144,11 @@ class WriteBatcher:
             self.scheduled = True
             self.started = self.reactor.seconds()
             self.reactor.callLater(0, self.flush)
-        elif not len(dirty) % self.CHECK_EVERY and self.reactor.seconds() - self.started > self.max_hold:
-            self._flush_dirty()
-            self.started = self.reactor.seconds()
+        elif not len(dirty) % self.CHECK_EVERY:
+            now = self.reactor.seconds()
+            if now - self.started > self.max_hold:
+                self._flush_dirty()
+                self.started = now
 
     def flush(self) -> None:
         self.scheduled = False
