@@ -15,6 +15,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -45,12 +46,14 @@ class Counting(protocol.Factory):
         return built
 
 
-@pytest.fixture
-def paced() -> Iterator[tuple[MemoryReactorClock, PacedPort, Counting, list[socket.socket]]]:
-    """A port paced at 10 connections/s with bursts of 3, listening on 127.0.0.1, driven by a fake clock."""
+@contextmanager
+def listening(pacer: AcceptPacer | None = None) -> Iterator[tuple[MemoryReactorClock, PacedPort, Counting,
+                                                                   list[socket.socket]]]:
+    """A port on 127.0.0.1 driven by a fake clock (``pacer``'s clock too), and the client sockets a test opens;
+    everything is closed afterwards."""
     reactor = MemoryReactorClock()
     factory = Counting()
-    port = PacedPort(0, factory, 50, "127.0.0.1", reactor, pacer=AcceptPacer(10, 3, reactor.seconds()))
+    port = PacedPort(0, factory, 50, "127.0.0.1", reactor, pacer=pacer)
     port.startListening()
     clients: list[socket.socket] = []
     try:
@@ -60,8 +63,15 @@ def paced() -> Iterator[tuple[MemoryReactorClock, PacedPort, Counting, list[sock
             client.close()
         for built in factory.built:
             if built.transport is not None:
-                built.transport.socket.close()
+                built.transport.socket.close()  # type: ignore[attr-defined]
         port.stopListening()
+
+
+@pytest.fixture
+def paced() -> Iterator[tuple[MemoryReactorClock, PacedPort, Counting, list[socket.socket]]]:
+    """A port paced at 10 connections/s with bursts of 3 (the fake clock starts at 0)."""
+    with listening(AcceptPacer(10, 3, 0.0)) as parts:
+        yield parts
 
 
 def connect(port: PacedPort, clients: list[socket.socket], count: int) -> None:
@@ -119,21 +129,10 @@ def test_a_paced_port_that_stops_listening_while_paused_leaves_no_timer(paced: A
 
 
 def test_an_unpaced_port_accepts_everything_waiting() -> None:
-    reactor = MemoryReactorClock()
-    factory = Counting()
-    port = PacedPort(0, factory, 50, "127.0.0.1", reactor)
-    port.startListening()
-    clients: list[socket.socket] = []
-    try:
+    with listening() as (_, port, factory, clients):
         connect(port, clients, 8)
         port.doRead()
         assert len(factory.built) == 8
-    finally:
-        for client in clients:
-            client.close()
-        for built in factory.built:
-            built.transport.socket.close()  # type: ignore[attr-defined]
-        port.stopListening()
 
 
 @pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2) to read a listening socket's backlog")
