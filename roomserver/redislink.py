@@ -103,13 +103,23 @@ class _LinkFactory(protocol.Factory):
         built.factory = self
         built.link = self.link
         built.callLater = self.link.reactor.callLater
+        # Usable once AUTH/SELECT are answered; lost whenever it closes, usable or not (see RedisLink).
+        built.whenConnected().addCallback(self.link._ready)
+        built.whenDisconnected().addCallback(self.link._disconnected)
         return built
 
     def stopTrying(self) -> None:
         """txredisapi calls this when AUTH or SELECT fails; the link keeps retrying (and logging) anyway."""
 
     def connectionError(self, why: str) -> None:
-        self.link.log.error("{name}: {why}", name=self.link.name, why=why)
+        """AUTH or SELECT failed. A refusal (a wrong password, a database that does not exist) is an operator's
+        error; an answer lost or late on a bad link (txredisapi's own two messages) is a transient one."""
+        transient = "Lost connection" in why or "Not received Redis response" in why
+        self.link.last_error = why
+        if transient:
+            self.link.log.warn("{name}: {why}; reconnecting", name=self.link.name, why=why)
+        else:
+            self.link.log.error("{name}: {why}", name=self.link.name, why=why)
 
 
 class RedisLink:
@@ -146,11 +156,12 @@ class RedisLink:
         self._waiters: list[defer.Deferred[None]] = []
         endpoint: Any = endpoints.TCP4ClientEndpoint(reactor, url.host, url.port, timeout=CONNECT_TIMEOUT)
         factory: Any = _LinkFactory(self, protocol_class)
-        self._service = ClientService(
-            endpoint, factory,
-            retryPolicy=backoffPolicy(initialDelay=0.1, maxDelay=max_delay, factor=2.0, jitter=random.random),
-            clock=reactor, prepareConnection=self._prepare,
-        )
+        self._backoff = backoffPolicy(initialDelay=0.1, maxDelay=max_delay, factor=2.0, jitter=random.random)
+        self._unready_losses = 0  # connections lost before they became usable, since the last usable one
+        # No ``prepareConnection``: Twisted's ClientService has no transition for a connection lost while it
+        # is being prepared (automat's NoTransition, and the service stays "connecting" for ever). A connection
+        # that is lost before AUTH/SELECT are answered is counted here instead, in the retry policy.
+        self._service = ClientService(endpoint, factory, retryPolicy=self._retry_delay, clock=reactor)
 
     @property
     def connected(self) -> bool:
@@ -207,35 +218,39 @@ class RedisLink:
             raise RedisUnavailable(f"{self.name}: {failure.value}")
         return failure
 
-    # -- ClientService hooks ---------------------------------------------------------------------------------
+    # -- connection hooks ------------------------------------------------------------------------------------
 
-    def _prepare(self, connection: Any) -> defer.Deferred[Any]:
-        ready: defer.Deferred[Any] = connection.whenConnected()
-        ready.addCallback(self._ready)
-        return ready
+    def _retry_delay(self, failed_attempts: int) -> float:
+        """ClientService counts failed connects only; a connection that Redis (or a proxy in front of it)
+        accepted and then lost or left unanswered before it was usable counts as a failure too, so such a loop
+        backs off instead of reconnecting every 100 ms."""
+        return float(self._backoff(failed_attempts + self._unready_losses))
 
     def _ready(self, connection: Any) -> Any:
+        if self._service.running is False:
+            connection.transport.loseConnection()
+            return None
         if is_plain_tcp(connection.transport):
             # Each command leaves in its own write: straight to the socket (two epoll_ctl calls and a reactor
             # pass fewer per command; docs/performance.md).
             connection.transport = DirectWriteTransport(connection.transport)
         self.protocol = connection
         self.last_error = None
-        connection.whenDisconnected().addCallback(self._lost)
+        self._unready_losses = 0
         self.log.info("{name}: connected to {url}", name=self.name, url=self.url)
         # on_ready first: what it sends (script loads, subscriptions) goes ahead of whatever the waiters send.
-        ready: Any = connection
         if self.on_ready is not None:
-            ready = defer.maybeDeferred(self.on_ready, connection).addErrback(
+            defer.maybeDeferred(self.on_ready, connection).addErrback(
                 lambda failure: self.log.failure("{name}: setting up the connection failed", failure,
                                                  name=self.name))
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             waiter.callback(None)
-        return ready
+        return None
 
-    def _lost(self, connection: Any) -> None:
+    def _disconnected(self, connection: Any) -> None:
         if self.protocol is not connection:
+            self._unready_losses += 1  # never became usable
             return
         self.protocol = None
         self.outages += 1
