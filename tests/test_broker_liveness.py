@@ -66,3 +66,43 @@ def test_a_connection_still_delivering_a_backlog_is_behind_not_dead() -> None:
     for _ in range(int(PING_TIMEOUT / PING_INTERVAL) + 2):  # quiet from now on, its next PING unanswered
         tick(broker, clock)
     assert connection.transport.aborted, "once nothing arrives any more, the timeout applies again"
+
+
+def test_a_slow_link_learns_its_round_trip_instead_of_reconnecting_for_ever() -> None:
+    """RELIABILITY R6: Redis two seconds away. The first connection is aborted at the 1.5 s floor (nothing is
+    known yet); the next timeout is doubled, so the next connection's pong arrives, and from then on the
+    measured round trip sets the timeout: a silent connection is still aborted, after the learned timeout."""
+    broker, connection, clock = broker_with_connection()
+    broker._ping()
+    while not connection.transport.aborted:
+        tick(broker, clock)
+    assert clock.seconds() == 2.0  # the check after 1.5 s without an answer
+    broker._subscriber_lost()
+
+    connection = FakeSubscriber()
+    broker.subscriber.protocol = connection
+    for _ in range(10):  # ten pings, each answered two seconds later and by nothing else
+        broker._ping()
+        for _ in range(4):
+            tick(broker, clock)
+            assert not connection.transport.aborted, f"aborted at {clock.seconds()} s"
+        broker._pushed(connection, [b"pong", b""])
+    learned = broker.health()["ping_timeout"]
+    assert 2.0 < learned < 3.0, "a steady two-second round trip"
+
+    broker._ping()
+    quiet = 0.0
+    while not connection.transport.aborted:  # now Redis stops answering
+        tick(broker, clock)
+        quiet += PING_INTERVAL
+    assert learned < quiet <= learned + PING_INTERVAL
+
+
+def test_a_pong_behind_messages_is_not_taken_as_a_round_trip() -> None:
+    broker, connection, clock = broker_with_connection()
+    broker._ping()
+    for step in range(8):
+        broker._pushed(connection, [b"message", b"liveness-test:c:r", b"%d other-node {}" % (step + 1)])
+        tick(broker, clock)
+    broker._pushed(connection, [b"pong", b""])
+    assert broker.round_trip.srtt is None and broker.health()["ping_timeout"] == PING_TIMEOUT

@@ -10,8 +10,12 @@ Two connections per node:
 
 No deaf node: the subscriber connection is pinged every ``PING_INTERVAL`` seconds (PING works in subscribed
 mode); a connection that is closed (``CLIENT KILL TYPE pubsub``, the output-buffer limit, a Redis restart)
-is noticed at once, one that hangs after ``PING_TIMEOUT`` seconds without a pong or any other push (a node
+is noticed at once, one that hangs once its ping timeout passes without a pong or any other push (a node
 that is only behind, its pong queued after a backlog of messages, is still receiving), when it is aborted.
+The ping timeout is learned from the pongs' round trips (``roomserver.core.roundtrip``): ``PING_TIMEOUT`` on a
+LAN, longer over a slow link (a fixed 1.5 s would abort every connection of a node whose round trip to Redis
+is 2 s before its first pong, and that node would never hear the cluster again), at most
+``PING_TIMEOUT_CEILING``.
 Either way the broker reports itself unhealthy (the node says ``degraded``), reconnects with backoff,
 subscribes to every room again, and once Redis confirmed the subscriptions, calls ``on_resubscribed`` so the
 node fetches what its members missed from the room streams.
@@ -38,6 +42,7 @@ import orjson
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
+from ..core.roundtrip import RoundTrip
 from ..interfaces import BrokerError
 from ..redislink import LinkProtocol, RedisLink, RedisUnavailable, RedisURL
 
@@ -58,6 +63,7 @@ return {count, nodes}
 """
 PING_INTERVAL = 0.5
 PING_TIMEOUT = 1.5
+PING_TIMEOUT_CEILING = 15.0
 START_TIMEOUT = 5.0
 SUBSCRIBE_CHUNK = 500
 
@@ -105,8 +111,11 @@ class RedisBroker:
         self._on_resubscribed: Callable[[], None] | None = None
         self._on_subscribed: Callable[[str], None] | None = None
         self._ping_sent: float | None = None
+        self.round_trip = RoundTrip(PING_TIMEOUT, PING_TIMEOUT_CEILING)
+        """The subscriber connection's round trip to Redis, measured by its pongs: sets the ping timeout."""
         self._pushes = 0  # pushes received on the subscriber connection (messages, confirmations, pongs)
         self._pushes_seen = 0  # ``_pushes`` at the last liveness check
+        self._pushes_at_ping = 0  # ``_pushes`` when the last PING was sent
         self._progress_at = 0.0  # when the last liveness check found new pushes
         self._sync_pending = False
         self._pinger: task.LoopingCall | None = None
@@ -131,8 +140,7 @@ class RedisBroker:
         Subscriber.broker = broker
         self.publisher = RedisLink(self.url, reactor, name="redis broker (publish)", on_ready=self._publisher_ready)
         self.subscriber = RedisLink(self.url, reactor, name="redis broker (subscribe)", protocol_class=Subscriber,
-                                    on_ready=self._subscriber_ready, on_lost=self._subscriber_lost,
-                                    reply_timeout=PING_TIMEOUT * 2)
+                                    on_ready=self._subscriber_ready, on_lost=self._subscriber_lost)
 
     def __repr__(self) -> str:
         return f"RedisBroker({str(self.url)!r}, node={self.node_id})"
@@ -199,6 +207,7 @@ class RedisBroker:
             "published": self.published + (self._fused.published if self._fused is not None else 0),
             "fused": self._fused is not None,
             "outages": self.subscriber.outages + self.publisher.outages,
+            "ping_timeout": round(self.round_trip.timeout, 3),
         }
         if self.cluster_view is not None:
             report["cluster"] = self.cluster_view
@@ -276,8 +285,12 @@ class RedisBroker:
         for start in range(0, len(channels), SUBSCRIBE_CHUNK):
             connection.send("SUBSCRIBE", *channels[start:start + SUBSCRIBE_CHUNK])
         self._sync_pending = True
-        self._ping_sent = self.reactor.seconds()
+        self._sent_ping()
         connection.send("PING")
+
+    def _sent_ping(self) -> None:
+        self._ping_sent = self.reactor.seconds()
+        self._pushes_at_ping = self._pushes
 
     def _subscriber_lost(self) -> None:
         self.subscribed = False
@@ -296,13 +309,15 @@ class RedisBroker:
             self._pushes_seen = self._pushes
             self._progress_at = now
         if self._ping_sent is not None:
-            if now - max(self._ping_sent, self._progress_at) > PING_TIMEOUT:
-                self.log.warn("redis broker: the subscriber connection stopped answering; reconnecting")
+            if now - max(self._ping_sent, self._progress_at) > self.round_trip.timeout:
+                self.log.warn("redis broker: the subscriber connection stopped answering for {timeout:.1f} s; "
+                              "reconnecting", timeout=self.round_trip.timeout)
+                self.round_trip.timed_out()
                 self.subscribed = False
                 if connection.transport is not None:
                     connection.transport.abortConnection()
             return
-        self._ping_sent = now
+        self._sent_ping()
         connection.send("PING")
 
     def _pushed(self, connection: Any, reply: list[Any]) -> None:
@@ -321,6 +336,10 @@ class RedisBroker:
                 if room in self.rooms:
                     self._on_subscribed(room)
         elif kind == b"pong":
+            if self._ping_sent is not None and self._pushes == self._pushes_at_ping + 1:
+                # Only a pong that nothing else came before is a round trip; one queued behind messages or
+                # subscription confirmations measures the queue (Karn's rule: ambiguous samples are not taken).
+                self.round_trip.measured(self.reactor.seconds() - self._ping_sent)
             self._ping_sent = None
             if self._sync_pending:
                 self._sync_pending = False
