@@ -31,6 +31,7 @@ from .core.rooms import Room
 from .core.sequencer import Fetch, RoomSequence, Step
 from .core.stats import NODE_DEGRADED, NODE_DRAINING, NODE_OK, ClusterStats, RateMeter, cluster_from_view, single_node
 from .interfaces import Broker
+from .outagelog import OutageLog
 
 if TYPE_CHECKING:
     from .server import WebSocketServer
@@ -55,6 +56,7 @@ class Relay:
         self.resets = 0
         self.fused = False  # the store publishes what it appends (``Broker.fuse``): ``stored`` publishes nothing
         self.rates = RateMeter()
+        self.outages = OutageLog(self.log, server.reactor)
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
@@ -159,8 +161,7 @@ class Relay:
 
         def failed(failure: Failure) -> None:
             if self.sequences.get(name) is sequence:
-                self.log.warn("could not read the last seq of room {room}: {error}; retrying", room=name,
-                              error=failure.getErrorMessage())
+                self.outages.failed("could not read the last seq of room {room} (retrying)", failure, room=name)
                 self.server.reactor.callLater(  # type: ignore[attr-defined]
                     RETRY_DELAY, self._read_baseline, name, sequence)
 
@@ -233,8 +234,7 @@ class Relay:
             if self.sequences.get(name) is not sequence:
                 return
             sequence.failed(fetch)
-            self.log.warn("room {room}: could not fetch missed messages ({error}); retrying", room=name,
-                          error=failure.getErrorMessage())
+            self.outages.failed("room {room}: could not fetch missed messages (retrying)", failure, room=name)
             self.server.reactor.callLater(RETRY_DELAY, self._retry, name, sequence)  # type: ignore[attr-defined]
 
         self.server.durable.store.read(name, since=fetch.since, before=fetch.before, limit=fetch.limit

@@ -51,6 +51,7 @@ from .core.history import (
 from .core.rooms import Room
 from .core.session import Announce, Append, ReadHistory, Replay, TakeOver
 from .interfaces import RoomRecord, Store
+from .outagelog import OutageLog
 from .store import create_store
 
 if TYPE_CHECKING:
@@ -164,6 +165,7 @@ class DurableRooms:
         self.clock = clock if clock is not None else server.reactor
         self.store: Store = store if store is not None else create_store(server.options, server.reactor, clock)
         self.pipeline = AppendPipeline(self.store, self.clock.callLater)
+        self.outages = OutageLog(self.log, self.clock)
         self._append_now: Callable[[str, Sequence[NewMessage]], list[Appended]] | None = getattr(
             self.store, "append_now", None)
         self.replaying: dict[str, dict[Any, ReplayState]] = {}
@@ -291,7 +293,7 @@ class DurableRooms:
         self.server._reply(client, messages.ack(result.seq, effect.request_id, effect.msg_id, result.duplicate))
 
     def _append_failed(self, failure: Failure, client: Client, effect: Append) -> None:
-        self.log.failure("could not store a message for room {room}", failure, room=effect.room)
+        self.outages.failed("could not store a message for room {room}", failure, room=effect.room)
         event = messages.error(ErrorCode.UNAVAILABLE, "the message could not be stored, so it was not sent; "
                                "retry later (with the same msg_id)", effect.request_id, room=effect.room)
         if effect.msg_id is not None:
@@ -311,7 +313,7 @@ class DurableRooms:
         self.server.send_payload(client, payload, False)
 
     def _history_failed(self, failure: Failure, client: Client, effect: ReadHistory) -> None:
-        self.log.failure("could not read the history of room {room}", failure, room=effect.room)
+        self.outages.failed("could not read the history of room {room}", failure, room=effect.room)
         self.server._reply(client, messages.error(ErrorCode.UNAVAILABLE, "the history is unavailable right now",
                                                   effect.request_id, room=effect.room))
 
@@ -361,7 +363,7 @@ class DurableRooms:
                 self._run_followers(client, state)
 
         members.addCallback(send).addErrback(
-            lambda failure: self.log.failure("could not answer a join in room {room}", failure, room=room))
+            lambda failure: self.outages.failed("could not answer a join in room {room}", failure, room=room))
 
     def hold_back(
         self,
@@ -467,7 +469,7 @@ class DurableRooms:
         return wanted is None or bool(wanted.wants("chat"))
 
     def _replay_failed(self, failure: Failure, client: Client, effect: Replay, state: ReplayState) -> None:
-        self.log.failure("could not replay the history of room {room}", failure, room=effect.room)
+        self.outages.failed("could not replay the history of room {room}", failure, room=effect.room)
         if not self._end_replay(client, effect.room, state):
             return
         self._run_followers(client, state)
