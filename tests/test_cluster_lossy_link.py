@@ -1,0 +1,131 @@
+"""RELIABILITY R6: a slow, lossy link between the nodes and Redis (toxiproxy's latency and loss, here
+``tests/fault_proxy.py``): every member sees every seq of its room exactly once, in order.
+
+Two nodes (in this process) reach a dedicated ``redis-server`` only through the fault proxy, for both the store
+and the broker. Members on both nodes, a publisher that sends again what a node refused with ``unavailable``
+(the same ``msg_id``, so a chat stored before its reply was lost is stored once). While it publishes, the link
+gets the matrix's two-second round trip (with jitter), 30 % loss (retransmission stalls), replies cut into
+five-byte pieces, and every connection to Redis is reset twice. A node's subscriber connection must learn that
+round trip (a fixed 1.5 s ping timeout aborted every connection before its first pong, and the node never
+heard the other again), and a connection lost before Redis answered its SELECT must be retried (Twisted's
+ClientService stayed "connecting" for ever).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest_twisted
+
+from roomserver import WebSocketServer
+
+from .cluster_support import Member, open_ws
+from .fault_proxy import FaultProxy, Faults
+from .redis_support import RedisServer
+from .support import aio, logged_errors, url_of
+
+
+@pytest_twisted.async_yield_fixture
+async def lossy_redis(tmp_path: Path) -> AsyncIterator[FaultProxy]:
+    redis = RedisServer(tmp_path)
+    redis.start()
+    proxy = FaultProxy(redis.port)
+    await aio(proxy.start())
+    yield proxy
+    await aio(proxy.stop())
+    redis.stop()
+
+
+class RetryingPublisher:
+    """Sends ``total`` chats through one node with at most ``window`` unanswered; a chat refused with
+    ``unavailable`` is sent again (same ``msg_id``) a little later, as a client library would."""
+
+    def __init__(self, url: str, room: str, total: int, window: int) -> None:
+        self.url, self.room, self.total, self.window = url, room, total, window
+        self.acked: dict[int, int] = {}  # message number -> seq
+        self.refused = 0
+        self.duplicates = 0
+
+    async def run(self) -> None:
+        ws, _ = await open_ws([self.url])
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 120
+        try:
+            await asyncio.wait_for(ws.recv(), 10)
+            await ws.send(json.dumps({"type": "join", "room": self.room}))
+            pending: list[int] = list(range(self.total, 0, -1))  # a stack: the next to send is last
+            retries: list[tuple[float, int]] = []  # (when, message number), refused ones to send again
+            in_flight = 0
+            while len(self.acked) < self.total:
+                assert loop.time() < deadline, f"{len(self.acked)} of {self.total} acknowledged"
+                pending.extend(number for when, number in retries if when <= loop.time())
+                retries = [(when, number) for when, number in retries if when > loop.time()]
+                while pending and in_flight < self.window:
+                    number = pending.pop()
+                    await ws.send(json.dumps({"type": "chat", "room": self.room, "text": f"m{number}",
+                                              "id": number, "msg_id": f"m{number}"}))
+                    in_flight += 1
+                try:
+                    message = json.loads(await asyncio.wait_for(ws.recv(), 0.1))
+                except TimeoutError:
+                    continue
+                if message["type"] == "ack":
+                    in_flight -= 1
+                    self.acked[message["id"]] = message["seq"]
+                    self.duplicates += bool(message.get("duplicate"))
+                elif message["type"] == "error":
+                    assert message["code"] == "unavailable", message
+                    in_flight -= 1
+                    self.refused += 1
+                    retries.append((loop.time() + 0.2, int(message["msg_id"][1:])))
+                else:
+                    assert message["type"] in ("chat", "joined"), message
+        finally:
+            ws.transport.abort()
+
+
+async def settle(condition: Any, timeout: float) -> None:
+    for _ in range(int(timeout / 0.05)):
+        if condition():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("not settled in time")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_slow_lossy_link_to_redis_keeps_every_rooms_order_without_gaps_or_duplicates(
+        make_server: Any, lossy_redis: FaultProxy) -> None:
+    proxy = lossy_redis
+    nodes: list[WebSocketServer] = [
+        await make_server(room_protocol=True, store=proxy.url, broker=proxy.url, rate_limit=0) for _ in range(2)]
+    total = 100
+    rooms = ("lossy-a", "lossy-b")
+    members = [Member([url_of(node)], room, total) for room in rooms for node in (nodes[0], nodes[1], nodes[1])]
+    tasks = [asyncio.ensure_future(member.run()) for member in members]
+    await aio(asyncio.wait_for(asyncio.gather(*(member.ready.wait() for member in members)), 10))
+
+    # The matrix's link: a two-second round trip (one second each way, give or take half a second), 30 % loss.
+    proxy.faults = Faults(latency=1.0, jitter=0.5, loss=0.3, slice_to=5)
+    publishers = [RetryingPublisher(url_of(nodes[i]), room, total, window=20) for i, room in enumerate(rooms)]
+    with logged_errors() as problems:
+        publishing = asyncio.ensure_future(asyncio.gather(*(publisher.run() for publisher in publishers)))
+        for fraction in (3, 2):  # reset every Redis connection at a third and at half of the way
+            await aio(settle(lambda f=fraction: min(len(p.acked) for p in publishers) >= total // f, timeout=60))
+            assert proxy.reset_all() >= 4, "both nodes' store and subscriber connections were cut"
+        await aio(asyncio.wait_for(publishing, 120))
+        await aio(asyncio.wait_for(asyncio.gather(*tasks), 60))
+    assert not problems, "a slow link is expected trouble: warnings, not errors"
+
+    for publisher in publishers:
+        assert sorted(publisher.acked.values()) == list(range(1, total + 1)), "one seq per chat, none twice"
+    for member in members:
+        expected = {seq: f"m{number}" for number, seq in publishers[rooms.index(member.room)].acked.items()}
+        # Member asserts each seq is the one after the last on arrival: in order, no gap, no duplicate.
+        assert member.texts == [expected[seq] for seq in range(1, total + 1)]
+    assert proxy.counters.stalls > 50 and proxy.counters.resets >= 8, proxy.counters
+    assert all(node.broker.health()["resubscriptions"] >= 2 for node in nodes)
+    assert max(node.broker.health()["ping_timeout"] for node in nodes) > 2.0, "the round trip was learned"
