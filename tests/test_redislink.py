@@ -6,6 +6,7 @@ ever, after an automat ``NoTransition``.)"""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from itertools import pairwise
 from pathlib import Path
 
 import pytest_twisted
@@ -51,7 +52,7 @@ async def test_connections_lost_before_select_is_answered_back_off_and_the_link_
                 await until(lambda a=attempt: proxy.counters.connections >= a, timeout=5)
                 accepted_at.append(reactor.seconds())
                 proxy.reset_all()
-            gaps = [later - earlier for earlier, later in zip(accepted_at, accepted_at[1:])]
+            gaps = [later - earlier for earlier, later in pairwise(accepted_at)]
             assert not link.connected and link.outages == 0, "never usable, so never an outage"
             assert link._unready_losses >= 3
             assert gaps[-1] > 0.2, f"the retries back off ({gaps}), they do not spin"
