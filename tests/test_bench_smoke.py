@@ -102,3 +102,20 @@ def test_storm_scenario_serves_every_client_and_reports_its_figures(bench_deps: 
         assert 0 < result["welcome_p50_s"] <= result["welcome_p99_s"] <= result["welcome_last_s"] < 60
         assert result["rss_peak_kib"] >= result["rss_settled_kib"] > 0
         assert result["cpu_us_per_connection"] > 0
+
+
+def test_failover_bench_resumes_every_client_of_a_killed_node(tmp_path: Path) -> None:
+    """``bench/failover.py`` at 100 clients (RELIABILITY R4 runs it by hand at 5,000): node A is killed, every
+    client resumes on node B with every chat, and no ghost is listed once the presence ttl has passed."""
+    out_json = tmp_path / "failover.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.failover", "--clients", "100", "--workers", "1", "--room-size", "20",
+         "--rate", "50", "--publish-after", "2", "--presence-ttl", "2", "--json", str(out_json)],
+        cwd=ROOT, capture_output=True, text=True, timeout=180, check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    figures = json.loads(out_json.read_text())
+    assert figures["node_a_exit_code"] == -9 and figures["closed"] == figures["resumed"] == 100
+    assert figures["chats_acknowledged"] > 0 and figures["rooms_checked"] == 5
+    assert figures["clients_with_gaps"] == figures["clients_with_duplicates"] == 0
+    assert figures["clients_short_of_last_seq"] == 0 and figures["ghost_presence_entries"] == 0
