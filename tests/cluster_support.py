@@ -180,8 +180,9 @@ class Member:
                 raise AssertionError(f"unexpected message {message}")
 
 
-async def publish(url: str, room: str, texts: list[str], window: int = 50) -> dict[str, int]:
-    """Send ``texts`` to ``room`` through one node with at most ``window`` unacknowledged; text -> seq."""
+async def publish(url: str, room: str, texts: list[str], window: int = 50, padding: str = "") -> dict[str, int]:
+    """Send ``texts`` to ``room`` through one node with at most ``window`` unacknowledged; text -> seq. Each
+    text is its chat's ``id`` and ``msg_id``; ``padding`` is appended to the text sent (larger messages)."""
     ws, _ = await open_ws([url])
     acked: dict[str, int] = {}
     try:
@@ -190,8 +191,8 @@ async def publish(url: str, room: str, texts: list[str], window: int = 50) -> di
         sent = 0
         while len(acked) < len(texts):
             while sent < len(texts) and sent - len(acked) < window:
-                await ws.send(json.dumps({"type": "chat", "room": room, "text": texts[sent], "id": texts[sent],
-                                          "msg_id": texts[sent]}))
+                await ws.send(json.dumps({"type": "chat", "room": room, "text": texts[sent] + padding,
+                                          "id": texts[sent], "msg_id": texts[sent]}))
                 sent += 1
             message = json.loads(await asyncio.wait_for(ws.recv(), 30))
             if message["type"] == "ack":

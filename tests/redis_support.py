@@ -73,8 +73,9 @@ class RedisServer:
     """A throwaway ``redis-server`` on a free loopback port, which tests may stop and restart on the same port
     (``persistent``: with an append-only file fsynced at every write, so a restart keeps everything)."""
 
-    def __init__(self, workdir: Path, persistent: bool = False) -> None:
+    def __init__(self, workdir: Path, persistent: bool = False, *config: str) -> None:
         self.persistent = persistent
+        self.config = config  # more redis-server options, e.g. "--client-output-buffer-limit", "pubsub 1mb 1mb 0"
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed")
@@ -91,7 +92,7 @@ class RedisServer:
         self.process = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "yes" if self.persistent else "no", "--appendfsync", "always",
-             "--dir", str(self.workdir)],
+             "--dir", str(self.workdir), *self.config],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
