@@ -244,3 +244,54 @@ class SteadyPublisher:
                 urls = urls[1:] + urls[:1]
             finally:
                 ws.transport.abort()
+
+
+class RetryingPublisher:
+    """Sends ``total`` chats through one node with at most ``window`` unanswered; a chat refused with
+    ``unavailable`` is sent again (same ``msg_id``) a little later, as a client library would."""
+
+    def __init__(self, url: str, room: str, total: int, window: int) -> None:
+        self.url, self.room, self.total, self.window = url, room, total, window
+        self.acked: dict[int, int] = {}  # message number -> seq
+        self.refused = 0
+        self.duplicates = 0
+
+    async def run(self) -> None:
+        ws, _ = await open_ws([self.url])
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 50
+        try:
+            await asyncio.wait_for(ws.recv(), 10)
+            await ws.send(json.dumps({"type": "join", "room": self.room}))
+            pending: list[int] = list(range(self.total, 0, -1))  # a stack: the next to send is last
+            retries: list[tuple[float, int]] = []  # (when, message number), refused ones to send again
+            in_flight: set[int] = set()
+            while len(self.acked) < self.total:
+                assert loop.time() < deadline, \
+                    f"{len(self.acked)} of {self.total} acknowledged; unanswered: {sorted(in_flight)}"
+                now = loop.time()
+                pending.extend(number for when, number in retries if when <= now)
+                retries = [(when, number) for when, number in retries if when > now]
+                while pending and len(in_flight) < self.window:
+                    number = pending.pop()
+                    await ws.send(json.dumps({"type": "chat", "room": self.room, "text": f"m{number}",
+                                              "id": number, "msg_id": f"m{number}"}))
+                    in_flight.add(number)
+                try:
+                    message = json.loads(await asyncio.wait_for(ws.recv(), 0.1))
+                except TimeoutError:
+                    continue
+                if message["type"] == "ack":
+                    in_flight.discard(message["id"])
+                    self.acked[message["id"]] = message["seq"]
+                    self.duplicates += bool(message.get("duplicate"))
+                elif message["type"] == "error":
+                    assert message["code"] == "unavailable", message
+                    number = int(message["msg_id"][1:])
+                    in_flight.discard(number)
+                    self.refused += 1
+                    retries.append((loop.time() + 0.2, number))
+                else:
+                    assert message["type"] in ("chat", "joined"), message
+        finally:
+            ws.transport.abort()

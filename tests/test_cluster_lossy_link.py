@@ -14,7 +14,6 @@ ClientService stayed "connecting" for ever).
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ import pytest_twisted
 
 from roomserver import WebSocketServer
 
-from .cluster_support import Member, open_ws
+from .cluster_support import Member, RetryingPublisher
 from .fault_proxy import FaultProxy, Faults
 from .redis_support import RedisServer
 from .support import aio, logged_errors, url_of
@@ -38,54 +37,6 @@ async def lossy_redis(tmp_path: Path) -> AsyncIterator[FaultProxy]:
     yield proxy
     await aio(proxy.stop())
     redis.stop()
-
-
-class RetryingPublisher:
-    """Sends ``total`` chats through one node with at most ``window`` unanswered; a chat refused with
-    ``unavailable`` is sent again (same ``msg_id``) a little later, as a client library would."""
-
-    def __init__(self, url: str, room: str, total: int, window: int) -> None:
-        self.url, self.room, self.total, self.window = url, room, total, window
-        self.acked: dict[int, int] = {}  # message number -> seq
-        self.refused = 0
-        self.duplicates = 0
-
-    async def run(self) -> None:
-        ws, _ = await open_ws([self.url])
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 120
-        try:
-            await asyncio.wait_for(ws.recv(), 10)
-            await ws.send(json.dumps({"type": "join", "room": self.room}))
-            pending: list[int] = list(range(self.total, 0, -1))  # a stack: the next to send is last
-            retries: list[tuple[float, int]] = []  # (when, message number), refused ones to send again
-            in_flight = 0
-            while len(self.acked) < self.total:
-                assert loop.time() < deadline, f"{len(self.acked)} of {self.total} acknowledged"
-                pending.extend(number for when, number in retries if when <= loop.time())
-                retries = [(when, number) for when, number in retries if when > loop.time()]
-                while pending and in_flight < self.window:
-                    number = pending.pop()
-                    await ws.send(json.dumps({"type": "chat", "room": self.room, "text": f"m{number}",
-                                              "id": number, "msg_id": f"m{number}"}))
-                    in_flight += 1
-                try:
-                    message = json.loads(await asyncio.wait_for(ws.recv(), 0.1))
-                except TimeoutError:
-                    continue
-                if message["type"] == "ack":
-                    in_flight -= 1
-                    self.acked[message["id"]] = message["seq"]
-                    self.duplicates += bool(message.get("duplicate"))
-                elif message["type"] == "error":
-                    assert message["code"] == "unavailable", message
-                    in_flight -= 1
-                    self.refused += 1
-                    retries.append((loop.time() + 0.2, int(message["msg_id"][1:])))
-                else:
-                    assert message["type"] in ("chat", "joined"), message
-        finally:
-            ws.transport.abort()
 
 
 async def settle(condition: Any, timeout: float) -> None:
