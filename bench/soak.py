@@ -3,6 +3,7 @@
     python bench/soak.py leak  --cycles 100000 --concurrency 500 --workers 2
     python bench/soak.py flood --clients 50 --rounds 300
     python bench/soak.py idle  --connections 10000
+    python bench/soak.py steady --minutes 1440    # RELIABILITY L5: 10,000 connections, 1,000 rooms, 100 msg/s
 
 The server runs in this process (so its RSS, garbage-collector census and pending timers can be read); the
 clients run in worker subprocesses (asyncio + the ``websockets`` library) so they do not share its interpreter.
@@ -14,6 +15,12 @@ Every loop is bounded: each worker does a fixed number of cycles or connections 
 - flood: chat round-trip latency (p50/p99) of N clients, first unloaded, then while one client floods at 50x
   its rate limit.
 - idle: N idle connections, each joined to a room; reports RSS per connection.
+- steady: the matrix's long run (L5): N connections in rooms of 10, a publisher at a steady rate to random rooms,
+  1 % of the connections closed and opened again (and rejoined) every minute. Every ``--sample-seconds`` it
+  records RSS, open file descriptors, connections, pending DelayedCalls and the p99 of the chats' delivery
+  latency (sender's clock to receiver's, one machine); at the end it reports the RSS slope after the warm-up
+  (least squares, target < 1 MiB/h), whether open fds stayed connections + a constant, and the p99 drift
+  between the first and the last third after the warm-up (target < 20 %).
 """
 
 from __future__ import annotations
@@ -166,6 +173,85 @@ async def flood(url: str, rate: float, seconds: float) -> int:
     return sent
 
 
+async def steady_clients(url: str, connections: int, rooms: int, first_room: int, churn: float,
+                         interval: float, minutes: float) -> None:
+    """Hold ``connections`` members of rooms ``first_room``.. (ten a room), read everything, close and reopen
+    ``churn`` of them every minute; print one JSON line per ``interval``: delivery latencies in ms and counts."""
+    import random
+
+    import websockets
+
+    latencies: list[float] = []
+    counts = {"reconnects": 0, "failures": 0, "chats": 0}
+    stop_at = time.monotonic() + minutes * 60
+
+    async def member(number: int) -> None:
+        room = f"steady-{first_room + number % rooms}"
+        while time.monotonic() < stop_at:
+            try:
+                async with websockets.connect(url, ping_interval=None, open_timeout=60, max_queue=None) as ws:
+                    await ws.recv()
+                    await ws.send(json.dumps({"type": "join", "room": room}))
+                    # Each connection lives a random time of mean 100 minutes: 1 % of them every minute.
+                    lifetime = random.expovariate(churn / 60) if churn > 0 else minutes * 60
+                    deadline = min(stop_at, time.monotonic() + lifetime)
+                    while time.monotonic() < deadline:
+                        try:
+                            raw = await asyncio.wait_for(ws.recv(), max(0.01, deadline - time.monotonic()))
+                        except TimeoutError:
+                            break
+                        message = json.loads(raw)
+                        if message.get("type") == "chat":
+                            counts["chats"] += 1
+                            latencies.append((time.time() - float(message["text"])) * 1000)
+                counts["reconnects"] += 1
+            except Exception:
+                counts["failures"] += 1
+                await asyncio.sleep(1)
+
+    async def report() -> None:
+        while True:
+            await asyncio.sleep(interval)
+            if time.monotonic() > stop_at:  # the connections are closing: not a steady sample
+                print(json.dumps({"end": True}), flush=True)
+                return
+            batch, latencies[:] = list(latencies), []
+            print(json.dumps({"latencies": batch, **counts}), flush=True)
+
+    await asyncio.gather(report(), *(member(n) for n in range(connections)))
+
+
+async def steady_publisher(url: str, rooms: int, rate: float, minutes: float) -> None:
+    """Chats carrying their send time to random rooms at ``rate`` per second (one connection per 100 rooms)."""
+    import random
+
+    import websockets
+
+    stop_at = time.monotonic() + minutes * 60
+    sockets = []
+    for start in range(0, rooms, 100):
+        ws = await websockets.connect(url, ping_interval=None, max_queue=None, open_timeout=60)
+        await ws.recv()
+        for room in range(start, min(rooms, start + 100)):
+            await ws.send(json.dumps({"type": "join", "room": f"steady-{room}"}))
+        sockets.append(ws)
+
+    async def drain(ws: Any) -> None:
+        async for _ in ws:
+            pass
+
+    drains = [asyncio.ensure_future(drain(ws)) for ws in sockets]
+    next_at = time.monotonic()
+    while time.monotonic() < stop_at:
+        room = random.randrange(rooms)
+        await sockets[room // 100].send(json.dumps({"type": "chat", "room": f"steady-{room}",
+                                                    "text": repr(time.time())}))
+        next_at += 1 / rate
+        await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+    for task in drains:
+        task.cancel()
+
+
 def worker_main(argv: list[str]) -> None:
     kind, url = argv[0], argv[1]
     if kind == "cycles":
@@ -179,6 +265,13 @@ def worker_main(argv: list[str]) -> None:
         print(json.dumps(samples), flush=True)
     elif kind == "flood":
         print(json.dumps({"sent": asyncio.run(flood(url, float(argv[2]), float(argv[3])))}), flush=True)
+    elif kind == "steady":
+        raise_nofile()
+        asyncio.run(steady_clients(url, int(argv[2]), int(argv[3]), int(argv[4]), float(argv[5]), float(argv[6]),
+                                   float(argv[7])))
+    elif kind == "publisher":
+        raise_nofile()
+        asyncio.run(steady_publisher(url, int(argv[2]), float(argv[3]), float(argv[4])))
 
 
 def spawn(*args: Any) -> subprocess.Popen[str]:
@@ -342,6 +435,71 @@ async def idle(args: argparse.Namespace, reactor: Any) -> None:
     await server.stop()
 
 
+def slope_per_hour(points: list[tuple[float, float]]) -> float:
+    """Least-squares slope of (seconds, value) points, per hour."""
+    if len(points) < 2:
+        return 0.0
+    mean_t = statistics.fmean(t for t, _ in points)
+    mean_v = statistics.fmean(v for _, v in points)
+    spread = sum((t - mean_t) ** 2 for t, _ in points)
+    return sum((t - mean_t) * (v - mean_v) for t, v in points) / spread * 3600 if spread else 0.0
+
+
+async def steady(args: argparse.Namespace, reactor: Any) -> None:
+    from twisted.internet import task, threads
+
+    from roomserver import ServerOptions, WebSocketServer
+
+    raise_nofile()
+    server = WebSocketServer(ServerOptions(port=0, host="127.0.0.1", room_protocol=True,
+                                           max_clients=args.connections + 100, rate_limit=0))
+    await server.start()
+    url = f"ws://127.0.0.1:{server.port}/ws"
+    rooms = args.connections // 10
+    per_worker = args.connections // args.workers
+    rooms_per_worker = max(1, rooms // args.workers)
+    workers = [spawn("steady", url, per_worker, rooms_per_worker, n * rooms_per_worker, args.churn,
+                     args.sample_seconds, args.minutes) for n in range(args.workers)]
+    publisher = spawn("publisher", url, rooms_per_worker * args.workers, args.rate, args.minutes)
+    started = time.monotonic()
+    samples: list[dict[str, float]] = []
+    print("minute  rss_kib  fds  connections  fds-conns  delayed_calls  chats  p99_ms  reconnects  failures",
+          flush=True)
+    while any(worker.poll() is None for worker in workers):
+        lines = [await threads.deferToThread(worker.stdout.readline) for worker in workers if worker.stdout]
+        reports = [json.loads(line) for line in lines if line.strip()]
+        if not reports or any(report.get("end") for report in reports):
+            break
+        latencies = [value for report in reports for value in report["latencies"]]
+        stats = server.get_stats()
+        fds = len(os.listdir("/proc/self/fd"))
+        sample = {"t": time.monotonic() - started, "rss": rss_kib(), "fds": fds, "connections": stats.connections,
+                  "calls": len(reactor.getDelayedCalls()), "chats": len(latencies),
+                  "p99": percentile(latencies, 0.99) if latencies else float("nan"),
+                  "reconnects": sum(r["reconnects"] for r in reports), "failures": sum(r["failures"] for r in reports)}
+        samples.append(sample)
+        print(f"{sample['t'] / 60:6.1f}  {sample['rss']:7.0f}  {fds:5d}  {stats.connections:11d}  "
+              f"{fds - stats.connections:9d}  {sample['calls']:13.0f}  {sample['chats']:5.0f}  {sample['p99']:6.1f}  "
+              f"{sample['reconnects']:10.0f}  {sample['failures']:8.0f}", flush=True)
+    for process in [*workers, publisher]:
+        process.wait(120)
+    await task.deferLater(reactor, 1.0, lambda: None)
+    settled = [s for s in samples if s["t"] >= args.warmup * 60] or samples
+    slope = slope_per_hour([(s["t"], s["rss"]) for s in settled]) / 1024  # MiB/h
+    overhead = [s["fds"] - s["connections"] for s in settled]
+    third = max(1, len(settled) // 3)
+    first_p99 = statistics.fmean(s["p99"] for s in settled[:third])
+    last_p99 = statistics.fmean(s["p99"] for s in settled[-third:])
+    drift = (last_p99 - first_p99) / first_p99 * 100
+    failures = samples[-1]["failures"] if samples else 0
+    print(f"after the warm-up ({args.warmup:g} min, {len(settled)} samples): rss slope {slope:+.2f} MiB/h "
+          f"(target < 1), open fds minus connections {min(overhead)} to {max(overhead)}, p99 {first_p99:.1f} -> "
+          f"{last_p99:.1f} ms ({drift:+.1f} %, target < 20 %), {failures:.0f} failed connections")
+    ok = slope < 1 and max(overhead) - min(overhead) <= 10 and drift < 20 and failures == 0
+    print("PASS" if ok else "FAIL")
+    await server.stop()
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "worker":
         worker_main(sys.argv[2:])
@@ -359,8 +517,16 @@ def main() -> None:
     idle_parser = sub.add_parser("idle")
     idle_parser.add_argument("--connections", type=int, default=10_000)
     idle_parser.add_argument("--workers", type=int, default=4)
+    steady_parser = sub.add_parser("steady")
+    steady_parser.add_argument("--minutes", type=float, default=1440.0)
+    steady_parser.add_argument("--warmup", type=float, default=60.0, help="minutes left out of the trends")
+    steady_parser.add_argument("--connections", type=int, default=10_000)
+    steady_parser.add_argument("--rate", type=float, default=100.0, help="chats per second, to random rooms")
+    steady_parser.add_argument("--churn", type=float, default=0.01, help="share of connections replaced a minute")
+    steady_parser.add_argument("--sample-seconds", type=float, default=60.0)
+    steady_parser.add_argument("--workers", type=int, default=4)
     args = parser.parse_args()
-    scenario = {"leak": leak, "flood": flood_isolation, "idle": idle}[args.scenario]
+    scenario = {"leak": leak, "flood": flood_isolation, "idle": idle, "steady": steady}[args.scenario]
 
     from twisted.internet import defer, task
 
