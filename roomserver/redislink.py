@@ -226,10 +226,10 @@ class RedisLink:
         backs off instead of reconnecting every 100 ms."""
         return float(self._backoff(failed_attempts + self._unready_losses))
 
-    def _ready(self, connection: Any) -> Any:
-        if self._service.running is False:
+    def _ready(self, connection: Any) -> None:
+        if not self._service.running:  # stopped while AUTH/SELECT were on their way
             connection.transport.loseConnection()
-            return None
+            return
         if is_plain_tcp(connection.transport):
             # Each command leaves in its own write: straight to the socket (two epoll_ctl calls and a reactor
             # pass fewer per command; docs/performance.md).
@@ -246,7 +246,6 @@ class RedisLink:
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             waiter.callback(None)
-        return None
 
     def _disconnected(self, connection: Any) -> None:
         if self.protocol is not connection:
