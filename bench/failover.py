@@ -154,8 +154,8 @@ def worker_main(args: argparse.Namespace) -> None:
 # -- the parent: nodes, publisher, signal, figures ----------------------------------------------------------------
 
 class Publisher:
-    """Chats to every room through node B at ``rate`` per second, one connection per 50 rooms; a chat refused
-    with ``unavailable`` is sent again. ``acked``: the last acknowledged seq of each room."""
+    """Chats to every room in turn through node B at ``rate`` per second, one connection per 50 rooms; a chat
+    refused with ``unavailable`` is sent again. ``acked``: the last acknowledged seq of each room."""
 
     def __init__(self, url: str, rooms: list[str], rate: float) -> None:
         self.url, self.rooms, self.rate = url, rooms, rate
@@ -174,28 +174,28 @@ class Publisher:
             await ws.recv()
             for room in rooms:
                 await ws.send(json.dumps({"type": "join", "room": room}))
-            unanswered: dict[str, str] = {}
+            unanswered: dict[str, tuple[str, str]] = {}  # msg_id -> (room, text)
             number = 0
 
             async def read() -> None:
                 async for raw in ws:
                     message = json.loads(raw)
                     if message.get("type") == "ack":
-                        room = unanswered.pop(message["msg_id"], None)
-                        if room is not None:
-                            self.acked[room] = max(self.acked.get(room, 0), message["seq"])
+                        sent = unanswered.pop(message["msg_id"], None)
+                        if sent is not None:
+                            self.acked[sent[0]] = max(self.acked.get(sent[0], 0), message["seq"])
                     elif message.get("type") == "error" and message.get("code") == "unavailable":
                         self.refused += 1
-                        room = unanswered.get(message.get("msg_id", ""))
-                        if room is not None:
-                            await ws.send(json.dumps({"type": "chat", "room": room, "text": "again",
+                        sent = unanswered.get(message.get("msg_id", ""))
+                        if sent is not None:  # the same chat again: stored once, whatever happened to the first
+                            await ws.send(json.dumps({"type": "chat", "room": sent[0], "text": sent[1],
                                                       "msg_id": message["msg_id"], "id": message["msg_id"]}))
 
             reader = asyncio.ensure_future(read())
             while not self.stopping.is_set():
                 room = rooms[number % len(rooms)]
                 msg_id = f"{id(self)}-{room}-{number}"
-                unanswered[msg_id] = room
+                unanswered[msg_id] = (room, f"m{number}")
                 await ws.send(json.dumps({"type": "chat", "room": room, "text": f"m{number}", "msg_id": msg_id,
                                           "id": msg_id}))
                 number += 1
