@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.cluster_latency import wait_for  # noqa: E402
 from bench.run import _raise_nofile, free_port  # noqa: E402
 from bench.workers import Redis  # noqa: E402
 
@@ -216,19 +217,6 @@ def start_node(port: int, redis_url: str, log: Path, extra: list[str]) -> subpro
             env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=out, stderr=subprocess.STDOUT, cwd=log.parent)
 
 
-def wait_for_port(port: int, timeout: float = 30) -> None:
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {port}")
-
-
 async def ghosts(url: str, live: dict[str, set[str]]) -> tuple[int, int]:
     """(ghost entries, rooms checked): a listed user not live in that room, or a live one with > 1 connection."""
     import websockets
@@ -273,7 +261,7 @@ async def parent(args: argparse.Namespace) -> int:
     workers: list[asyncio.subprocess.Process] = []
     try:
         for port in ports:
-            wait_for_port(port)
+            wait_for(port)
         share = -(-args.clients // args.workers)
         for first in range(0, args.clients, share):
             workers.append(await asyncio.create_subprocess_exec(

@@ -48,3 +48,20 @@ async def prefix() -> AsyncIterator[str]:
     chosen = unique_prefix()
     yield chosen
     await delete_prefix(chosen)
+
+
+@pytest_twisted.async_yield_fixture
+async def proxied_redis(tmp_path: Path) -> AsyncIterator[Any]:
+    """A dedicated ``redis-server`` reached only through a fault-injecting proxy (tests/fault_proxy.py): yields
+    the ``FaultProxy``, whose ``url`` the nodes use and whose ``faults`` the test sets."""
+    from .fault_proxy import FaultProxy
+    from .redis_support import RedisServer
+    from .support import aio
+
+    redis = RedisServer(tmp_path)
+    redis.start()
+    proxy = FaultProxy(redis.port)
+    await aio(proxy.start())
+    yield proxy
+    await aio(proxy.stop())
+    redis.stop()

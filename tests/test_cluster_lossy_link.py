@@ -14,8 +14,6 @@ ClientService stayed "connecting" for ever).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest_twisted
@@ -24,33 +22,13 @@ from roomserver import WebSocketServer
 
 from .cluster_support import Member, RetryingPublisher
 from .fault_proxy import FaultProxy, Faults
-from .redis_support import RedisServer
-from .support import aio, logged_errors, url_of
-
-
-@pytest_twisted.async_yield_fixture
-async def lossy_redis(tmp_path: Path) -> AsyncIterator[FaultProxy]:
-    redis = RedisServer(tmp_path)
-    redis.start()
-    proxy = FaultProxy(redis.port)
-    await aio(proxy.start())
-    yield proxy
-    await aio(proxy.stop())
-    redis.stop()
-
-
-async def settle(condition: Any, timeout: float) -> None:
-    for _ in range(int(timeout / 0.05)):
-        if condition():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("not settled in time")
+from .support import aio, eventually, logged_errors, url_of
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_slow_lossy_link_to_redis_keeps_every_rooms_order_without_gaps_or_duplicates(
-        make_server: Any, lossy_redis: FaultProxy) -> None:
-    proxy = lossy_redis
+        make_server: Any, proxied_redis: FaultProxy) -> None:
+    proxy = proxied_redis
     nodes: list[WebSocketServer] = [
         await make_server(room_protocol=True, store=proxy.url, broker=proxy.url, rate_limit=0) for _ in range(2)]
     total = 100
@@ -65,7 +43,7 @@ async def test_a_slow_lossy_link_to_redis_keeps_every_rooms_order_without_gaps_o
     with logged_errors() as problems:
         publishing = asyncio.ensure_future(asyncio.gather(*(publisher.run() for publisher in publishers)))
         for fraction in (3, 2):  # reset every Redis connection at a third and at half of the way
-            await aio(settle(lambda f=fraction: min(len(p.acked) for p in publishers) >= total // f, timeout=60))
+            await eventually(lambda f=fraction: min(len(p.acked) for p in publishers) >= total // f, timeout=60)
             assert proxy.reset_all() >= 4, "both nodes' store and subscriber connections were cut"
         await aio(asyncio.wait_for(publishing, 120))
         await aio(asyncio.wait_for(asyncio.gather(*tasks), 60))

@@ -23,7 +23,7 @@ import pytest_twisted
 
 from .cluster_support import Member, Node, publish
 from .redis_support import RedisServer
-from .support import aio
+from .support import aio, eventually
 
 PAUSES = 3
 PADDING = "x" * 16384
@@ -53,14 +53,6 @@ def ports_towards(pid: int, remote_port: int) -> set[int]:
     return ports
 
 
-async def until(condition: object, timeout: float) -> None:
-    for _ in range(int(timeout / 0.02)):
-        if condition():  # type: ignore[operator]
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("condition not met in time")
-
-
 @pytest_twisted.ensureDeferred
 async def test_a_paused_node_dropped_for_its_pubsub_buffer_notices_and_its_members_miss_nothing(
         tmp_path: Path) -> None:
@@ -83,7 +75,7 @@ async def test_a_paused_node_dropped_for_its_pubsub_buffer_notices_and_its_membe
             assert b.process is not None
             return bool(pubsub_ports(redis) & ports_towards(b.process.pid, redis.port))
 
-        await aio(until(b_subscribed, timeout=10))
+        await eventually(b_subscribed, timeout=10)
 
         async def send(count: int) -> None:
             texts = [f"m{len(acked) + i}" for i in range(1, count + 1)]
@@ -107,7 +99,7 @@ async def test_a_paused_node_dropped_for_its_pubsub_buffer_notices_and_its_membe
                     member.expect = len(acked)
             os.kill(b.process.pid, signal.SIGCONT)
             frozen = False
-            await aio(until(b_subscribed, timeout=10))  # resubscribed
+            await eventually(b_subscribed, timeout=10)  # resubscribed
         await aio(asyncio.wait_for(asyncio.gather(*tasks), 60))
 
         assert sorted(acked.values()) == list(range(1, len(acked) + 1))

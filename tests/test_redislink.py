@@ -5,37 +5,15 @@ ever, after an automat ``NoTransition``.)"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from itertools import pairwise
-from pathlib import Path
 
 import pytest_twisted
-from twisted.internet import reactor, task
+from twisted.internet import reactor
 
 from roomserver.redislink import RedisLink, RedisURL
 
 from .fault_proxy import FaultProxy, Faults
-from .redis_support import RedisServer
-from .support import aio, logged_errors
-
-
-@pytest_twisted.async_yield_fixture
-async def proxied_redis(tmp_path: Path) -> AsyncIterator[FaultProxy]:
-    redis = RedisServer(tmp_path)
-    redis.start()
-    proxy = FaultProxy(redis.port)
-    await aio(proxy.start())
-    yield proxy
-    await aio(proxy.stop())
-    redis.stop()
-
-
-async def until(condition: object, timeout: float) -> None:
-    for _ in range(int(timeout / 0.02)):
-        if condition():  # type: ignore[operator]
-            return
-        await task.deferLater(reactor, 0.02, lambda: None)
-    raise AssertionError("condition not met in time")
+from .support import eventually, logged_errors
 
 
 @pytest_twisted.ensureDeferred
@@ -49,7 +27,7 @@ async def test_connections_lost_before_select_is_answered_back_off_and_the_link_
         try:
             accepted_at = []
             for attempt in range(1, 5):  # four connections, each cut before its SELECT is answered
-                await until(lambda a=attempt: proxy.counters.connections >= a, timeout=5)
+                await eventually(lambda a=attempt: proxy.counters.connections >= a, timeout=5)
                 accepted_at.append(reactor.seconds())
                 proxy.reset_all()
             gaps = [later - earlier for earlier, later in pairwise(accepted_at)]
