@@ -15,6 +15,11 @@ heartbeat) and reads the view back as ``ClusterStats`` (``cluster_stats``, behin
 ``server.get_cluster_stats()``).
 
 The baseline of a room this node starts serving is the store's last seq when the first local member joined.
+Until it is known, the ``joined`` replies of the room's members here wait (``baseline_known``): the read is
+sent when the first member joins, so a chat sent after a member holds its ``joined`` is appended after the
+read and lies above the baseline; with the reply sent at once, a read that reached Redis late (a slow link, a
+reconnecting connection) could come back with a baseline above such chats, and a subscription that was late
+too would miss them: the member never got them.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ class Relay:
         self.broker = broker
         self.clustered = bool(getattr(broker, "clustered", False))
         self.sequences: dict[str, RoomSequence] = {}
+        self._baseline_waiters: dict[str, list[defer.Deferred[None]]] = {}
         self._broadcast: dict[str, int] = {}  # one node: per room with members, the last seq fanned out
         self.gap_fetches = 0
         self.skipped = 0
@@ -121,6 +127,8 @@ class Relay:
 
     def stop(self) -> defer.Deferred[None]:
         self.sequences.clear()
+        for name in list(self._baseline_waiters):
+            self._baseline_settled(name)
         return self.broker.stop()
 
     def delivered(self, name: str) -> int:
@@ -147,9 +155,25 @@ class Relay:
         self.broker.subscribe(room.name)
         self._read_baseline(room.name, sequence)
 
+    def baseline_known(self, name: str) -> defer.Deferred[None] | None:
+        """None if room ``name``'s messages from now on are sure to reach its members here; else a Deferred that
+        fires once the baseline read answered (or failed: the node then serves the room degraded, as before the
+        read, rather than hold a ``joined`` through an outage)."""
+        sequence = self.sequences.get(name)
+        if sequence is None or sequence.started:
+            return None
+        waiter: defer.Deferred[None] = defer.Deferred()
+        self._baseline_waiters.setdefault(name, []).append(waiter)
+        return waiter
+
+    def _baseline_settled(self, name: str) -> None:
+        for waiter in self._baseline_waiters.pop(name, []):
+            waiter.callback(None)
+
     def member_removed(self, room: Room) -> None:
         if room.clients:
             return
+        self._baseline_settled(room.name)
         self.sequences.pop(room.name, None)
         self._broadcast.pop(room.name, None)
         self.broker.unsubscribe(room.name)
@@ -158,10 +182,12 @@ class Relay:
         def read(page: HistoryPage) -> None:
             if self.sequences.get(name) is sequence:
                 self._apply(name, sequence, sequence.start(page.last_seq))
+                self._baseline_settled(name)
 
         def failed(failure: Failure) -> None:
             if self.sequences.get(name) is sequence:
                 self.outages.failed("could not read the last seq of room {room} (retrying)", failure, room=name)
+                self._baseline_settled(name)
                 self.server.reactor.callLater(  # type: ignore[attr-defined]
                     RETRY_DELAY, self._read_baseline, name, sequence)
 

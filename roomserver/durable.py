@@ -340,29 +340,28 @@ class DurableRooms:
             effect.reply["members"] = await cluster.members(effect.room)
         return await self._read_after(effect.room, effect.since)
 
-    def hold_reply(self, client: Client, reply: dict[str, Any], members: defer.Deferred[Any]) -> None:
-        """Send a ``joined`` reply once ``members`` (its member list) is known; the room's live messages to the
-        joiner wait behind it meanwhile, as behind a replay."""
-        room = reply["room"]
+    def hold_reply(self, client: Client, room: str, ready: defer.Deferred[dict[str, Any]]) -> None:
+        """Send a ``joined`` reply once ``ready`` gives it (its member list read, the room's baseline known); the
+        room's live messages to the joiner wait behind it meanwhile, as behind a replay."""
         states = self.replaying.setdefault(room, {})
         if client in states:  # already replaying this room: its messages are held by that replay
-            members.addCallback(lambda listed: self.server._reply(client, {**reply, "members": listed}))
+            ready.addCallback(lambda reply: self.server._reply(client, reply) if client.open else None)
             return
         state = states[client] = ReplayState()
 
-        def send(listed: list[dict[str, Any]]) -> None:
+        def send(reply: dict[str, Any]) -> None:
             current = self._end_replay(client, room, state)
             if not client.open:
                 return
             try:
-                self.server._reply(client, {**reply, "members": listed})  # even if it left meanwhile: it asked
+                self.server._reply(client, reply)  # even if it left meanwhile: it asked
                 if current:
                     for _, payload, is_binary in state.pending:  # already filtered (hold_back)
                         self.server.send_payload(client, payload, is_binary)
             finally:
                 self._run_followers(client, state)
 
-        members.addCallback(send).addErrback(
+        ready.addCallback(send).addErrback(
             lambda failure: self.outages.failed("could not answer a join in room {room}", failure, room=room))
 
     def hold_back(

@@ -763,27 +763,34 @@ class WebSocketServer:
                 encoded[codec] = codec.encode(effect.event)
             self.send_payload(subscriber, encoded[codec], codec.binary, encoded=True)
 
-    def _reply_with_cluster_members(self, client: Client, event: dict[str, Any]) -> None:
-        """A ``joined`` or ``presence`` reply, with the room's members on every node (one Redis read). A
-        ``joined`` holds the room's live messages to the joiner until it is sent, so it still comes first."""
-        assert self.cluster_presence is not None
-        members = self.cluster_presence.members(event["room"])
-        if event.get("type") == "joined":
-            self.durable.hold_reply(client, event, members)
-            return
-
-        def send(listed: list[dict[str, Any]]) -> None:
-            if client.open:
-                self._reply(client, {**event, "members": listed})
-
-        members.addCallback(send)
+    def _reply_when_ready(self, client: Client, event: dict[str, Any]) -> bool:
+        """Hold a reply that needs more than the core knows, and send it once that is known: a ``joined`` of a
+        room whose baseline this node is still reading (``Relay.baseline_known``), or a ``joined``/``presence``
+        that lists the members of every node (one Redis read). A held ``joined`` holds the room's live messages
+        to the joiner until it is sent, so it still comes first. False: nothing to wait for, send it now."""
+        joined = event.get("type") == "joined"
+        baseline = self.relay.baseline_known(event["room"]) if joined else None
+        cluster = self.cluster_presence if "members" in event else None
+        if baseline is None and cluster is None:
+            return False
+        ready: defer.Deferred[Any] = baseline if baseline is not None else defer.succeed(None)
+        if cluster is not None:
+            ready.addCallback(lambda _: cluster.members(event["room"]))
+            ready.addCallback(lambda listed: {**event, "members": listed})
+        else:
+            ready.addCallback(lambda _: event)
+        if joined:
+            self.durable.hold_reply(client, event["room"], ready)
+        else:
+            ready.addCallback(lambda reply: self._reply(client, reply) if client.open else None).addErrback(
+                lambda failure: self.durable.outages.failed("could not answer a presence request in room {room}",
+                                                            failure, room=event["room"]))
+        return True
 
     def _execute(self, client: Client, effects: list[Effect]) -> None:
         for effect in effects:
             if isinstance(effect, Reply):
-                if self.cluster_presence is not None and "members" in effect.event:
-                    self._reply_with_cluster_members(client, effect.event)
-                else:
+                if not self._reply_when_ready(client, effect.event):
                     self._reply(client, effect.event)
             elif isinstance(effect, Append):
                 if client in self._drained:
