@@ -465,6 +465,7 @@ async def steady(args: argparse.Namespace, reactor: Any) -> None:
     workers = [spawn("steady", url, per_worker, rooms_per_worker, n * rooms_per_worker, args.churn,
                      args.sample_seconds, args.minutes) for n in range(args.workers)]
     publisher = spawn("publisher", url, rooms_per_worker * args.workers, args.rate, args.minutes)
+    collector = CollectorTally()
     started = time.monotonic()
     samples: list[dict[str, float]] = []
     print("minute  rss_kib  fds  connections  fds-conns  delayed_calls  chats  p99_ms  reconnects  failures",
@@ -499,6 +500,7 @@ async def steady(args: argparse.Namespace, reactor: Any) -> None:
     print(f"after the warm-up ({args.warmup:g} min, {len(settled)} samples): rss slope {slope:+.2f} MiB/h "
           f"(target < 1), open fds minus connections {min(overhead)} to {max(overhead)}, p99 {first_p99:.1f} -> "
           f"{last_p99:.1f} ms ({drift:+.1f} %, target < 20 %), {failures:.0f} failed connections")
+    print(collector.summary())
     ok = slope < 1 and max(overhead) - min(overhead) <= 10 and drift < 20 and failures == 0
     print("PASS" if ok else "FAIL")
     await server.stop()
