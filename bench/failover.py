@@ -39,6 +39,7 @@ if str(ROOT) not in sys.path:
 
 from bench.cluster_latency import wait_for  # noqa: E402
 from bench.run import _raise_nofile, free_port  # noqa: E402
+from bench.soak import percentile  # noqa: E402
 from bench.workers import Redis  # noqa: E402
 
 TWISTD = str(Path(sys.executable).parent / "twistd")
@@ -243,11 +244,6 @@ async def ghosts(url: str, live: dict[str, set[str]]) -> tuple[int, int]:
                         elif int(member.get("connections", 1)) > 1:
                             found += int(member["connections"]) - 1
     return found, len(rooms)
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] if ordered else float("nan")
 
 
 async def parent(args: argparse.Namespace) -> int:

@@ -282,8 +282,9 @@ def spawn(*args: Any) -> subprocess.Popen[str]:
 # -- server side (this process) --------------------------------------------------------------------------------
 
 def percentile(samples: list[float], fraction: float) -> float:
+    """The ``fraction`` quantile of ``samples`` (nearest rank); NaN when there are none."""
     ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] if ordered else float("nan")
 
 
 class CollectorTally:
@@ -480,7 +481,7 @@ async def steady(args: argparse.Namespace, reactor: Any) -> None:
         fds = len(os.listdir("/proc/self/fd"))
         sample = {"t": time.monotonic() - started, "rss": rss_kib(), "fds": fds, "connections": stats.connections,
                   "calls": len(reactor.getDelayedCalls()), "chats": len(latencies),
-                  "p99": percentile(latencies, 0.99) if latencies else float("nan"),
+                  "p99": percentile(latencies, 0.99),
                   "reconnects": sum(r["reconnects"] for r in reports), "failures": sum(r["failures"] for r in reports)}
         samples.append(sample)
         print(f"{sample['t'] / 60:6.1f}  {sample['rss']:7.0f}  {fds:5d}  {stats.connections:11d}  "

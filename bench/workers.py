@@ -147,7 +147,8 @@ class Redis:
             self.process.wait(10)
 
 
-def _socket_inodes(pid: int) -> set[str]:
+def socket_inodes(pid: int) -> set[str]:
+    """Inodes of the sockets process ``pid`` holds open (from /proc; empty if it is gone)."""
     inodes = set()
     try:
         for fd in os.listdir(f"/proc/{pid}/fd"):
@@ -212,11 +213,11 @@ class WorkersServer(ServerProcess):
     def listening_pids(self) -> list[int]:
         listening = _tcp_sockets(self.port, "0A")
         candidates = [self.proc.pid, *_children(self.proc.pid)]
-        return [pid for pid in candidates if _socket_inodes(pid) & listening]
+        return [pid for pid in candidates if socket_inodes(pid) & listening]
 
     def connections_by_pid(self) -> dict[int, int]:
         established = _tcp_sockets(self.port, "01")
-        return {pid: len(_socket_inodes(pid) & established) for pid in self.pids}
+        return {pid: len(socket_inodes(pid) & established) for pid in self.pids}
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         super().wait_ready(timeout)

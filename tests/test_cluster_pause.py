@@ -13,13 +13,14 @@ gap anyway). Members on B must get every seq once, in order.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import subprocess
 from pathlib import Path
 
 import pytest_twisted
+
+from bench.workers import socket_inodes
 
 from .cluster_support import Member, Node, publish
 from .redis_support import RedisServer
@@ -39,12 +40,7 @@ def pubsub_ports(redis: RedisServer) -> set[int]:
 
 def ports_towards(pid: int, remote_port: int) -> set[int]:
     """The local ports of process ``pid``'s TCP connections to ``remote_port`` on this machine (from /proc)."""
-    inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        with contextlib.suppress(OSError):
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            if target.startswith("socket:["):
-                inodes.add(target[8:-1])
+    inodes = socket_inodes(pid)
     ports = set()
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         fields = line.split()
