@@ -32,10 +32,16 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def start(port: int, *args: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [TWISTD, "-n", "--pidfile=", "roomserver", "--port", f"tcp:{port}:interface=127.0.0.1", "--rate-limit", "0",
-         *args], env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def start(port: int, *args: str, log: Path | None = None) -> subprocess.Popen[bytes]:
+    """``twistd roomserver`` of this checkout on ``port`` (no rate limit); its output goes to ``log`` (appended,
+    and the node runs in its folder) or nowhere."""
+    argv = [TWISTD, "-n", "--pidfile=", "roomserver", "--port", f"tcp:{port}:interface=127.0.0.1", "--rate-limit",
+            "0", *args]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if log is None:
+        return subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with log.open("ab") as out:
+        return subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=log.parent)
 
 
 def wait_for(port: int) -> None:

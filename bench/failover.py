@@ -37,12 +37,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.cluster_latency import start as start_node  # noqa: E402
 from bench.cluster_latency import wait_for  # noqa: E402
 from bench.run import _raise_nofile, free_port  # noqa: E402
 from bench.soak import percentile  # noqa: E402
 from bench.workers import Redis  # noqa: E402
 
-TWISTD = str(Path(sys.executable).parent / "twistd")
 HEARTBEAT = 2.0  # the Redis broker's heartbeat interval: presence of a dead node goes after ttl + one beat
 
 
@@ -209,15 +209,6 @@ class Publisher:
             reader.cancel()
 
 
-def start_node(port: int, redis_url: str, log: Path, extra: list[str]) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [TWISTD, "-n", "--pidfile=", "roomserver", "--port", f"tcp:{port}:interface=127.0.0.1",
-             "--store", redis_url, "--broker", redis_url, "--rate-limit", "0", "--max-clients", "100000",
-             "--no-gc-freeze", *extra],
-            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=out, stderr=subprocess.STDOUT, cwd=log.parent)
-
-
 async def ghosts(url: str, live: dict[str, set[str]]) -> tuple[int, int]:
     """(ghost entries, rooms checked): a listed user not live in that room, or a live one with > 1 connection."""
     import websockets
@@ -253,7 +244,8 @@ async def parent(args: argparse.Namespace) -> int:
     ports = [free_port(), free_port()]
     urls = [f"ws://127.0.0.1:{port}/ws" for port in ports]
     extra = ["--presence-ttl", str(args.presence_ttl), *args.node_arg]
-    nodes = [start_node(port, redis.url, workdir / f"node{i}.log", extra) for i, port in enumerate(ports)]
+    nodes = [start_node(port, "--store", redis.url, "--broker", redis.url, "--max-clients", "100000",
+                        "--no-gc-freeze", *extra, log=workdir / f"node{i}.log") for i, port in enumerate(ports)]
     workers: list[asyncio.subprocess.Process] = []
     try:
         for port in ports:
