@@ -459,6 +459,16 @@ async def steady(args: argparse.Namespace, reactor: Any) -> None:
                                            max_clients=args.connections + 100, rate_limit=0,
                                            history_size=args.history_size))
     await server.start()
+    freezer = None
+    if args.gc_freeze:
+        # What ``twistd roomserver`` does once it listens (roomserver/service.py): the soak measures the pauses
+        # of a deployed node, not those of an embedding application's unfrozen heap.
+        from roomserver.heap import FreezeAfterFullCollections, freeze_startup_heap
+
+        print(f"froze {freeze_startup_heap()} objects of the start-up heap; heap frozen after each full "
+              f"collection, thawed every {args.thaw_every:g} s", flush=True)
+        freezer = FreezeAfterFullCollections(reactor, args.thaw_every)
+        freezer.start()
     url = f"ws://127.0.0.1:{server.port}/ws"
     rooms = args.connections // 10
     per_worker = args.connections // args.workers
@@ -504,6 +514,8 @@ async def steady(args: argparse.Namespace, reactor: Any) -> None:
     print(collector.summary())
     ok = slope < 1 and max(overhead) - min(overhead) <= 10 and drift < 20 and failures == 0
     print("PASS" if ok else "FAIL")
+    if freezer is not None:
+        freezer.stop()
     await server.stop()
 
 
@@ -533,6 +545,9 @@ def main() -> None:
     steady_parser.add_argument("--sample-seconds", type=float, default=60.0)
     steady_parser.add_argument("--workers", type=int, default=4)
     steady_parser.add_argument("--history-size", type=int, default=10, help="chats each room keeps")
+    steady_parser.add_argument("--no-gc-freeze", dest="gc_freeze", action="store_false",
+                               help="leave the heap unfrozen (an embedding application's shape)")
+    steady_parser.add_argument("--thaw-every", type=float, default=900.0, help="seconds between thaws (twistd's)")
     args = parser.parse_args()
     scenario = {"leak": leak, "flood": flood_isolation, "idle": idle, "steady": steady}[args.scenario]
 

@@ -123,8 +123,9 @@ def test_failover_bench_resumes_every_client_of_a_killed_node(tmp_path: Path) ->
 
 def test_steady_soak_samples_memory_descriptors_and_latency() -> None:
     """``bench/soak.py steady`` for 25 s (RELIABILITY L5 runs it for hours by hand), with half the connections
-    replaced every minute: connections come back, descriptors beyond the connections stay constant (give or
-    take the ones closing at the instant of a sample), chats are delivered, the summary is printed."""
+    replaced every minute, the heap frozen as under twistd: connections come back, descriptors beyond the
+    connections stay constant (give or take the ones closing at the instant of a sample), chats are delivered,
+    the summary is printed."""
     proc = subprocess.run(
         [sys.executable, str(BENCH / "soak.py"), "steady", "--minutes", "0.4", "--warmup", "0.1", "--connections",
          "200", "--rate", "20", "--churn", "0.5", "--sample-seconds", "5", "--workers", "2"],
@@ -139,3 +140,4 @@ def test_steady_soak_samples_memory_descriptors_and_latency() -> None:
     assert all(int(float(row[6])) > 0 and row[9] == "0" for row in rows), "chats delivered, no failed connection"
     assert int(rows[-1][8]) > 0, "connections were replaced"
     assert "rss slope" in proc.stdout and "p99" in proc.stdout
+    assert "froze" in proc.stdout, "the soak's server keeps its heap as twistd roomserver does"
