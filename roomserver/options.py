@@ -6,6 +6,7 @@ README's option table describe them for users.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .core.drain import DrainPlan
@@ -124,6 +125,11 @@ class ServerOptions:
     drain_interval: float = 0.2
     """Seconds between two drain batches; also the window of the hinted reconnect delay, and twice the time
     between a batch's reconnect hint and its 1001 close (0: every client at once, no delay hinted)."""
+    drain_handover: float = 2.0
+    """Cluster only: seconds ``stop()`` waits, once its last client is gone, for the other nodes to continue the
+    sessions it recorded (each ``taken`` notice releases the presence the session held here), so the node leaves
+    the cluster's presence as soon as the last one came instead of leaving those entries to the reaper for up to
+    ``presence_ttl`` (0: do not wait)."""
     http_pages: bool = True
     """Serve the HTTP pages beside the WebSocket path (demo chat, dashboard, /metrics, /healthz, admin API,
     roomserver.js); False serves the WebSocket path only (every other path is 404)."""
@@ -218,6 +224,8 @@ class ServerOptions:
         if self.history_ttl is not None and self.history_ttl <= 0:
             raise ValueError("history_ttl must be > 0 (or None for no ttl)")
         DrainPlan(self.drain_batch, self.drain_interval)  # validates both
+        if not (self.drain_handover >= 0 and math.isfinite(self.drain_handover)):
+            raise ValueError("drain_handover must be >= 0")
         if self.resume_ttl < 0:
             raise ValueError("resume_ttl must be >= 0")
         if self.dedupe_window < 0:

@@ -241,7 +241,10 @@ class GuardedConnection(ProtocolWrapper):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.watch = None
         self._batch = None
-        super().connectionLost(reason)
+        super().connectionLost(reason)  # unregisters from the factory, then tells the wrapped protocol
+        ended = getattr(self.factory, "connection_ended", None)
+        if ended is not None:
+            ended()  # after the wrapped protocol heard of the loss (web.TrackingFactory.when_empty)
 
 
 class HandshakeDeadlineChannel(HTTPChannel):

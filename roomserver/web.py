@@ -127,15 +127,17 @@ class TrackingFactory(WrappingFactory):
             connection.batcher = self.batcher
         return connection
 
-    def unregisterProtocol(self, p: ProtocolWrapper) -> None:
-        super().unregisterProtocol(p)
+    def connection_ended(self) -> None:
+        """A connection is gone and its protocol was told (``GuardedConnection.connectionLost``): not at
+        ``unregisterProtocol``, which Twisted calls *before* the wrapped protocol's ``connectionLost``, so a
+        waiter would run before the server handled the last close (its session detached, its presence held)."""
         if not self.protocols:
             waiters, self._empty_waiters = self._empty_waiters, []
             for waiter in waiters:
                 waiter.callback(None)
 
     def when_empty(self) -> defer.Deferred[None]:
-        """A Deferred that fires once no connection is left."""
+        """A Deferred that fires once no connection is left, after the server handled the last one's close."""
         if not self.protocols:
             return defer.succeed(None)
         waiter: defer.Deferred[None] = defer.Deferred()

@@ -110,6 +110,9 @@ async def eventually(predicate: Any, timeout: float = 5.0, interval: float = 0.0
 async def start_server(**options: Any) -> WebSocketServer:
     options.setdefault("port", 0)
     options.setdefault("host", "127.0.0.1")
+    # A test's clients never come back after its servers stop: a cluster node would wait its whole
+    # drain_handover for them at every teardown. The tests of the handover set it themselves.
+    options.setdefault("drain_handover", 0)
     server = WebSocketServer(ServerOptions(**options))
     await server.start()
     return server

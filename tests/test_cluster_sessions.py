@@ -170,3 +170,67 @@ async def test_memory_broker_has_no_shared_sessions() -> None:
         assert server.room_protocol.shared is False
     finally:
         await server.stop()
+
+
+async def drained_member(a: WebSocketServer, room: str, watcher: WSClient) -> tuple[dict[str, Any], int, Any]:
+    """A client of ``a`` in ``room`` (``watcher`` sees it join), then ``a.stop()``: the client got the reconnect
+    hint and the 1001 close. Returns its welcome, the room's last seq and the stop's Deferred."""
+    ws, welcome = await connect(a)
+    joined = await ws.request({"type": "join", "room": room})
+    assert (await watcher.recv())["event"] == "join"
+    stopping = a.stop()
+    assert (await ws.recv())["type"] == "reconnect"
+    assert (await ws.closed())[0] == 1001
+    return welcome, int(joined.get("seq", 0)), stopping
+
+
+async def node_entries(link: RedisLink, prefix: str, node: str) -> tuple[Any, int, list[bytes]]:
+    """Node ``node`` in the cluster's presence: its deadline, whether its index exists, its fields in lobby."""
+    deadline = await link.command("ZSCORE", f"{prefix}pnodes", node)
+    index = int(await link.command("EXISTS", f"{prefix}pn:{node}"))
+    fields = [f for f in await link.command("HKEYS", f"{prefix}p:lobby") if bytes(f).startswith(node.encode())]
+    return deadline, index, fields
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_drained_node_leaves_the_cluster_presence_once_its_sessions_continued_elsewhere(
+        nodes: Any, prefix: str) -> None:
+    """The G1 drain's presence: a node that stops waits (``drain_handover``, here far longer than needed) for
+    the sessions it holds to be continued on other nodes, then leaves the cluster's presence at once: the
+    user is listed once, with one connection, and nobody saw a leave."""
+    make, link = nodes
+    a, b = await make(drain_interval=0.2, drain_handover=60), await make()
+    node_a = a.broker.node_id  # type: ignore[attr-defined]
+    watcher, _ = await connect(b)
+    await watcher.request({"type": "join", "room": "lobby", "presence": True})
+    welcome, seq, stopping = await drained_member(a, "lobby", watcher)
+    assert not stopping.called, "waiting for the session to be continued"
+    assert (await node_entries(link, prefix, node_a))[1] == 1, "its held presence is still node a's"
+
+    moved, _ = await connect(b)
+    reply = await moved.request({"type": "resume", "session": welcome["session"], "rooms": {"lobby": seq}})
+    assert (reply["continued"], reply["client"]) == (True, welcome["id"])
+    await eventually(lambda: stopping.called)  # well within the 60 s handover: at the taken notice
+    await stopping
+    assert await node_entries(link, prefix, node_a) == (None, 0, []), "node a left the cluster's presence"
+    listed = await watcher.request({"type": "presence", "room": "lobby", "id": 1})
+    assert {m["user"]: m["connections"] for m in listed["members"]}[welcome["id"]] == 1
+    assert await quiet(watcher) == [], "no leave, no join"
+
+
+@pytest_twisted.ensureDeferred
+async def test_sessions_nobody_continues_within_the_handover_are_left_to_the_reaper(
+        nodes: Any, prefix: str) -> None:
+    """A drained client that has not come back when ``drain_handover`` ends may still come back: its presence
+    stays the stopped node's, for the reaper (``presence_ttl``), and nobody sees a leave before that."""
+    make, link = nodes
+    a, b = await make(drain_interval=0.2, drain_handover=0.5), await make()
+    node_a = a.broker.node_id  # type: ignore[attr-defined]
+    watcher, _ = await connect(b)
+    await watcher.request({"type": "join", "room": "lobby", "presence": True})
+    welcome, _, stopping = await drained_member(a, "lobby", watcher)
+    await stopping
+    deadline, index, fields = await node_entries(link, prefix, node_a)
+    assert deadline is not None and index == 1, "left for the reaper"
+    assert fields == [f"{node_a}|{welcome['id']}".encode()]
+    assert await quiet(watcher) == [], "no leave while the user may still resume"

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from twisted.python import usage
 
+from roomserver.options import ServerOptions
 from roomserver.tap import Options, makeService
 
 from .twistd_support import free_port, reap, twistd, wait_for_port
@@ -105,13 +106,17 @@ def test_twistd_exits_1_when_its_port_is_taken(tmp_path: Path) -> None:
 def test_drain_options_map_to_server_options() -> None:
     config = Options()
     config.parseOptions([])
-    assert (config.server_options().drain_batch, config.server_options().drain_interval) == (100, 0.2)
+    options = config.server_options()
+    assert (options.drain_batch, options.drain_interval, options.drain_handover) == (100, 0.2, 2.0)
     config = Options()
-    config.parseOptions(["--drain-batch", "25", "--drain-interval", "0.5"])
-    assert (config.server_options().drain_batch, config.server_options().drain_interval) == (25, 0.5)
-    for argv in (["--drain-batch", "0"], ["--drain-interval", "-1"]):
+    config.parseOptions(["--drain-batch", "25", "--drain-interval", "0.5", "--drain-handover", "0"])
+    options = config.server_options()
+    assert (options.drain_batch, options.drain_interval, options.drain_handover) == (25, 0.5, 0.0)
+    for argv in (["--drain-batch", "0"], ["--drain-interval", "-1"], ["--drain-handover", "-1"]):
         with pytest.raises(usage.UsageError):
             Options().parseOptions(argv)
+    with pytest.raises(ValueError, match="drain_handover"):
+        ServerOptions(drain_handover=float("inf"))
 
 
 def test_durable_options_map_to_server_options() -> None:

@@ -89,6 +89,11 @@ class SessionTable:
         be let go."""
         return self._detached.pop(token, None)
 
+    def shared_holders(self) -> set[str]:
+        """Tokens of the detached sessions recorded for the cluster that still hold presence here: what a
+        stopping node waits for other nodes to take over before it leaves the cluster's presence."""
+        return {token for token, session in self._detached.items() if session.recorded and session.held}
+
     def rename(self, token: str, client_id: str) -> None:
         """The attached session ``token`` now belongs to ``client_id`` (its connection took over an older id)."""
         session = self._attached.get(token)
