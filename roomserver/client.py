@@ -70,6 +70,9 @@ class Client:
         self.address: str = getattr(protocol, "client_address", "")
         """The client's IP address: its TCP peer's, or behind ``trusted_proxies`` the one they forwarded."""
         self.close_code: int | None = None
+        """Set when the connection ended: the code of the close that ended it, the server's when the server
+        closed first (1002 for a protocol violation, 1008, 1009, 1001 when draining...), else the client's,
+        1006 for a connection lost without a close frame."""
         self.close_reason: str | None = None
         self.identity: Identity | None = getattr(protocol, "identity", None)
         """Who the client is (None until it authenticated, when authentication is on)."""

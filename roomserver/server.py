@@ -92,6 +92,17 @@ def _peer_host(protocol: Any) -> str:
     peer = transport.getPeer() if transport is not None else None
     return str(getattr(peer, "host", ""))
 
+def closing_code(protocol: Any, code: int | None, reason: str | None) -> tuple[int | None, str | None]:
+    """The close code and reason that ended a connection: the server's own when it closed first (Autobahn's
+    ``onClose`` reports the peer's, or 1006 whenever the closing handshake did not complete, which is every
+    protocol violation: the server sends its 1002 and drops the TCP connection without waiting); the peer's
+    otherwise, 1006 if it sent none."""
+    local = getattr(protocol, "localCloseCode", None)
+    if getattr(protocol, "closedByMe", False) and isinstance(local, int):
+        return local, getattr(protocol, "localCloseReason", None) or reason
+    return code, reason
+
+
 class WebSocketServer:
     """A WebSocket room server: ``start()``, ``stop()``, rooms, broadcasts, stats and events."""
 
@@ -684,8 +695,7 @@ class WebSocketServer:
             deliberate = was_clean and code in (1000, 1001) and not getattr(protocol, "closedByMe", False)
             self._execute(client, self.room_protocol.disconnected(client, rooms, deliberate))
 
-        client.close_code = code
-        client.close_reason = reason
+        client.close_code, client.close_reason = closing_code(protocol, code, reason)
         client._detach()
         self.observers.connection_closed(client, was_clean)
         client._events.emit("close")

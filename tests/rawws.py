@@ -103,14 +103,16 @@ class RawWebSocket:
 
         return await aio(asyncio.wait_for(read(), timeout))  # type: ignore[no-any-return]
 
-    async def expect_close(self, code: int, timeout: float = 5.0) -> Frame:
-        """Read (skipping data frames) up to the server's close frame; check its code, answer it, and check the
-        server then closes the TCP connection (it is the server's job, RFC 6455 section 7.1.1)."""
+    async def expect_close(self, code: int, timeout: float = 5.0,
+                           skip: tuple[int, ...] = (OP_TEXT, OP_BINARY, OP_CONTINUATION)) -> Frame:
+        """Read (skipping data frames, or the ``skip`` opcodes) up to the server's close frame; check its code,
+        answer it, and check the server then closes the TCP connection (it is the server's job, RFC 6455 section
+        7.1.1)."""
         while True:
             frame = await self.read_frame(timeout)
             if frame.opcode == OP_CLOSE:
                 break
-            assert frame.opcode in (OP_TEXT, OP_BINARY, OP_CONTINUATION), f"unexpected frame {frame}"
+            assert frame.opcode in skip, f"unexpected frame {frame}"
         assert frame.close_code == code, f"expected close code {code}, got {frame.close_code} ({frame.payload!r})"
         if not self.writer.is_closing():
             self.send_frame(OP_CLOSE, close_payload(code))
