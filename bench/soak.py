@@ -95,16 +95,71 @@ async def one_cycle(url: str, room: str) -> None:
         json.loads(await ws.recv())
 
 
-async def run_cycles(url: str, cycles: int, concurrency: int, name: str = "w") -> int:
-    """``cycles`` cycles spread over ``concurrency`` concurrent clients; returns the number of failures."""
+RESET_STAGES = ("handshake", "welcome", "join", "broadcast", "leave")
+RESET_ROOMS = 20
+
+
+def reset_abruptly(transport: Any) -> None:
+    """Close with a TCP RST, not a FIN: SO_LINGER with a zero timeout, then abort."""
+    import socket
+    import struct
+
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
+
+
+async def reset_cycle(url: str, stage: str, room: str, cut: float) -> None:
+    """One connection reset (RST) at ``stage``: part-way through the HTTP upgrade request (``cut`` of it
+    sent), after the welcome, right after sending a join, right after sending a chat to a room other clients
+    are in (while it is broadcast), or after sending the leave; never waiting for the server's answer to the
+    last thing sent."""
+    import websockets
+
+    if stage == "handshake":
+        host, port = url.split("//")[1].split("/")[0].split(":")
+        _, writer = await asyncio.open_connection(host, int(port))
+        request = (f"GET /ws HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                   "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").encode()
+        writer.write(request[:max(1, int(len(request) * cut))])
+        await writer.drain()
+        reset_abruptly(writer.transport)
+        return
+    ws = await websockets.connect(url, ping_interval=None, open_timeout=30, close_timeout=10)
+    try:
+        await ws.recv()  # welcome
+        if stage == "welcome":
+            return
+        await ws.send(json.dumps({"type": "join", "room": room}))
+        if stage == "join":
+            return
+        await ws.recv()
+        await ws.send(json.dumps({"type": "chat", "room": room, "text": "soak"}))
+        if stage == "broadcast":
+            return
+        await ws.send(json.dumps({"type": "leave", "room": room}))
+    finally:
+        reset_abruptly(ws.transport)
+
+
+async def run_cycles(url: str, cycles: int, concurrency: int, name: str = "w", resets: bool = False) -> int:
+    """``cycles`` cycles spread over ``concurrency`` concurrent clients; returns the number of failures. With
+    ``resets``, each cycle is a ``reset_cycle`` at a random stage, in one of a few shared rooms."""
+    import random
+
     failures = 0
     per_task = [cycles // concurrency + (1 if i < cycles % concurrency else 0) for i in range(concurrency)]
+    rng = random.Random(name)
 
     async def task(number: int, count: int) -> None:
         nonlocal failures
         for _ in range(count):
             try:
-                await one_cycle(url, f"soak-{name}-{number}")
+                if resets:
+                    await reset_cycle(url, rng.choice(RESET_STAGES), f"soak-{rng.randrange(RESET_ROOMS)}", rng.random())
+                else:
+                    await one_cycle(url, f"soak-{name}-{number}")
             except Exception:
                 failures += 1
 
@@ -254,8 +309,8 @@ async def steady_publisher(url: str, rooms: int, rate: float, minutes: float) ->
 
 def worker_main(argv: list[str]) -> None:
     kind, url = argv[0], argv[1]
-    if kind == "cycles":
-        failures = asyncio.run(run_cycles(url, int(argv[2]), int(argv[3]), argv[4]))
+    if kind in ("cycles", "resets"):
+        failures = asyncio.run(run_cycles(url, int(argv[2]), int(argv[3]), argv[4], resets=kind == "resets"))
         print(json.dumps({"failures": failures}), flush=True)
     elif kind == "idle":
         raise_nofile()
@@ -324,16 +379,23 @@ async def leak(args: argparse.Namespace, reactor: Any) -> None:
         # history_size messages and each closed connection's resume session for resume_ttl. Small values let
         # the run reach that steady state early, so RSS growth after it can only be a leak.
         history_size=10, resume_ttl=2))
+    from roomserver.observe import ServerObserver
+
     closed = 0
 
-    def on_connection(client: Any) -> None:
-        def on_close() -> None:
+    class Ended(ServerObserver):
+        """Counts connections that ended, whether or not their opening handshake completed (resets cut some
+        before it)."""
+
+        def connection_closed(self, client: Any, was_clean: bool) -> None:
             nonlocal closed
             closed += 1
 
-        client.on("close", on_close)
+        def handshake_failed(self, protocol: Any) -> None:
+            nonlocal closed
+            closed += 1
 
-    server.on("connection", on_connection)
+    server.observers.add(Ended())
     await server.start()
     url = f"ws://127.0.0.1:{server.port}/ws"
     collector = CollectorTally()
@@ -341,12 +403,16 @@ async def leak(args: argparse.Namespace, reactor: Any) -> None:
     base_objects, base_calls, base_rss = sum(base_census.values()), len(reactor.getDelayedCalls()), rss_kib()
     print(f"start: rss {base_rss} KiB, roomserver objects {base_objects}, delayed calls {base_calls}")
     share = args.cycles // args.workers
-    workers = [spawn("cycles", url, share, args.concurrency // args.workers, n) for n in range(args.workers)]
+    kind = "resets" if args.resets else "cycles"
+    workers = [spawn(kind, url, share, args.concurrency // args.workers, n) for n in range(args.workers)]
     samples: list[tuple[int, int, int, int]] = []
+    dead_members = 0
     next_mark = 10_000
     started = time.monotonic()
     while any(worker.poll() is None for worker in workers):
         await task.deferLater(reactor, 0.5, lambda: None)
+        # L3: a room never holds a connection that is gone (checked at every half-second, not only at the end).
+        dead_members += sum(1 for room in list(server.registry) for member in list(room.clients) if not member.open)
         if closed >= next_mark:
             samples.append((closed, rss_kib(), roomserver_objects(), len(reactor.getDelayedCalls())))
             print(f"{closed:>7} cycles  rss {samples[-1][1]} KiB  live clients {server.get_stats().connections}"
@@ -362,14 +428,15 @@ async def leak(args: argparse.Namespace, reactor: Any) -> None:
     if end_census != base_census:
         print(f"census changed: {base_census} -> {end_census}")
     reference = samples[0][1] if samples else base_rss
-    print(f"end: {closed} cycles in {time.monotonic() - started:.0f} s, {failures} failed cycles")
+    print(f"end: {closed} cycles in {time.monotonic() - started:.0f} s, {failures} failed cycles, "
+          f"{dead_members} closed connections seen in a room")
     print(f"end: clients {stats.connections}, rooms {stats.rooms}, roomserver objects {end_objects} (start "
           f"{base_objects}), delayed calls {end_calls} (start {base_calls})")
     print(f"end: rss {end_rss} KiB vs {reference} KiB after the first 10,000 cycles "
           f"({(end_rss - reference) / reference * 100:+.1f}%)")
     print(f"end: {collector.summary()}")
     ok = (stats.connections == 0 and stats.rooms == 0 and end_objects <= base_objects and end_calls <= base_calls
-          and end_rss <= reference * 1.10)
+          and end_rss <= reference * 1.10 and dead_members == 0)
     print("PASS" if ok else "FAIL")
     await server.stop()
 
@@ -529,6 +596,9 @@ def main() -> None:
     leak_parser.add_argument("--cycles", type=int, default=100_000)
     leak_parser.add_argument("--concurrency", type=int, default=500)
     leak_parser.add_argument("--workers", type=int, default=2)
+    leak_parser.add_argument("--resets", action="store_true",
+                             help="L3: every cycle ends in a TCP reset at a random stage (handshake, welcome, join, "
+                                  "broadcast, leave), in 20 shared rooms")
     flood_parser = sub.add_parser("flood")
     flood_parser.add_argument("--clients", type=int, default=50)
     flood_parser.add_argument("--rounds", type=int, default=300)
