@@ -384,8 +384,7 @@ async def leak(args: argparse.Namespace, reactor: Any) -> None:
     closed = 0
 
     class Ended(ServerObserver):
-        """Counts connections that ended, whether or not their opening handshake completed (resets cut some
-        before it)."""
+        """Counts WebSocket connections that ended (and upgrades that failed), for the progress samples."""
 
         def connection_closed(self, client: Any, was_clean: bool) -> None:
             nonlocal closed
@@ -428,8 +427,9 @@ async def leak(args: argparse.Namespace, reactor: Any) -> None:
     if end_census != base_census:
         print(f"census changed: {base_census} -> {end_census}")
     reference = samples[0][1] if samples else base_rss
-    print(f"end: {closed} cycles in {time.monotonic() - started:.0f} s, {failures} failed cycles, "
-          f"{dead_members} closed connections seen in a room")
+    print(f"end: {share * args.workers} cycles in {time.monotonic() - started:.0f} s ({closed} WebSocket "
+          f"connections ended; resets mid-upgrade never became one), {failures} failed cycles, {dead_members} closed "
+          f"connections seen in a room")
     print(f"end: clients {stats.connections}, rooms {stats.rooms}, roomserver objects {end_objects} (start "
           f"{base_objects}), delayed calls {end_calls} (start {base_calls})")
     print(f"end: rss {end_rss} KiB vs {reference} KiB after the first 10,000 cycles "
