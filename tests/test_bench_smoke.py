@@ -141,3 +141,19 @@ def test_steady_soak_samples_memory_descriptors_and_latency() -> None:
     assert int(rows[-1][8]) > 0, "connections were replaced"
     assert "rss slope" in proc.stdout and "p99" in proc.stdout
     assert "froze" in proc.stdout, "the soak's server keeps its heap as twistd roomserver does"
+
+
+@pytest.mark.parametrize("argv", [
+    ["slowloris", "--sockets", "100", "--deadline", "1", "--probes", "10", "--workers", "2"],
+    ["silent", "--connections", "100", "--deadline", "1", "--workers", "2"],
+], ids=["slowloris", "silent"])
+def test_attacks_bench_cuts_every_attacker_at_its_deadline(argv: list[str]) -> None:
+    """``bench/attacks.py`` at 100 attackers (RELIABILITY H1 and A3 run it at 5,000 and 10,000 by hand): every
+    attacker is cut by the server and measured, and the run reports its figures and a verdict (not asserted:
+    how close to the deadline, and the probe's p99, are timings, for the run by hand)."""
+    proc = subprocess.run([sys.executable, "-m", "bench.attacks", *argv], cwd=ROOT, capture_output=True, text=True,
+                          timeout=180, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert " connections: 100 closed, " in proc.stdout or " sockets: 100 closed, " in proc.stdout, proc.stdout
+    assert "open at 3x the deadline: 0" in proc.stdout and "failures: 0 []" in proc.stdout, proc.stdout
+    assert proc.stdout.rstrip().split("\n")[-1] in ("PASS", "FAIL"), proc.stdout
