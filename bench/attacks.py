@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.soak import percentile, raise_nofile  # noqa: E402
+from bench.soak import CollectorTally, deployed_heap, percentile, raise_nofile  # noqa: E402
 
 CONNECT_AT_ONCE = 200  # connects in flight per worker (the kernel's accept queue is not what is measured)
 HEAD = b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nX-Slow: "
@@ -44,25 +44,58 @@ HEAD = b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection
 
 # -- worker side (subprocesses, plain asyncio) ------------------------------------------------------------------
 
-async def trickle(port: int, deadline: float, connected: asyncio.Semaphore) -> float | None:
-    """One slowloris socket: the head, then a byte a second; seconds from connect to the server's close (None if
-    it was still open at ``3 * deadline``)."""
-    async with connected:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    started = time.monotonic()
-    try:
-        writer.write(HEAD)
-        while time.monotonic() - started < 3 * deadline:
-            try:
-                if await asyncio.wait_for(reader.read(4096), 1.0) == b"":
-                    return time.monotonic() - started
-            except TimeoutError:
-                writer.write(b"a")
-            except ConnectionError:
-                return time.monotonic() - started
-        return None
-    finally:
-        writer.transport.abort()
+class Loris(asyncio.Protocol):
+    """One slowloris socket: sends the start of a request head at once, then whatever ``trickle`` gives it;
+    records when the server closed it."""
+
+    def __init__(self, ended: asyncio.Future[float]) -> None:
+        self.ended = ended
+        self.transport: asyncio.Transport | None = None
+        self.started = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.started = time.monotonic()
+        transport.write(HEAD)
+
+    def data_received(self, data: bytes) -> None:
+        pass  # nothing is expected before the close (a 400 or 408 would be read and ignored)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        if not self.ended.done():
+            self.ended.set_result(time.monotonic() - self.started)
+
+
+async def slowloris_sockets(port: int, count: int, deadline: float) -> list[float | None]:
+    """``count`` sockets, each trickling one byte a second with the bytes of all of them spread evenly over the
+    second (a tick every 10 ms writes to a hundredth of them), until the server closed each or ``3 * deadline``
+    passed: seconds from each connect to its close (None: still open)."""
+    loop = asyncio.get_running_loop()
+    connected = asyncio.Semaphore(CONNECT_AT_ONCE)
+    ended: list[asyncio.Future[float]] = [loop.create_future() for _ in range(count)]
+    sockets: list[Loris] = []
+
+    async def open_one(future: asyncio.Future[float]) -> None:
+        async with connected:
+            _, protocol = await loop.create_connection(lambda: Loris(future), "127.0.0.1", port)
+        sockets.append(protocol)
+
+    opening = asyncio.gather(*(open_one(future) for future in ended))
+    began = time.monotonic()
+    tick = 0
+    while time.monotonic() - began < 3 * deadline and not all(future.done() for future in ended):
+        await asyncio.sleep(0.01)
+        for protocol in sockets[tick % 100::100]:
+            if protocol.transport is not None:
+                protocol.transport.write(b"a")
+        tick += 1
+    await opening
+    for protocol in sockets:
+        if protocol.transport is not None:
+            protocol.transport.abort()
+    return [future.result() if future.done() else None for future in ended]
 
 
 async def silent(url: str, deadline: float, connected: asyncio.Semaphore) -> tuple[float | None, int | None]:
@@ -83,18 +116,17 @@ async def silent(url: str, deadline: float, connected: asyncio.Semaphore) -> tup
 
 
 async def attackers(kind: str, target: str, count: int, deadline: float) -> dict[str, Any]:
-    connected = asyncio.Semaphore(CONNECT_AT_ONCE)
-    tasks: list[asyncio.Future[Any]]
     if kind == "slowloris":
-        tasks = [asyncio.ensure_future(trickle(int(target), deadline, connected)) for _ in range(count)]
-    else:
-        tasks = [asyncio.ensure_future(silent(target, deadline, connected)) for _ in range(count)]
+        try:
+            lifetimes = await slowloris_sockets(int(target), count, deadline)
+        except OSError as exc:
+            return {"lifetimes": [], "open_at_end": 0, "failures": [repr(exc)], "failed": count}
+        return {"lifetimes": [t for t in lifetimes if t is not None], "open_at_end": lifetimes.count(None),
+                "failures": [], "failed": 0}
+    connected = asyncio.Semaphore(CONNECT_AT_ONCE)
+    tasks = [asyncio.ensure_future(silent(target, deadline, connected)) for _ in range(count)]
     results = await asyncio.gather(*tasks, return_exceptions=True)
     failures = [repr(r) for r in results if isinstance(r, BaseException)]
-    if kind == "slowloris":
-        return {"lifetimes": [r for r in results if isinstance(r, float)],
-                "open_at_end": sum(1 for r in results if r is None), "failures": failures[:5],
-                "failed": len(failures)}
     pairs = [r for r in results if isinstance(r, tuple)]
     return {"lifetimes": [t for t, _ in pairs if t is not None], "codes": [c for _, c in pairs],
             "open_at_end": sum(1 for t, _ in pairs if t is None), "failures": failures[:5], "failed": len(failures)}
@@ -119,7 +151,9 @@ def worker_main(argv: list[str]) -> None:
     if kind == "probe":
         print(json.dumps(asyncio.run(probe(argv[1], int(argv[2])))), flush=True)
     else:
-        print(json.dumps(asyncio.run(attackers(kind, argv[1], int(argv[2]), float(argv[3])))), flush=True)
+        result = asyncio.run(attackers(kind, argv[1], int(argv[2]), float(argv[3])))
+        result["cpu_s"] = sum(os.times()[:2])
+        print(json.dumps(result), flush=True)
 
 
 def spawn(*args: Any) -> subprocess.Popen[str]:
@@ -156,18 +190,24 @@ async def slowloris(args: argparse.Namespace, reactor: Any) -> bool:
     server = WebSocketServer(ServerOptions(port=0, host="127.0.0.1", room_protocol=True,
                                            open_handshake_timeout=args.deadline, max_clients=args.sockets + 1000))
     await server.start()
+    freezer = deployed_heap(reactor)
+    collector = CollectorTally()
     url = f"ws://127.0.0.1:{server.port}/ws"
     try:
         baseline = (await collect([spawn("probe", url, args.probes)], 120))[0]
         per_worker = args.sockets // args.workers
+        cpu_before, began = sum(os.times()[:2]), time.monotonic()
         attack = [spawn("slowloris", server.port, per_worker, args.deadline) for _ in range(args.workers)]
         from twisted.internet import task
 
         await task.deferLater(reactor, args.deadline / 2, lambda: None)  # the sockets are open and trickling
         during = (await collect([spawn("probe", url, args.probes)], 120))[0]
         results = await collect(attack, 6 * args.deadline + 120)
+        elapsed, server_cpu = time.monotonic() - began, sum(os.times()[:2]) - cpu_before
     finally:
+        freezer.stop()
         await server.stop()
+    print(collector.summary())
     lifetimes = merged(results, "lifetimes")
     inside = sum(1 for t in lifetimes if abs(t - args.deadline) <= 0.5)
     drops = server.get_stats().drops.get("handshake_timeout", 0)
@@ -176,10 +216,12 @@ async def slowloris(args: argparse.Namespace, reactor: Any) -> bool:
     print(f"open at 3x the deadline: {sum(r['open_at_end'] for r in results)}, attacker failures: "
           f"{sum(r['failed'] for r in results)} {[f for r in results for f in r['failures']][:3]}; "
           f"server drops handshake_timeout: {drops}")
+    print(f"CPU over the attack's {elapsed:.1f} s: server {server_cpu / elapsed * 100:.0f} % of a core (the probe's "
+          f"connects included), attackers {sum(r['cpu_s'] for r in results) / elapsed * 100:.0f} %")
     print(f"legitimate connect + welcome, {args.probes} one after another: before p50 "
           f"{percentile(baseline, 0.5) * 1000:.1f} ms, p99 {percentile(baseline, 0.99) * 1000:.1f} ms; during "
-          f"p50 {percentile(during, 0.5) * 1000:.1f} ms, p99 {percentile(during, 0.99) * 1000:.1f} ms "
-          f"({ratio:.2f}x, target <= 2)")
+          f"p50 {percentile(during, 0.5) * 1000:.1f} ms, p90 {percentile(during, 0.9) * 1000:.1f} ms, p99 "
+          f"{percentile(during, 0.99) * 1000:.1f} ms, max {max(during) * 1000:.1f} ms ({ratio:.2f}x, target <= 2)")
     return inside == args.sockets == per_worker * args.workers and ratio <= 2
 
 
@@ -191,7 +233,26 @@ async def silent_connections(args: argparse.Namespace, reactor: Any) -> bool:
     server = WebSocketServer(ServerOptions(port=0, host="127.0.0.1", room_protocol=True,
                                            jwt_secret_file=secret.name, auth_timeout=args.deadline,
                                            max_clients=args.connections + 1000))
+    from roomserver.observe import ServerObserver
+
+    opened: dict[str, float] = {}
+    held: list[float] = []
+
+    class Lifetimes(ServerObserver):
+        """The server's view: from the end of a connection's upgrade to its close (the client's view also holds
+        the time its worker took to read the 101 and the close, with thousands of connections per process)."""
+
+        def connection_opened(self, client: Any) -> None:
+            opened[client.id] = time.monotonic()
+
+        def connection_closed(self, client: Any, was_clean: bool) -> None:
+            began = opened.pop(client.id, None)
+            if began is not None:
+                held.append(time.monotonic() - began)
+
+    server.observers.add(Lifetimes())
     await server.start()
+    freezer = deployed_heap(reactor)
     baseline_timers = len(reactor.getDelayedCalls())
     url = f"ws://127.0.0.1:{server.port}/ws"
     try:
@@ -207,17 +268,20 @@ async def silent_connections(args: argparse.Namespace, reactor: Any) -> bool:
         timers = len(reactor.getDelayedCalls())
         stats = server.get_stats()
     finally:
+        freezer.stop()
         await server.stop()
         os.unlink(secret.name)
     lifetimes = merged(results, "lifetimes")
     codes = Counter(merged(results, "codes"))
-    inside = sum(1 for t in lifetimes if abs(t - args.deadline) <= 0.5)
-    print(spread("silent connections", lifetimes, args.deadline))
+    inside = sum(1 for t in held if abs(t - args.deadline) <= 0.5)
+    print(spread("server's view, silent connections", held, args.deadline))
+    print(spread("clients' view", lifetimes, args.deadline))
     print(f"close codes: {dict(codes)}; open at 3x the deadline: {sum(r['open_at_end'] for r in results)}; "
           f"client failures: {sum(r['failed'] for r in results)} {[f for r in results for f in r['failures']][:3]}")
     print(f"server: drops auth_timeout {stats.drops.get('auth_timeout', 0)}, connections left {stats.connections}; "
           f"reactor timers {timers} (before the attack {baseline_timers})")
-    return (inside == args.connections == per_worker * args.workers and codes == Counter({1008: args.connections})
+    return (inside == args.connections == per_worker * args.workers == len(lifetimes)
+            and codes == Counter({1008: args.connections})
             and timers <= baseline_timers)
 
 
@@ -230,7 +294,7 @@ def main() -> None:
     loris = sub.add_parser("slowloris")
     loris.add_argument("--sockets", type=int, default=5000)
     loris.add_argument("--deadline", type=float, default=5.0, help="the server's open_handshake_timeout")
-    loris.add_argument("--probes", type=int, default=200)
+    loris.add_argument("--probes", type=int, default=500)
     loris.add_argument("--workers", type=int, default=4)
     quiet = sub.add_parser("silent")
     quiet.add_argument("--connections", type=int, default=10_000)

@@ -73,6 +73,20 @@ def roomserver_objects() -> int:
     return sum(roomserver_census().values())
 
 
+def deployed_heap(reactor: Any, thaw_every: float = 900.0) -> Any:
+    """What ``twistd roomserver`` does once it listens (roomserver/service.py): freeze the start-up heap, then
+    what survives each full collection (``roomserver.heap``), so a benchmark measures the collector's pauses of a
+    deployed node, not those of an embedding application's unfrozen heap. Returns the started
+    ``FreezeAfterFullCollections`` (``stop()`` it before the server stops)."""
+    from roomserver.heap import FreezeAfterFullCollections, freeze_startup_heap
+
+    print(f"froze {freeze_startup_heap()} objects of the start-up heap; heap frozen after each full collection, "
+          f"thawed every {thaw_every:g} s", flush=True)
+    freezer = FreezeAfterFullCollections(reactor, thaw_every)
+    freezer.start()
+    return freezer
+
+
 def raise_nofile() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
@@ -526,16 +540,7 @@ async def steady(args: argparse.Namespace, reactor: Any) -> None:
                                            max_clients=args.connections + 100, rate_limit=0,
                                            history_size=args.history_size))
     await server.start()
-    freezer = None
-    if args.gc_freeze:
-        # What ``twistd roomserver`` does once it listens (roomserver/service.py): the soak measures the pauses
-        # of a deployed node, not those of an embedding application's unfrozen heap.
-        from roomserver.heap import FreezeAfterFullCollections, freeze_startup_heap
-
-        print(f"froze {freeze_startup_heap()} objects of the start-up heap; heap frozen after each full "
-              f"collection, thawed every {args.thaw_every:g} s", flush=True)
-        freezer = FreezeAfterFullCollections(reactor, args.thaw_every)
-        freezer.start()
+    freezer = deployed_heap(reactor, args.thaw_every) if args.gc_freeze else None
     url = f"ws://127.0.0.1:{server.port}/ws"
     rooms = args.connections // 10
     per_worker = args.connections // args.workers
