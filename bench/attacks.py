@@ -190,7 +190,7 @@ async def slowloris(args: argparse.Namespace, reactor: Any) -> bool:
     server = WebSocketServer(ServerOptions(port=0, host="127.0.0.1", room_protocol=True,
                                            open_handshake_timeout=args.deadline, max_clients=args.sockets + 1000))
     await server.start()
-    freezer = deployed_heap(reactor)
+    freezer = deployed_heap(reactor) if args.gc_freeze else None
     collector = CollectorTally()
     url = f"ws://127.0.0.1:{server.port}/ws"
     try:
@@ -205,7 +205,8 @@ async def slowloris(args: argparse.Namespace, reactor: Any) -> bool:
         results = await collect(attack, 6 * args.deadline + 120)
         elapsed, server_cpu = time.monotonic() - began, sum(os.times()[:2]) - cpu_before
     finally:
-        freezer.stop()
+        if freezer is not None:
+            freezer.stop()
         await server.stop()
     print(collector.summary())
     lifetimes = merged(results, "lifetimes")
@@ -296,6 +297,8 @@ def main() -> None:
     loris.add_argument("--deadline", type=float, default=5.0, help="the server's open_handshake_timeout")
     loris.add_argument("--probes", type=int, default=500)
     loris.add_argument("--workers", type=int, default=4)
+    loris.add_argument("--no-gc-freeze", dest="gc_freeze", action="store_false",
+                       help="leave the heap unfrozen (an embedding application's shape)")
     quiet = sub.add_parser("silent")
     quiet.add_argument("--connections", type=int, default=10_000)
     quiet.add_argument("--deadline", type=float, default=10.0, help="the server's auth_timeout")
