@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -145,11 +146,63 @@ async def probe(url: str, count: int) -> list[float]:
     return samples
 
 
+def client_frame(opcode: int, payload: bytes = b"", fin: bool = True, rsv: int = 0) -> bytes:
+    """A masked client frame (payloads under 64 KiB; the key is zero, which leaves the payload as it is)."""
+    length = len(payload)
+    size = bytes([0x80 | length]) if length < 126 else bytes([0x80 | 126]) + length.to_bytes(2, "big")
+    return bytes([(0x80 if fin else 0) | (rsv << 4) | opcode]) + size + b"\0\0\0\0" + payload
+
+
+def deflate_bomb(inflated: int) -> bytes:
+    """A permessage-deflate message body of ``inflated`` zero bytes (about 1,000:1)."""
+    import zlib
+
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    return (compressor.compress(b"\0" * inflated) + compressor.flush(zlib.Z_SYNC_FLUSH))[:-4]
+
+
+def one_shot(kind: str, port: int) -> None:
+    """One attacking connection, driven by the server process over stdin/stdout: upgrade, wait for the welcome,
+    say ``ready``; on ``go``, send the whole attack (P9: a text frame's start then 1,000,000 empty
+    continuations, 6 MB; P10: a 64 KiB frame inflating to 64 MiB), then read up to the server's close and print
+    its code."""
+    import socket
+
+    if kind == "fragments":
+        data = client_frame(0x1, b"{", fin=False) + client_frame(0x0, fin=False) * 1_000_000
+        extension = b""
+    else:
+        data = client_frame(0x1, deflate_bomb(64 * 1024 * 1024), rsv=4)
+        extension = b"Sec-WebSocket-Extensions: permessage-deflate\r\n"
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n" + extension + b"\r\n")
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(65536)
+    sock.recv(65536)  # the welcome (compressed or not)
+    print("ready", flush=True)
+    sys.stdin.readline()
+    sock.settimeout(30)
+    with contextlib.suppress(OSError):  # the server closes while the rest is on its way
+        sock.sendall(data)
+    received = b""
+    try:
+        while chunk := sock.recv(65536):
+            received += chunk
+    except OSError:
+        pass
+    at = received.find(b"\x88")
+    print(int.from_bytes(received[at + 2:at + 4], "big") if at >= 0 else "none", flush=True)
+
+
 def worker_main(argv: list[str]) -> None:
     raise_nofile()
     kind = argv[0]
     if kind == "probe":
         print(json.dumps(asyncio.run(probe(argv[1], int(argv[2])))), flush=True)
+    elif kind in ("fragments", "bomb"):
+        one_shot(kind, int(argv[1]))
     else:
         result = asyncio.run(attackers(kind, argv[1], int(argv[2]), float(argv[3])))
         result["cpu_s"] = sum(os.times()[:2])
@@ -286,6 +339,70 @@ async def silent_connections(args: argparse.Namespace, reactor: Any) -> bool:
             and timers <= baseline_timers)
 
 
+def peak_rss_reset() -> int:
+    """Reset this process's peak RSS (VmHWM) to its current RSS; returns it (KiB)."""
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")
+    return status_kib("VmHWM")
+
+
+def status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+async def one_connection(args: argparse.Namespace, reactor: Any) -> bool:
+    """P9 (``fragments``) and P10 (``bomb``): ``--repeat`` attacking connections, one after another; for each,
+    the server's CPU time and its peak RSS above its RSS from the attacker's first byte to the connection's end,
+    and the close code."""
+    from twisted.internet import task, threads
+
+    from roomserver import ServerOptions, WebSocketServer
+
+    fragments = args.scenario == "fragments"
+    options = ServerOptions(port=0, host="127.0.0.1", room_protocol=True) if fragments else ServerOptions(
+        port=0, host="127.0.0.1", room_protocol=True, compression=True, max_message_size=64 * 1024)
+    server = WebSocketServer(options)
+    await server.start()
+    freezer = deployed_heap(reactor)
+    rows = []
+    try:
+        for _ in range(args.repeat):
+            command = [sys.executable, "-m", "bench.attacks", "worker", args.scenario, str(server.port)]
+            worker = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                                      env={**os.environ, "PYTHONPATH": str(ROOT)})
+            assert worker.stdout is not None and worker.stdin is not None
+            assert (await threads.deferToThread(worker.stdout.readline)).strip() == "ready"
+            rss = peak_rss_reset()
+            cpu, began = sum(os.times()[:2]), time.monotonic()
+            worker.stdin.write("go\n")
+            worker.stdin.flush()
+            for _ in range(3000):
+                if server.get_stats().connections == 0:
+                    break
+                await task.deferLater(reactor, 0.01, lambda: None)
+            seconds, cpu = time.monotonic() - began, sum(os.times()[:2]) - cpu
+            peak = status_kib("VmHWM") - rss
+            code = (await threads.deferToThread(worker.communicate, None, 60))[0].strip()
+            rows.append((code, seconds, cpu, peak))
+    finally:
+        freezer.stop()
+        await server.stop()
+    what = "1,000,000 empty continuations" if fragments else "a 64 KiB frame inflating to 64 MiB"
+    expected = "1008" if fragments else "1009"
+    for code, seconds, cpu, peak in rows:
+        print(f"{what}: close {code} after {seconds * 1000:.0f} ms; server CPU {cpu * 1000:.0f} ms; peak RSS "
+              f"+{peak} KiB")
+    worst = max(peak for *_, peak in rows)
+    print(f"{len(rows)} attacks: close codes {Counter(code for code, *_ in rows)}, server CPU at most "
+          f"{max(cpu for _, _, cpu, _ in rows) * 1000:.0f} ms each, peak RSS at most +{worst} KiB "
+          f"(target < {1024 if fragments else 2048} KiB); drops {dict(server.get_stats().drops)}")
+    return all(code == expected for code, *_ in rows) and worst < (1024 if fragments else 2048)
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "worker":
         worker_main(sys.argv[2:])
@@ -303,9 +420,14 @@ def main() -> None:
     quiet.add_argument("--connections", type=int, default=10_000)
     quiet.add_argument("--deadline", type=float, default=10.0, help="the server's auth_timeout")
     quiet.add_argument("--workers", type=int, default=4)
+    for name, text in (("fragments", "P9: 1,000,000 empty continuation frames on one connection"),
+                       ("bomb", "P10: a 64 KiB deflate frame inflating to 64 MiB")):
+        one = sub.add_parser(name, help=text)
+        one.add_argument("--repeat", type=int, default=10)
     args = parser.parse_args()
     raise_nofile()
-    scenario = {"slowloris": slowloris, "silent": silent_connections}[args.scenario]
+    scenario = {"slowloris": slowloris, "silent": silent_connections, "fragments": one_connection,
+                "bomb": one_connection}[args.scenario]
 
     from twisted.internet import defer, task
 

@@ -56,6 +56,53 @@ class GracefulCloseMixin:
         super().connectionLost(reason)  # type: ignore[misc]
 
 
+CLOSE_FRAME_START = 0x88  # FIN, no RSV bit, opcode 8: how a client's close frame begins
+
+
+class DeafAfterFailure:
+    """Mixed into the Autobahn server protocol (before it in the bases): once the server has failed the
+    connection, no more data is processed but the client's close frame.
+
+    RFC 6455 section 7.1.7: an endpoint that fails the connection (a protocol violation, a limit: Autobahn's
+    ``_fail_connection``) sends its close frame and SHOULD NOT go on processing data from the peer. Autobahn,
+    with ``failByDrop=False`` (so the client learns the code), parses everything that keeps arriving until the
+    closing handshake times out: an attacker that carries on after the fragment cap's 1008 (a million empty
+    continuation frames, RELIABILITY P9) kept a core busy for the whole close-handshake timeout (about 2 s of
+    CPU per connection, bench/attacks.py). Here parsing stops at the frame that failed the connection (the rest
+    of that read, up to 64 KiB of further frames, is dropped) and so does every later read, except one that
+    begins with a close frame: the client's answer, so a client that complies still completes the closing
+    handshake at once. Dropped bytes are still read from the socket (the
+    peer never fills our receive buffer, and no unread data turns our close into an RST that could destroy our
+    close frame in flight): a ``recv`` per read, no Python per frame."""
+
+    def consumeData(self) -> None:
+        """Autobahn's loop over the buffered frames, stopped (and the buffer dropped) once a frame failed the
+        connection. Between two ``processData`` calls nothing is half-parsed, so dropping is safe there."""
+        this: Any = self
+        if this.state not in (this.STATE_OPEN, this.STATE_CLOSING) or this.failedByMe:
+            super().consumeData()  # type: ignore[misc]
+            return
+        while this.processData() and this.state != this.STATE_CLOSED:
+            if this.failedByMe:
+                this.data = b""
+                this.current_frame = None
+                return
+
+    ignored_octets = 0
+    """Bytes read and dropped unparsed after the failure."""
+
+    def dataReceived(self, data: bytes) -> None:
+        this: Any = self
+        if this.failedByMe and this.state == this.STATE_CLOSING:
+            if not data or data[0] != CLOSE_FRAME_START:
+                self.ignored_octets += len(data)
+                return
+            # Whatever frame the failure interrupted is abandoned: parse this read from its first byte.
+            this.data = b""
+            this.current_frame = None
+        super().dataReceived(data)  # type: ignore[misc]
+
+
 class ReleasedOnClose:
     """Mixed into an Autobahn server protocol (before it in the bases): a closed connection is no reference cycle.
 

@@ -18,7 +18,7 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.websocket.protocol import WebSocketProtocol
 
 from . import autobahn_debug
-from .closing import GracefulCloseMixin, ReleasedOnClose
+from .closing import DeafAfterFailure, GracefulCloseMixin, ReleasedOnClose
 from .compression import compression_hook
 from .core.ratelimit import FloodGuard
 from .inframe import whole_frame
@@ -47,10 +47,12 @@ def _valid_utf8(payload: bytes) -> bool:
 _PROTOCOL_LEVEL_CODES = frozenset({1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014})
 
 
-class RoomServerProtocol(GracefulCloseMixin, ReleasedOnClose, WebSocketServerProtocol):  # type: ignore[misc]
+class RoomServerProtocol(DeafAfterFailure, GracefulCloseMixin, ReleasedOnClose,  # type: ignore[misc]
+                         WebSocketServerProtocol):
     """One WebSocket connection; ``client`` is the application's handle once the connection is open.
 
-    ``GracefulCloseMixin`` makes sure the peer receives our close frame when its own close frame was invalid."""
+    ``GracefulCloseMixin`` makes sure the peer receives our close frame when its own close frame was invalid;
+    ``DeafAfterFailure`` stops parsing what a peer sends after the server failed its connection."""
 
     factory: RoomServerFactory
     client: Client | None = None

@@ -58,6 +58,31 @@ async def test_too_many_fragments_closes_with_1008(make_server: Any) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_after_failing_a_connection_the_server_parses_nothing_but_the_close(make_server: Any) -> None:
+    """RFC 6455 section 7.1.7 (RELIABILITY P9's CPU budget): once the fragment cap failed the connection, the
+    frames after the offending one in the same read are not parsed, nor are later reads (read and dropped); the
+    client's close frame still completes the closing handshake at once (the close-handshake timeout here is
+    30 s, so the end of the connection within a few seconds is the answer being parsed)."""
+    server = await make_server(room_protocol=True, max_fragments=16, close_handshake_timeout=30.0)
+    raw = await RawClient.connect(server)
+    await raw.read_frame()
+    [client] = server.clients.values()
+    protocol = client._protocol
+    assert protocol is not None
+    raw.send(frame(0x1, b"{", fin=False) + frame(0x0, b"", fin=False) * 5000)  # 30 KB: one read
+    assert await raw.close_code() == CloseCode.POLICY_VIOLATION
+    assert protocol.fragments == 17, "parsing stopped at the frame over the cap"
+    later = frame(0x0, b"", fin=False) * 5000
+    raw.send(later)
+    await eventually(lambda: protocol.ignored_octets == len(later))
+    assert protocol.fragments == 17
+    raw.send(frame(0x8, (1008).to_bytes(2, "big")))
+    assert await raw.at_eof(timeout=5)
+    await eventually(lambda: server.get_stats().connections == 0)
+    assert client.close_code == CloseCode.POLICY_VIOLATION
+
+
+@pytest_twisted.ensureDeferred
 async def test_fragments_within_the_cap_are_reassembled(make_server: Any) -> None:
     server = await make_server(room_protocol=True, max_fragments=16)
     raw = await RawClient.connect(server)
