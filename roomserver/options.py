@@ -86,7 +86,7 @@ class ServerOptions:
     """Addresses or networks of proxies whose ``X-Forwarded-For`` is believed (e.g. ``10.0.0.0/8``): a
     connection's client address is the nearest hop that is not one of them (roomserver/core/addresses.py)."""
     max_handshake_size: int = 16 * KIB
-    """Bytes of HTTP request line and headers; beyond it HTTP 400 and the connection is closed."""
+    """Bytes of HTTP request line and headers; beyond it HTTP 431 and the connection is closed."""
     raise_fd_limit: bool = True
     """Raise the soft open-files limit to the hard limit at start, so ``max_clients`` can be reached."""
     jwt_secret_file: str | None = None

@@ -153,7 +153,7 @@ class Options(usage.Options):
         ["trusted-proxies", None, "", "Comma-separated proxy addresses/networks whose X-Forwarded-For is "
          "believed (e.g. 10.0.0.0/8); the client address is the nearest hop not among them.", _comma_list],
         ["max-handshake-size", None, _DEFAULTS.max_handshake_size, "Bytes of HTTP request head; beyond it "
-         "HTTP 400.", _positive_int],
+         "HTTP 431.", _positive_int],
         ["jwt-secret-file", None, None, "A file holding the HS256 secret (or set ROOMSERVER_JWT_SECRET): turns on "
          "JWT authentication. Never pass a secret on the command line."],
         ["jwt-public-key-file", None, None, "A PEM public key for RS256/ES256 tokens (with --jwt-algorithm)."],

@@ -266,6 +266,27 @@ class HandshakeDeadlineChannel(HTTPChannel):
         super().connectionMade()
         self._arm()
 
+    def lineLengthExceeded(self, line: bytes) -> None:
+        """One line longer than a whole request head may be (``MAX_LENGTH`` is the head's cap): headers that
+        never end their line. Twisted would drop the connection without a word."""
+        self._refuse_oversize_head()
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        """Twisted's answer to every bad request head is 400; a head over ``totalHeadersSize`` gets the status
+        that says so (RFC 6585, 431), anything else stays 400."""
+        if self._receivedHeaderSize > self.totalHeadersSize:
+            self._refuse_oversize_head()
+        else:
+            super()._respondToBadRequestAndDisconnect()
+
+    def _refuse_oversize_head(self) -> None:
+        self._disarm()
+        transport: Any = self.transport
+        if transport is not None:
+            transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\nConnection: close\r\n"
+                                 b"Content-Length: 0\r\n\r\n")
+            self.loseConnection()
+
     def allHeadersReceived(self) -> None:
         self._disarm()
         super().allHeadersReceived()

@@ -102,6 +102,7 @@ class QuietSite(Site):
         channel: Any = super().buildProtocol(addr)
         channel.handshake_timeout = self.handshake_timeout
         channel.totalHeadersSize = self.max_handshake_size
+        channel.MAX_LENGTH = self.max_handshake_size  # one endless header line is cut at the same cap
         channel.on_timeout = self.on_handshake_timeout
         return channel
 

@@ -214,14 +214,23 @@ async def test_completed_handshake_is_not_cut(make_server: Any) -> None:
     assert (await ws.request({"type": "chat", "room": "r", "text": "alive"}))["text"] == "alive"
 
 
+@pytest.mark.parametrize("head", [
+    b"GET /ws HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-Pad-%d: %s\r\n" % (i, b"a" * 100) for i in range(200)),
+    b"GET /ws HTTP/1.1\r\nHost: x\r\nX-Endless: " + b"a" * 64 * 1024,
+], ids=["many headers", "one endless header line"])
 @pytest_twisted.ensureDeferred
-async def test_oversize_request_head_gets_400_and_is_closed(make_server: Any) -> None:
-    server = await make_server(max_handshake_size=16 * 1024)
+async def test_oversize_request_head_gets_431_and_is_closed(make_server: Any, head: bytes) -> None:
+    """RELIABILITY H2: a head over ``max_handshake_size`` (many headers, or 64 KiB of one header that never ends
+    its line) gets 431 at the cap and the connection is closed; the server still serves."""
+    server = await make_server(max_handshake_size=16 * 1024, room_protocol=True)
     raw = await RawClient.open_tcp(server)
-    raw.send(b"GET /ws HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-Pad-%d: %s\r\n" % (i, b"a" * 100) for i in range(200)))
+    raw.send(head)
     response = await aio(asyncio.wait_for(raw.reader.read(100), 5))
-    assert response.startswith(b"HTTP/1.1 400")
+    assert response.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"), response
     assert await raw.at_eof()
+    await eventually(lambda: not server.connections.protocols)
+    ws = await WSClient.connect(url_of(server))
+    assert (await ws.recv())["type"] == "welcome"
 
 
 @pytest.mark.parametrize(
