@@ -11,6 +11,11 @@ from dataclasses import dataclass
 
 from .core.drain import DrainPlan
 
+DEFAULT_PING_TIMEOUT_CAP = 10.0
+"""A pong takes a round trip: a peer that has not answered a ping in 10 s is as good as gone on any network a
+client can chat over, and waiting a whole 30-s interval kept a half-open connection (and its presence) for a
+minute (RELIABILITY S2 asks for 40 s)."""
+
 KIB = 1024
 MIB = 1024 * KIB
 
@@ -27,7 +32,8 @@ class ServerOptions:
     """Seconds between heartbeat pings (0 turns heartbeats off; at least 1 otherwise, since Autobahn's timers
     round to whole seconds)."""
     ping_timeout: float | None = None
-    """Seconds to wait for a pong before dropping the peer; defaults to ``ping_interval``."""
+    """Seconds to wait for a pong before dropping the peer; defaults to ``ping_interval``, at most
+    ``DEFAULT_PING_TIMEOUT_CAP`` (10 s): a half-open peer is gone within 40 s with the defaults."""
     host: str = ""
     """Interface to bind when ``port`` is a number ("" = every IPv4 interface)."""
     backlog: int = 4096
@@ -239,7 +245,9 @@ class ServerOptions:
 
     @property
     def effective_ping_timeout(self) -> float:
-        return self.ping_interval if self.ping_timeout is None else self.ping_timeout
+        if self.ping_timeout is not None:
+            return self.ping_timeout
+        return min(self.ping_interval, DEFAULT_PING_TIMEOUT_CAP)
 
     @property
     def effective_max_frame_size(self) -> int:

@@ -104,7 +104,7 @@ class Options(usage.Options):
         ["ping-interval", None, _DEFAULTS.ping_interval, "Seconds between heartbeat pings (0 = off).",
          _non_negative_float],
         ["ping-timeout", None, None, "Seconds to wait for a pong before dropping the peer "
-         "(default: the ping interval).", _non_negative_float],
+         "(default: the ping interval, at most 10 s).", _non_negative_float],
         ["max-message-size", None, _DEFAULTS.max_message_size, "Largest client message in bytes (close 1009).",
          _positive_int],
         ["max-frame-size", None, None, "Largest client frame in bytes (default: max-message-size).", _positive_int],

@@ -80,3 +80,23 @@ def test_peer_that_answers_pings_stays() -> None:
             clock.advance(9)
             assert not transport.disconnecting
         assert server.get_stats().connections == 1
+
+
+def test_with_the_defaults_a_half_open_peer_is_dropped_within_40_seconds() -> None:
+    """RELIABILITY S2: ping every 30 s, and the pong timeout defaults to the interval capped at 10 s, so a peer
+    that went silent (half-open TCP) is dropped 40 s after its last traffic, not 60."""
+    options = ServerOptions(port=0)
+    assert (options.ping_interval, options.effective_ping_timeout) == (30.0, 10.0)
+    assert ServerOptions(port=0, ping_interval=5).effective_ping_timeout == 5
+    assert ServerOptions(port=0, ping_timeout=25).effective_ping_timeout == 25
+    txaio.use_twisted()
+    clock = Clock()
+    with replace_loop(clock):
+        server = WebSocketServer(options, reactor=MemoryReactorClock())
+        _, transport = open_connection(server)
+        clock.advance(30)
+        assert transport.value()[:1] == b"\x89" and not transport.disconnecting, "pinged, still waiting"
+        clock.advance(9)
+        assert not (transport.disconnecting or transport.disconnected)
+        clock.advance(1)
+        assert transport.disconnecting or transport.disconnected, "40 s after its last traffic: dropped"
