@@ -172,16 +172,21 @@ async def test_memory_broker_has_no_shared_sessions() -> None:
         await server.stop()
 
 
-async def drained_member(a: WebSocketServer, room: str, watcher: WSClient) -> tuple[dict[str, Any], int, Any]:
-    """A client of ``a`` in ``room`` (``watcher`` sees it join), then ``a.stop()``: the client got the reconnect
-    hint and the 1001 close. Returns its welcome, the room's last seq and the stop's Deferred."""
+async def drained_member(make: Any, handover: float) -> tuple[str, WebSocketServer, WSClient, dict[str, Any], int,
+                                                              Any]:
+    """Nodes a (``drain_handover=handover``) and b; a watcher of room lobby's presence on b; a client of a in
+    lobby, then ``a.stop()``: the client got the reconnect hint and the 1001 close. Returns node a's id, node b,
+    the watcher, the client's welcome, the room's last seq and the stop's Deferred."""
+    a, b = await make(drain_interval=0.2, drain_handover=handover), await make()
+    watcher, _ = await connect(b)
+    await watcher.request({"type": "join", "room": "lobby", "presence": True})
     ws, welcome = await connect(a)
-    joined = await ws.request({"type": "join", "room": room})
+    joined = await ws.request({"type": "join", "room": "lobby"})
     assert (await watcher.recv())["event"] == "join"
     stopping = a.stop()
     assert (await ws.recv())["type"] == "reconnect"
     assert (await ws.closed())[0] == 1001
-    return welcome, int(joined.get("seq", 0)), stopping
+    return a.broker.node_id, b, watcher, welcome, int(joined.get("seq", 0)), stopping  # type: ignore[attr-defined]
 
 
 async def node_entries(link: RedisLink, prefix: str, node: str) -> tuple[Any, int, list[bytes]]:
@@ -199,11 +204,7 @@ async def test_a_drained_node_leaves_the_cluster_presence_once_its_sessions_cont
     the sessions it holds to be continued on other nodes, then leaves the cluster's presence at once: the
     user is listed once, with one connection, and nobody saw a leave."""
     make, link = nodes
-    a, b = await make(drain_interval=0.2, drain_handover=60), await make()
-    node_a = a.broker.node_id  # type: ignore[attr-defined]
-    watcher, _ = await connect(b)
-    await watcher.request({"type": "join", "room": "lobby", "presence": True})
-    welcome, seq, stopping = await drained_member(a, "lobby", watcher)
+    node_a, b, watcher, welcome, seq, stopping = await drained_member(make, handover=60)
     assert not stopping.called, "waiting for the session to be continued"
     assert (await node_entries(link, prefix, node_a))[1] == 1, "its held presence is still node a's"
 
@@ -224,11 +225,7 @@ async def test_sessions_nobody_continues_within_the_handover_are_left_to_the_rea
     """A drained client that has not come back when ``drain_handover`` ends may still come back: its presence
     stays the stopped node's, for the reaper (``presence_ttl``), and nobody sees a leave before that."""
     make, link = nodes
-    a, b = await make(drain_interval=0.2, drain_handover=0.5), await make()
-    node_a = a.broker.node_id  # type: ignore[attr-defined]
-    watcher, _ = await connect(b)
-    await watcher.request({"type": "join", "room": "lobby", "presence": True})
-    welcome, _, stopping = await drained_member(a, "lobby", watcher)
+    node_a, _, watcher, welcome, _, stopping = await drained_member(make, handover=0.5)
     await stopping
     deadline, index, fields = await node_entries(link, prefix, node_a)
     assert deadline is not None and index == 1, "left for the reaper"
