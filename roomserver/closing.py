@@ -71,9 +71,9 @@ class DeafAfterFailure:
     CPU per connection, bench/attacks.py). Here parsing stops at the frame that failed the connection (the rest
     of that read, up to 64 KiB of further frames, is dropped) and so does every later read, except one that
     begins with a close frame: the client's answer, so a client that complies still completes the closing
-    handshake at once. Dropped bytes are still read from the socket (the
-    peer never fills our receive buffer, and no unread data turns our close into an RST that could destroy our
-    close frame in flight): a ``recv`` per read, no Python per frame."""
+    handshake at once. Dropped bytes are still read from the socket (the peer never fills our receive buffer,
+    and no unread data turns our close into an RST that could destroy our close frame in flight): a ``recv``
+    per read, no Python per frame."""
 
     def consumeData(self) -> None:
         """Autobahn's loop over the buffered frames, stopped (and the buffer dropped) once a frame failed the

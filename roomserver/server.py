@@ -92,11 +92,11 @@ def _peer_host(protocol: Any) -> str:
     peer = transport.getPeer() if transport is not None else None
     return str(getattr(peer, "host", ""))
 
+
 def closing_code(protocol: Any, code: int | None, reason: str | None) -> tuple[int | None, str | None]:
     """The close code and reason that ended a connection: the server's own when it closed first (Autobahn's
-    ``onClose`` reports the peer's, or 1006 whenever the closing handshake did not complete, which is every
-    protocol violation: the server sends its 1002 and drops the TCP connection without waiting); the peer's
-    otherwise, 1006 if it sent none."""
+    ``onClose`` reports the peer's, or 1006 whenever the closing handshake did not complete, as after most
+    protocol violations, where the peer never answers our 1002); the peer's otherwise, 1006 if it sent none."""
     local = getattr(protocol, "localCloseCode", None)
     if getattr(protocol, "closedByMe", False) and isinstance(local, int):
         return local, getattr(protocol, "localCloseReason", None) or reason

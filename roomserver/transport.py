@@ -284,7 +284,7 @@ class HandshakeDeadlineChannel(HTTPChannel):
         transport: Any = self.transport
         if transport is not None:
             transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\nConnection: close\r\n"
-                                 b"Content-Length: 0\r\n\r\n")
+                            b"Content-Length: 0\r\n\r\n")
             self.loseConnection()
 
     def allHeadersReceived(self) -> None:
