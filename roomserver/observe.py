@@ -128,22 +128,23 @@ class ConnectionLog(ServerObserver):
 
     Events carry their data as fields (``event="connection_closed"``, ``client``, ``code``...), so the JSON
     log format (``--log-format json``) turns them into machine-readable lines. The opening time is kept here,
-    per open connection, and forgotten at close.
+    per open connection (the ``Client`` itself is the key: a connection that continues a cluster session takes
+    the session's client id after it opened), and forgotten at close.
     """
 
     log = Logger()
 
     def __init__(self, reactor: Any) -> None:
         self._reactor = reactor
-        self._opened_at: dict[str, float] = {}
+        self._opened_at: dict[Client, float] = {}
 
     def connection_opened(self, client: Client) -> None:
-        self._opened_at[client.id] = self._reactor.seconds()
+        self._opened_at[client] = self._reactor.seconds()
         self.log.info("connection {client} opened from {address} ({peer})", event="connection_opened",
                       client=client.id, address=client.address, peer=client.peer)
 
     def connection_closed(self, client: Client, was_clean: bool) -> None:
-        opened = self._opened_at.pop(client.id, None)
+        opened = self._opened_at.pop(client, None)
         duration = round(self._reactor.seconds() - opened, 3) if opened is not None else None
         self.log.info(
             "connection {client} closed: code {code} ({reason}) after {duration}s, clean={clean}",

@@ -96,3 +96,29 @@ def test_a_failing_observer_never_breaks_the_others() -> None:
         observers.stopping(None)  # type: ignore[arg-type]
     assert seen == ["stopping"]
     assert any("observer bug" in str(e.get("log_failure", "")) for e in events)
+
+
+def test_a_connection_that_takes_another_client_id_is_logged_with_its_duration_and_forgotten() -> None:
+    """A connection that continues a cluster session takes that session's client id after it opened
+    (docs/cluster.md): its close still carries its duration, and the connection log keeps nothing of it (keyed
+    by the id, every such connection left an entry behind for ever)."""
+    from twisted.internet.task import Clock
+
+    from roomserver.observe import ConnectionLog
+
+    class Connection:
+        id = "new-id"
+        address = peer = "tcp4:127.0.0.1:1"
+        close_code, close_reason = 1000, ""
+
+    clock = Clock()
+    log = ConnectionLog(clock)
+    client: Any = Connection()
+    with captured_log() as events:
+        log.connection_opened(client)
+        client.id = "continued-id"
+        clock.advance(2.5)
+        log.connection_closed(client, True)
+    closed = next(e for e in events if e.get("event") == "connection_closed")
+    assert (closed["client"], closed["duration"]) == ("continued-id", 2.5)
+    assert log._opened_at == {}
