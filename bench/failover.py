@@ -244,8 +244,9 @@ async def parent(args: argparse.Namespace) -> int:
     ports = [free_port(), free_port()]
     urls = [f"ws://127.0.0.1:{port}/ws" for port in ports]
     extra = ["--presence-ttl", str(args.presence_ttl), *args.node_arg]
+    # The nodes run as deployed (twistd's heap policy included); --node-arg=--no-gc-freeze to compare.
     nodes = [start_node(port, "--store", redis.url, "--broker", redis.url, "--max-clients", "100000",
-                        "--no-gc-freeze", *extra, log=workdir / f"node{i}.log") for i, port in enumerate(ports)]
+                        *extra, log=workdir / f"node{i}.log") for i, port in enumerate(ports)]
     workers: list[asyncio.subprocess.Process] = []
     try:
         for port in ports:
