@@ -4,6 +4,8 @@ The server gives it its clients and two actions: ``hint(client, after_ms)`` (sen
 the client's chats from then on) and ``close(client, after_ms)`` (the 1001 close). Steps due at once run in the
 call itself: the first batch is told in the call, and with ``interval = 0`` everyone is told and closed in the
 same turn, as before batching existed.
+
+``Handover``: after the drain, a cluster node's wait for the other nodes to continue its sessions.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from .core.drain import DrainPlan, DrainStep
 T = TypeVar("T")
 
 HINT, CLOSE = 0, 1
+HANDOVER_CAP = 5
+"""A handover (``Handover``) lasts at most this many times ``drain_handover``, however steady its progress."""
 
 
 class Drainer(Generic[T]):
@@ -75,3 +79,47 @@ class Drainer(Generic[T]):
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None
+
+
+class Handover:
+    """A stopping cluster node's wait for the other nodes to continue the sessions it still holds presence for
+    (``WebSocketServer._await_handover``): each ``taken`` notice is one fewer. The wait lasts while the other
+    nodes make progress: it ends when nothing is held any more (True), or when no session was taken for ``idle``
+    seconds, or ``cap`` seconds after it began (False: the rest is left to the presence reaper). A loaded cluster
+    that takes the sessions over at its own pace gets to finish; clients that do not come back cost ``idle``."""
+
+    def __init__(self, reactor: Any, pending: set[str], idle: float, cap: float) -> None:
+        self.reactor = reactor
+        self.pending = pending
+        self.waiting = len(pending)
+        self.idle = idle
+        self.cap = cap
+        self.done: defer.Deferred[bool] = defer.Deferred()
+        self._idle_call: Any = None
+        self._cap_call: Any = None
+
+    def wait(self) -> defer.Deferred[bool]:
+        if not self.pending:
+            self._finish(True)
+        else:
+            self._idle_call = self.reactor.callLater(self.idle, self._finish, False)
+            self._cap_call = self.reactor.callLater(max(self.cap, self.idle), self._finish, False)
+        return self.done
+
+    def taken(self, token: str) -> None:
+        """Session ``token`` no longer holds presence here (continued elsewhere, or never recorded)."""
+        if self.done.called or token not in self.pending:
+            return
+        self.pending.discard(token)
+        if not self.pending:
+            self._finish(True)
+        elif self._idle_call is not None and self._idle_call.active():
+            self._idle_call.reset(self.idle)
+
+    def _finish(self, complete: bool) -> None:
+        for call in (self._idle_call, self._cap_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._idle_call = self._cap_call = None
+        if not self.done.called:
+            self.done.callback(complete)

@@ -132,9 +132,10 @@ class ServerOptions:
     """Seconds between two drain batches; also the window of the hinted reconnect delay, and twice the time
     between a batch's reconnect hint and its 1001 close (0: every client at once, no delay hinted)."""
     drain_handover: float = 2.0
-    """Cluster only: seconds ``stop()`` waits, once its last client is gone, for the other nodes to continue the
-    sessions it recorded (each ``taken`` notice releases the presence the session held here), so the node leaves
-    the cluster's presence as soon as the last one came instead of leaving those entries to the reaper for up to
+    """Cluster only: once its last client is gone, ``stop()`` waits for the other nodes to continue the sessions
+    it recorded (each ``taken`` notice releases the presence the session held here) for as long as they keep
+    coming, until none came for this many seconds (at most 5 times as long in all), so the node leaves the
+    cluster's presence as soon as the last one came instead of leaving those entries to the reaper for up to
     ``presence_ttl`` (0: do not wait)."""
     http_pages: bool = True
     """Serve the HTTP pages beside the WebSocket path (demo chat, dashboard, /metrics, /healthz, admin API,

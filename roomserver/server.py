@@ -56,7 +56,7 @@ from .core.session import (
 )
 from .core.sessions import SessionTable
 from .core.stats import ClusterStats, ServerStats, StatsCounters
-from .draining import Drainer
+from .draining import HANDOVER_CAP, Drainer, Handover
 from .durable import DurableRooms, History
 from .events import EventEmitter
 from .fanout import STATE_OPEN, send_prepared
@@ -165,7 +165,7 @@ class WebSocketServer:
         self._admitted = 0
         self._stopping = False
         self._drained: set[Client] = set()  # told to reconnect (stop() is draining them): chats are refused
-        self._handover: tuple[set[str], defer.Deferred[bool]] | None = None  # stop() awaiting ``taken`` notices
+        self._handover: Handover | None = None  # stop() awaiting ``taken`` notices
         self._listening: Any = None  # IListeningPort once started
         # ServerOptions allows an accept rate for TCP ports only, which _endpoint listens on with this pacer.
         self.accept_pacer = (
@@ -441,40 +441,34 @@ class WebSocketServer:
         self.log.info("roomserver stopped")
 
     async def _await_handover(self) -> None:
-        """Wait, at most ``drain_handover`` seconds, for the other nodes to continue the sessions this node
-        recorded and still holds presence for: the drained clients resuming elsewhere. Each ``taken`` notice
-        releases a session's presence here (``_node_notice``); once none is held the node leaves the cluster's
-        presence at once (``ClusterPresence.stop``), instead of listing those users with a second connection
-        until the reaper removes its entries, ``presence_ttl`` after its last heartbeat. Sessions nobody
-        continued within the wait are left to the reaper as before: their users may still come back."""
+        """Wait for the other nodes to continue the sessions this node recorded and still holds presence for:
+        the drained clients resuming elsewhere (``draining.Handover``: while they keep coming, until none came for
+        ``drain_handover`` seconds, at most ``HANDOVER_CAP`` times that). Each ``taken`` notice releases a
+        session's presence here (``_node_notice``); once none is held the node leaves the cluster's presence at
+        once (``ClusterPresence.stop``), instead of listing those users with a second connection until the
+        reaper removes its entries, ``presence_ttl`` after its last heartbeat. Sessions nobody continued within
+        the wait are left to the reaper as before: their users may still come back."""
         if self.cluster_sessions is None or self.room_protocol is None or self.options.drain_handover <= 0:
             return
         pending = self.room_protocol.sessions.shared_holders()
         if not pending or not self.cluster_sessions.link.connected:
             return  # nothing held, or no notice can come
-        waiting = len(pending)
-        handed_over: defer.Deferred[bool] = defer.Deferred()
-        self._handover = (pending, handed_over)
-        timer = self.reactor.callLater(  # type: ignore[attr-defined]
-            self.options.drain_handover, handed_over.callback, False)
+        idle = self.options.drain_handover
+        self._handover = handover = Handover(self.reactor, pending, idle, idle * HANDOVER_CAP)
         try:
-            complete = await handed_over
+            complete = await handover.wait()
         finally:
             self._handover = None
-            if timer.active():
-                timer.cancel()
-        self.log.info("{taken} of {waiting} held sessions continued on other nodes{rest}", taken=waiting - len(pending),
-                      waiting=waiting, rest="" if complete else f"; {len(pending)} left to the presence reaper")
+        left = len(handover.pending)
+        self.log.info("{taken} of {waiting} held sessions continued on other nodes{rest}",
+                      taken=handover.waiting - left, waiting=handover.waiting,
+                      rest="" if complete else f"; {left} left to the presence reaper")
 
     def _handed_over(self, token: str) -> None:
         """Session ``token`` no longer holds presence here (taken elsewhere, or never recorded): one fewer for
         ``_await_handover`` to wait for."""
-        if self._handover is None:
-            return
-        pending, handed_over = self._handover
-        pending.discard(token)
-        if not pending and not handed_over.called:
-            handed_over.callback(True)
+        if self._handover is not None:
+            self._handover.taken(token)
 
     async def _stop_listening(self) -> None:
         listening, self._listening = self._listening, None

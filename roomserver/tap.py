@@ -123,8 +123,9 @@ class Options(usage.Options):
          "per batch.", _positive_int],
         ["drain-interval", None, _DEFAULTS.drain_interval, "Seconds between two shutdown batches (0 = every "
          "client at once).", _non_negative_float],
-        ["drain-handover", None, _DEFAULTS.drain_handover, "Cluster: seconds to wait after the last client closed "
-         "for other nodes to continue its sessions before leaving the cluster's presence (0 = do not wait).",
+        ["drain-handover", None, _DEFAULTS.drain_handover, "Cluster: after the last client closed, wait for other "
+         "nodes to continue its sessions until none came for this many seconds (at most 5 times as long), then "
+         "leave the cluster's presence (0 = do not wait).",
          _non_negative_float],
         ["max-fragments", None, _DEFAULTS.max_fragments, "Frames per message; beyond it close 1008.", _positive_int],
         ["rate-limit", None, _DEFAULTS.rate_limit, "Messages per second per client (0 = off); over it error "

@@ -13,7 +13,7 @@ import websockets
 from twisted.internet import defer, task
 
 from roomserver.core.drain import DrainPlan
-from roomserver.draining import Drainer
+from roomserver.draining import Drainer, Handover
 
 from .support import WSClient, aio, eventually, url_of
 from .web_support import http
@@ -218,3 +218,43 @@ async def test_a_chat_in_flight_to_the_store_is_acknowledged_before_the_close(ma
     assert received[2]["seq"] == 1 and received[2]["msg_id"] == "m1"
     assert (await ws.closed())[0] == 1001
     await stopped
+
+
+def test_a_handover_lasts_while_sessions_keep_being_taken_and_ends_when_none_is_held() -> None:
+    """``Handover`` on a fake clock: each taken session restarts the idle wait, so a cluster that keeps
+    continuing the sessions (here one every 1.5 s with an idle wait of 2 s) gets to finish, past the first 2 s."""
+    clock = task.Clock()
+    handover = Handover(clock, {"a", "b", "c"}, idle=2.0, cap=10.0)
+    outcome: list[bool] = []
+    handover.wait().addCallback(outcome.append)
+    for token in ("a", "b"):
+        clock.advance(1.5)
+        handover.taken(token)
+        handover.taken("not-held")  # no progress: it was never waited for
+    assert outcome == [] and handover.pending == {"c"}
+    clock.advance(1.5)
+    handover.taken("c")
+    assert outcome == [True] and not clock.getDelayedCalls()
+
+
+def test_a_handover_ends_after_the_idle_wait_or_the_cap() -> None:
+    clock = task.Clock()
+    idle = Handover(clock, {"a", "b"}, idle=2.0, cap=10.0)
+    outcome: list[bool] = []
+    idle.wait().addCallback(outcome.append)
+    clock.advance(1.0)
+    idle.taken("a")
+    clock.advance(1.9)
+    assert outcome == []
+    clock.advance(0.1)
+    assert outcome == [False] and idle.pending == {"b"} and not clock.getDelayedCalls()
+
+    capped = Handover(clock, {str(n) for n in range(100)}, idle=2.0, cap=5.0)
+    capped.wait().addCallback(outcome.append)
+    for n in range(100):  # a session taken every second: progress, but the cap holds
+        clock.advance(1.0)
+        capped.taken(str(n))
+        if len(outcome) == 2:
+            break
+    assert outcome == [False, False] and n == 4 and not clock.getDelayedCalls()
+    assert Handover(clock, set(), idle=2.0, cap=5.0).wait().result is True
