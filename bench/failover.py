@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,8 @@ def worker_main(args: argparse.Namespace) -> None:
             self.raw_last = 0
             self.gaps = 0
             self.duplicates = 0
+            self.first_gap: dict[str, Any] | None = None  # where the first raw gap was, for the report
+            self.opens = 0
             self.closed_at: float | None = None
             self.resumed_at: float | None = None
             self.resumed_as: str | None = None  # the client id the resumed session carries
@@ -78,6 +81,7 @@ def worker_main(args: argparse.Namespace) -> None:
             return super()._endpoint()
 
         def _welcomed(self, message: dict[str, Any]) -> None:
+            self.opens += 1
             if self.first_id is None:
                 self.first_id = message.get("id")
 
@@ -97,6 +101,9 @@ def worker_main(args: argparse.Namespace) -> None:
                     self.duplicates += 1
                 elif self.raw_last and seq != self.raw_last + 1:
                     self.gaps += 1
+                    if self.first_gap is None:
+                        self.first_gap = {"after": self.raw_last, "got": seq, "at": time.time(), "opens": self.opens,
+                                          "resumed": self.resumed_at is not None}
                 self.raw_last = max(self.raw_last, seq)
             super()._chat(message)
 
@@ -125,6 +132,7 @@ def worker_main(args: argparse.Namespace) -> None:
             await task.deferLater(reactor, 0.1, lambda: None)
         say({"result": [{"room": c.room, "id": c.resumed_as or c.id, "closed_at": c.closed_at,
                          "resumed_at": c.resumed_at, "state": c.state, "gaps": c.gaps, "duplicates": c.duplicates,
+                         "first_gap": c.first_gap,
                          "last_seq": c.last_seq(c.room), "final": final.get(c.room, 0)} for c in clients]})
 
     class Commands(LineReceiver):
@@ -207,6 +215,21 @@ class Publisher:
                     break
                 await asyncio.sleep(0.05)
             reader.cancel()
+
+
+def first_gaps_summary(gaps: list[dict[str, Any]], signalled_at: float) -> dict[str, Any]:
+    """Where the clients' first raw gaps were: how many came before their resume (on node A, or on B before
+    the resume answer) and after, on which connection, how many seqs were skipped, and when."""
+    if not gaps:
+        return {}
+    skipped = sorted(gap["got"] - gap["after"] - 1 for gap in gaps)
+    seconds = sorted(gap["at"] - signalled_at for gap in gaps)
+    return {"before_resume": sum(1 for gap in gaps if not gap["resumed"]),
+            "after_resume": sum(1 for gap in gaps if gap["resumed"]),
+            "on_connection": dict(sorted(Counter(gap["opens"] for gap in gaps).items())),
+            "skipped_p50_max": [skipped[len(skipped) // 2], skipped[-1]],
+            "seconds_after_signal_min_p50_max": [round(seconds[0], 1), round(seconds[len(seconds) // 2], 1),
+                                                 round(seconds[-1], 1)]}
 
 
 async def ghosts(url: str, live: dict[str, set[str]]) -> tuple[int, int]:
@@ -324,6 +347,7 @@ async def parent(args: argparse.Namespace) -> int:
             "resume_p50_s": round(percentile(resumed, 0.5), 2), "resume_p99_s": round(percentile(resumed, 0.99), 2),
             "resume_max_s": round(max(resumed, default=float("nan")), 2),
             "clients_with_gaps": sum(1 for c in results if c["gaps"]),
+            "first_gaps": first_gaps_summary([c["first_gap"] for c in results if c["first_gap"]], signalled_at),
             "clients_with_duplicates": sum(1 for c in results if c["duplicates"]),
             "clients_short_of_last_seq": sum(1 for c in results if c["last_seq"] < c["final"]),
             "chats_acknowledged": sum(final.values()), "chats_refused_and_resent": publisher.refused,
