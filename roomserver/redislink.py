@@ -6,7 +6,9 @@ queue commands until a connection comes back, however long that takes. A chat me
 indefinitely for an unreachable Redis: its sender is owed an ``unavailable`` error now. So the connection is
 kept here, by Twisted's ``ClientService`` (reconnect with exponential backoff and jitter), and ``command()``
 fails at once with ``RedisUnavailable`` while there is no usable connection. Every command also has a reply
-timeout, after which the connection is aborted and re-established.
+timeout, after which the connection is aborted and re-established: not per command, but per connection
+(``LinkProtocol``), so a Redis that answers slowly but steadily, or a node too busy to read its answers in
+time, is not taken for a dead one.
 
 ``redis://[:password@]host[:port][/db][?prefix=name:]`` is the URL both ``--store`` and ``--broker`` take.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -74,9 +77,73 @@ class RedisURL:
 
 
 class LinkProtocol(txredisapi.RedisProtocol):
-    """txredisapi's protocol with a faster command encoder: the same RESP bytes, built with one join instead of
-    a ``bytearray`` grown token by token (5 µs instead of 11 for the store's append script call: every chat's
-    command)."""
+    """txredisapi's protocol with a faster command encoder and a reply watch per connection.
+
+    The encoder builds the same RESP bytes with one join instead of a ``bytearray`` grown token by token (5 µs
+    instead of 11 for the store's append script call: every chat's command).
+
+    txredisapi times out each command on its own (a timer per command) and then aborts the connection, failing
+    everything in flight. Under overload that is the wrong verdict: a node whose reactor is seconds behind (a
+    drain's resumes landing on it, a long collector pause) finds its oldest commands "unanswered" while their
+    answers wait unread in its own socket, and every abort throws away the work in flight and adds a reconnect,
+    resubscription and resync to the load (RELIABILITY G1 on a busy machine: chats refused, resumes failed).
+    Here one timer per connection watches progress: the connection is given up only when commands are waiting,
+    nothing at all has arrived for ``reply_timeout`` seconds, and nothing waits unread in the socket. A Redis
+    that answers anything is alive; replies come in order, so a late one is behind the others, not lost."""
+
+    reply_timeout = 0.0  # 0: no watch
+    clock: Any = None
+    _progress_at = 0.0
+    _watch: Any = None
+
+    def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        idle = not self.replyQueue.waiting
+        result = super().execute_command(*args, **kwargs)
+        if self.reply_timeout > 0 and self.clock is not None:
+            if idle:
+                self._progress_at = self.clock.seconds()  # the wait starts with this command
+            if self._watch is None:
+                self._watch = self.clock.callLater(self.reply_timeout, self._check_replies)
+        return result
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.clock is not None:
+            self._progress_at = self.clock.seconds()
+        super().dataReceived(data)
+
+    def connectionLost(self, why: Any) -> None:
+        watch, self._watch = self._watch, None
+        if watch is not None and watch.active():
+            watch.cancel()
+        super().connectionLost(why)
+
+    def _check_replies(self) -> None:
+        self._watch = None
+        if not self.replyQueue.waiting or self.transport is None:
+            return  # nothing outstanding: the next command starts a new watch
+        now = self.clock.seconds()
+        quiet = now - self._progress_at
+        if quiet < self.reply_timeout:
+            self._watch = self.clock.callLater(self.reply_timeout - quiet, self._check_replies)
+        elif self._unread():
+            self._progress_at = now  # the answers are here, this reactor is behind: not Redis's fault
+            self._watch = self.clock.callLater(self.reply_timeout, self._check_replies)
+        else:
+            error = txredisapi.TimeoutError(f"Not received Redis response in {self.reply_timeout} seconds")
+            while self.replyQueue.waiting:
+                self.replyQueue.put(error)
+            self.transport.abortConnection()
+
+    def _unread(self) -> bool:
+        """Whether bytes from Redis wait in the socket, not yet read by this (busy) reactor."""
+        handle = getattr(self.transport, "getHandle", None)
+        sock = handle() if handle is not None else None
+        if not isinstance(sock, socket.socket):
+            return False
+        try:
+            return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except OSError:
+            return False
 
     def _build_command(self, *args: Any, **kwargs: Any) -> bytes:
         parts = [b"*%d\r\n" % len(args)]
@@ -98,8 +165,11 @@ class _LinkFactory(protocol.Factory):
 
     def buildProtocol(self, addr: Any) -> Any:
         url = self.link.url
-        built = self.protocol_class(charset=None, replyTimeout=self.link.reply_timeout, password=url.password,
-                                    dbid=url.db, convertNumbers=False)
+        # txredisapi's own timeout is per command (replyTimeout); LinkProtocol watches the connection instead.
+        built = self.protocol_class(charset=None, replyTimeout=None, password=url.password, dbid=url.db,
+                                    convertNumbers=False)
+        built.reply_timeout = self.link.reply_timeout
+        built.clock = self.link.reactor
         built.factory = self
         built.link = self.link
         built.callLater = self.link.reactor.callLater
