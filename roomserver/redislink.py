@@ -128,11 +128,18 @@ class LinkProtocol(txredisapi.RedisProtocol):
         elif self._unread():
             self._progress_at = now  # the answers are here, this reactor is behind: not Redis's fault
             self._watch = self.clock.callLater(self.reply_timeout, self._check_replies)
+            self._count("behind")
         else:
+            self._count("reply_timeouts")
             error = txredisapi.TimeoutError(f"Not received Redis response in {self.reply_timeout} seconds")
             while self.replyQueue.waiting:
                 self.replyQueue.put(error)
             self.transport.abortConnection()
+
+    def _count(self, what: str) -> None:
+        link = getattr(self, "link", None)
+        if link is not None:
+            setattr(link, what, getattr(link, what) + 1)
 
     def _unread(self) -> bool:
         """Whether bytes from Redis wait in the socket, not yet read by this (busy) reactor."""
@@ -221,6 +228,11 @@ class RedisLink:
         self.on_lost = on_lost
         self.protocol: Any = None
         self.outages = 0
+        self.behind = 0
+        """Times the reply watch found Redis's answers waiting unread in the socket at its deadline: this node
+        was behind (overloaded, or in a long pause), not Redis."""
+        self.reply_timeouts = 0
+        """Connections given up because nothing came from Redis for ``reply_timeout`` while commands waited."""
         self.lost_at: float | None = None  # reactor time of the last loss
         self.last_error: str | None = None
         self._waiters: list[defer.Deferred[None]] = []

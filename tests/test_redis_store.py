@@ -86,6 +86,7 @@ async def test_redis_going_away_fails_appends_at_once_and_the_store_reconnects(t
         server.start()  # an empty Redis: it lost everything (no persistence), the store carries on
         await store.link.when_connected(5)
         assert store.health()["ok"] and store.health()["outages"] >= 1
+        assert (store.health()["reply_timeouts"], store.health()["behind"]) == (0, 0), "a lost link is no timeout"
         assert (await store.append("r", [msg("c")]))[0].seq == 1
     finally:
         await store.close()

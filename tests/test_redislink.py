@@ -133,16 +133,17 @@ def test_answers_waiting_unread_in_the_socket_are_this_nodes_lag_not_a_dead_redi
     try:
         clock = Clock()
         protocol, transport = _watched(clock, ours)
+        protocol.link = link = type("Counts", (), {"behind": 0, "reply_timeouts": 0})()
         outcome = _results([protocol.execute_command("GET", "a")])
         redis.sendall(b"$1\r\na\r\n")  # arrived, not read
         clock.advance(5.0)
-        assert not transport.aborted and outcome == []
+        assert not transport.aborted and outcome == [] and (link.behind, link.reply_timeouts) == (1, 0)
         protocol.dataReceived(ours.recv(100))
         assert outcome == [b"a"]
         # And with nothing in the socket, the deadline holds.
         stalled = _results([protocol.execute_command("GET", "b")])
         clock.advance(5.0)
-        assert transport.aborted and len(stalled) == 1
+        assert transport.aborted and len(stalled) == 1 and (link.behind, link.reply_timeouts) == (1, 1)
     finally:
         ours.close()
         redis.close()

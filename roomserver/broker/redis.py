@@ -207,6 +207,7 @@ class RedisBroker:
             "published": self.published + (self._fused.published if self._fused is not None else 0),
             "fused": self._fused is not None,
             "outages": self.subscriber.outages + self.publisher.outages,
+            "reply_timeouts": self.publisher.reply_timeouts, "behind": self.publisher.behind,
             "ping_timeout": round(self.round_trip.timeout, 3),
         }
         if self.cluster_view is not None:

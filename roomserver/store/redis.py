@@ -222,7 +222,8 @@ class RedisStore:
 
     def health(self) -> dict[str, Any]:
         report: dict[str, Any] = {"backend": "redis", "ok": self.link.connected, "url": str(self.url),
-                                  "outages": self.link.outages}
+                                  "outages": self.link.outages, "reply_timeouts": self.link.reply_timeouts,
+                                  "behind": self.link.behind}
         if not self.link.connected:
             report["state"] = "reconnecting"
         return report
