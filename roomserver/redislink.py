@@ -84,9 +84,10 @@ class LinkProtocol(txredisapi.RedisProtocol):
 
     txredisapi times out each command on its own (a timer per command) and then aborts the connection, failing
     everything in flight. Under overload that is the wrong verdict: a node whose reactor is seconds behind (a
-    drain's resumes landing on it, a long collector pause) finds its oldest commands "unanswered" while their
-    answers wait unread in its own socket, and every abort throws away the work in flight and adds a reconnect,
-    resubscription and resync to the load (RELIABILITY G1 on a busy machine: chats refused, resumes failed).
+    drain's resumes landing on it, a long collector pause) finds a command "unanswered" while Redis is answering
+    the ones around it, or while the answer waits unread in its own socket, and every abort throws away the work
+    in flight and adds a reconnect, resubscription and resync to the load (RELIABILITY G1 on a busy machine:
+    chats refused, resumes failed).
     Here one timer per connection watches progress: the connection is given up only when commands are waiting,
     nothing at all has arrived for ``reply_timeout`` seconds, and nothing waits unread in the socket. A Redis
     that answers anything is alive; replies come in order, so a late one is behind the others, not lost."""
