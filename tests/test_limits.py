@@ -74,7 +74,7 @@ async def test_after_failing_a_connection_the_server_parses_nothing_but_the_clos
     assert protocol.fragments == 17, "parsing stopped at the frame over the cap"
     later = frame(0x0, b"", fin=False) * 5000
     raw.send(later)
-    await eventually(lambda: protocol.ignored_octets == len(later))
+    await eventually(lambda: protocol.ignored_octets >= len(later))  # (and any rest of the first write)
     assert protocol.fragments == 17
     raw.send(frame(0x8, (1008).to_bytes(2, "big")))
     assert await raw.at_eof(timeout=5)
