@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.soak import CollectorTally, deployed_heap, percentile, raise_nofile  # noqa: E402
+from bench.soak import CollectorTally, deployed_heap, percentile, raise_nofile, status_kib  # noqa: E402
 
 CONNECT_AT_ONCE = 200  # connects in flight per worker (the kernel's accept queue is not what is measured)
 HEAD = b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nX-Slow: "
@@ -214,9 +214,11 @@ def worker_main(argv: list[str]) -> None:
         print(json.dumps(result), flush=True)
 
 
-def spawn(*args: Any) -> subprocess.Popen[str]:
+def spawn(*args: Any, driven: bool = False) -> subprocess.Popen[str]:
+    """A worker of this module; ``driven``: with a pipe to its stdin too (the one-shot attackers wait for "go")."""
     return subprocess.Popen([sys.executable, "-m", "bench.attacks", "worker", *map(str, args)],
-                            stdout=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            stdin=subprocess.PIPE if driven else None, stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
 # -- server side (this process) --------------------------------------------------------------------------------
@@ -351,14 +353,6 @@ def peak_rss_reset() -> int:
     return status_kib("VmHWM")
 
 
-def status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
 async def one_connection(args: argparse.Namespace, reactor: Any) -> bool:
     """P9 (``fragments``) and P10 (``bomb``): ``--repeat`` attacking connections, one after another; for each,
     the server's CPU time and its peak RSS above its RSS from the attacker's first byte to the connection's end,
@@ -376,9 +370,7 @@ async def one_connection(args: argparse.Namespace, reactor: Any) -> bool:
     rows = []
     try:
         for _ in range(args.repeat):
-            command = [sys.executable, "-m", "bench.attacks", "worker", args.scenario, str(server.port)]
-            worker = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
-                                      env={**os.environ, "PYTHONPATH": str(ROOT)})
+            worker = spawn(args.scenario, server.port, driven=True)
             assert worker.stdout is not None and worker.stdin is not None
             assert (await threads.deferToThread(worker.stdout.readline)).strip() == "ready"
             rss = peak_rss_reset()

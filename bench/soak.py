@@ -43,12 +43,17 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-def rss_kib() -> int:
+def status_kib(field: str) -> int:
+    """A KiB figure of this process from /proc/self/status (``VmRSS``, ``VmHWM``...); 0 if absent."""
     with open("/proc/self/status") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
     return 0
+
+
+def rss_kib() -> int:
+    return status_kib("VmRSS")
 
 
 # Rolling windows of a fixed length (the dashboard's per-second samples): they grow with time up to their bound,
