@@ -43,6 +43,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from twisted.logger import formatEvent, globalLogPublisher
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -116,7 +118,13 @@ def census_growth(first: dict[str, int], middle: dict[str, int], last: dict[str,
             for grown, name in growth[:top] if grown > 0]
 
 
-def deployed_heap(reactor: Any, thaw_every: float = 900.0) -> Any:
+def print_heap_events(event: dict[str, Any]) -> None:
+    """What the heap policy logs (each thaw: the garbage its scan found, the time to the next), on stdout."""
+    if str(event.get("log_namespace", "")).startswith("roomserver.heap"):
+        print(f"{time.strftime('%H:%M:%S')} {formatEvent(event)}", flush=True)
+
+
+def deployed_heap(reactor: Any, thaw_every: float = 900.0, thaw_most: float = 14400.0) -> Any:
     """What ``twistd roomserver`` does once it listens (roomserver/service.py): freeze the start-up heap, then
     what survives each full collection (``roomserver.heap``), so a benchmark measures the collector's pauses of a
     deployed node, not those of an embedding application's unfrozen heap. Returns the started
@@ -124,8 +132,9 @@ def deployed_heap(reactor: Any, thaw_every: float = 900.0) -> Any:
     from roomserver.heap import FreezeAfterFullCollections, freeze_startup_heap
 
     print(f"froze {freeze_startup_heap()} objects of the start-up heap; heap frozen after each full collection, "
-          f"thawed every {thaw_every:g} s", flush=True)
-    freezer = FreezeAfterFullCollections(reactor, thaw_every)
+          f"thawed after {thaw_every:g} s, then up to {thaw_most:g} s while the thaws find little", flush=True)
+    freezer = FreezeAfterFullCollections(reactor, thaw_every, thaw_most)
+    globalLogPublisher.addObserver(print_heap_events)
     freezer.start()
     return freezer
 
@@ -542,18 +551,24 @@ async def idle(args: argparse.Namespace, reactor: Any) -> None:
                                            max_clients=args.connections + 10, rate_limit=0, ping_interval=0))
     await server.start()
     url = f"ws://127.0.0.1:{server.port}/ws"
-    gc.collect()
+    _, census_before = heap_census()
     before = rss_kib()
     per_worker = args.connections // args.workers
     workers = [spawn("idle", url, per_worker, 3600) for _ in range(args.workers)]
     for worker in workers:
         assert worker.stdout is not None
         await threads.deferToThread(worker.stdout.readline)
-    gc.collect()
+    _, census_after = heap_census()
     after = rss_kib()
-    held = server.get_stats().connections
+    held = max(server.get_stats().connections, 1)
     print(f"{held} idle connections in {server.get_stats().rooms} rooms: rss {before} -> {after} KiB, "
-          f"{(after - before) / max(held, 1):.1f} KiB per connection")
+          f"{(after - before) / held:.1f} KiB per connection")
+    # What a full collection has to scan for each connection: its pause grows with these (roomserver/heap.py).
+    added = {name: census_after.get(name, 0) - census_before.get(name, 0) for name in census_after}
+    print(f"objects the collector tracks, per connection: {sum(added.values()) / held:.1f}; by type:")
+    for name, count in sorted(added.items(), key=lambda item: -item[1])[:args.top_types]:
+        if count >= held / 2:
+            print(f"  {count / held:5.2f}  {name}")
     for worker in workers:
         worker.kill()
         worker.wait()
@@ -583,7 +598,7 @@ async def steady(args: argparse.Namespace, reactor: Any) -> None:
                                            max_clients=args.connections + 100, rate_limit=0,
                                            history_size=args.history_size))
     await server.start()
-    freezer = deployed_heap(reactor, args.thaw_every) if args.gc_freeze else None
+    freezer = deployed_heap(reactor, args.thaw_every, args.thaw_most) if args.gc_freeze else None
     url = f"ws://127.0.0.1:{server.port}/ws"
     rooms = args.connections // 10
     per_worker = args.connections // args.workers
@@ -634,6 +649,9 @@ async def steady(args: argparse.Namespace, reactor: Any) -> None:
           f"(target < 1), open fds minus connections {min(overhead)} to {max(overhead)}, p99 {first_p99:.1f} -> "
           f"{last_p99:.1f} ms ({drift:+.1f} %, target < 20 %), {failures:.0f} failed connections")
     print(collector.summary())
+    if freezer is not None:
+        print(f"heap: {freezer.freezes} freezes, {freezer.thaws} thaws; the last thaw's scan found {freezer.found} "
+              f"garbage objects among {freezer.thawed} thawed; next thaw after {freezer.thaw_interval:g} s")
     settled_censuses = [census for t, census in censuses if t >= args.warmup * 60] or [c for _, c in censuses]
     if settled_censuses:
         per_hour = {key: slope_per_hour([(s["t"], s[key]) for s in settled]) for key in ("blocks", "objects")}
@@ -670,6 +688,7 @@ def main() -> None:
     idle_parser = sub.add_parser("idle")
     idle_parser.add_argument("--connections", type=int, default=10_000)
     idle_parser.add_argument("--workers", type=int, default=4)
+    idle_parser.add_argument("--top-types", type=int, default=25, help="object types listed per connection")
     steady_parser = sub.add_parser("steady")
     steady_parser.add_argument("--minutes", type=float, default=1440.0)
     steady_parser.add_argument("--warmup", type=float, default=60.0, help="minutes left out of the trends")
@@ -681,7 +700,9 @@ def main() -> None:
     steady_parser.add_argument("--history-size", type=int, default=10, help="chats each room keeps")
     steady_parser.add_argument("--no-gc-freeze", dest="gc_freeze", action="store_false",
                                help="leave the heap unfrozen (an embedding application's shape)")
-    steady_parser.add_argument("--thaw-every", type=float, default=900.0, help="seconds between thaws (twistd's)")
+    steady_parser.add_argument("--thaw-every", type=float, default=900.0, help="seconds to the first thaw (twistd's)")
+    steady_parser.add_argument("--thaw-most", type=float, default=14400.0,
+                               help="seconds between thaws at most, while they find little garbage (twistd's)")
     steady_parser.add_argument("--census", action="store_true",
                                help="each sample also counts live objects by type and the interpreter's allocated "
                                     "blocks (a full collection a sample); the end lists the types that grew")

@@ -18,7 +18,11 @@ quarter (connections arriving) triggers one (docs/performance.md, "K"). Two thin
   collector). ``FreezeAfterFullCollections`` freezes the heap after each full collection, so the next one scans
   only what arrived since: the pause follows the growth, not the size of the heap. Whatever ends up in a cycle
   after all would never be reclaimed while frozen, so the heap is thawed every ``thaw_every`` seconds and the
-  next full collection scans everything once.
+  next full collection scans everything once. That scan is the longest pause left (up to a second at 10,000
+  connections on a busy machine), and it is wasted when it finds no garbage, which is the usual case: so each
+  thaw whose scan finds little (at most ``FOUND_LITTLE`` of what was frozen) doubles the time to the next, up
+  to ``thaw_most``, and one that finds more goes back to ``thaw_every``. Garbage held frozen between thaws
+  stays near that share of the heap whatever the interval.
 """
 
 from __future__ import annotations
@@ -29,7 +33,10 @@ from collections.abc import Callable
 from time import perf_counter
 from typing import Any
 
+from twisted.logger import Logger
+
 GENERATIONS = 3
+FOUND_LITTLE = 0.01  # of the objects a thaw released: a scan that finds no more lets the next thaw wait twice as long
 
 
 def freeze_startup_heap() -> int:
@@ -73,20 +80,29 @@ class GCPauses:
 
 class FreezeAfterFullCollections:
     """After every full collection, ``gc.freeze()`` what survived it (on the next reactor turn: not from inside
-    the collector's callback); every ``thaw_every`` seconds, ``gc.unfreeze()`` as a safety valve. For a process
-    that is the server's own (``twistd roomserver``).
+    the collector's callback); ``gc.unfreeze()`` every ``thaw_every`` seconds as a safety valve, or up to
+    ``thaw_most`` while the thaws find little garbage (the module's docstring). For a process that is the server's
+    own (``twistd roomserver``).
 
     A collection can run in any thread that allocates (the SQLite store's ``adbapi`` pool among them), and
     Twisted's ``callLater`` is for the reactor's thread only: from another thread the freeze is handed over with
     ``callFromThread``."""
 
-    def __init__(self, reactor: Any, thaw_every: float) -> None:
+    log = Logger()
+
+    def __init__(self, reactor: Any, thaw_every: float, thaw_most: float | None = None) -> None:
         self.reactor = reactor
         self.thaw_every = thaw_every
+        self.thaw_most = max(thaw_every, thaw_most if thaw_most is not None else thaw_every)
+        self.thaw_interval = thaw_every  # until the next thaw
         self.freezes = 0
         self.thaws = 0
+        self.thawed = 0  # objects the last thaw released
+        self.found: int | None = None  # garbage the full collection after the last thaw found
         self._running = False
         self._wanted = False
+        self._scanning = False  # thawed; the next full collection scans the whole heap
+        self._scanned = False  # ... and it has: the next thaw is to be scheduled
         self._reactor_thread = threading.get_ident()
         self._freeze_call: Any = None
         self._thaw_call: Any = None
@@ -97,8 +113,7 @@ class FreezeAfterFullCollections:
         self._reactor_thread = threading.get_ident()
         if self._callback not in gc.callbacks:
             gc.callbacks.append(self._callback)
-        if self.thaw_every > 0 and self._thaw_call is None:
-            self._thaw_call = self.reactor.callLater(self.thaw_every, self._thaw)
+        self._schedule_thaw()
 
     def stop(self) -> None:
         self._running = False
@@ -111,7 +126,13 @@ class FreezeAfterFullCollections:
         self._freeze_call = self._thaw_call = None
 
     def _callback(self, phase: str, info: dict[str, Any]) -> None:
-        if phase != "stop" or info["generation"] != GENERATIONS - 1 or self._wanted or not self._running:
+        if phase != "stop" or info["generation"] != GENERATIONS - 1 or not self._running:
+            return
+        if self._scanning:
+            self._scanning = False
+            self.found = info["collected"] + info["uncollectable"]
+            self._scanned = True
+        if self._wanted:
             return
         self._wanted = True
         if threading.get_ident() == self._reactor_thread:
@@ -122,12 +143,38 @@ class FreezeAfterFullCollections:
     def _freeze(self) -> None:
         self._freeze_call = None
         if not (self._running and self._wanted):
-            return  # stopped meanwhile
+            return  # stopped meanwhile, or thawed since the collection
         self._wanted = False
         gc.freeze()
         self.freezes += 1
+        if self._scanned:
+            self._scanned = False
+            self._after_scan()
+
+    def _after_scan(self) -> None:
+        """The first full collection after a thaw has scanned everything: set the time to the next thaw by what
+        it found."""
+        assert self.found is not None
+        if self.found <= self.thawed * FOUND_LITTLE:
+            self.thaw_interval = min(self.thaw_interval * 2, self.thaw_most)
+        else:
+            self.thaw_interval = self.thaw_every
+        self.log.info("heap thawed: the full collection after it found {found} garbage objects among {thawed} "
+                      "thawed; next thaw in {interval:.0f} s", found=self.found, thawed=self.thawed,
+                      interval=self.thaw_interval)
+        self._schedule_thaw()
+
+    def _schedule_thaw(self) -> None:
+        if self.thaw_every > 0 and self._thaw_call is None:
+            self._thaw_call = self.reactor.callLater(self.thaw_interval, self._thaw)
 
     def _thaw(self) -> None:
+        """Unfreeze; the next thaw is scheduled once a full collection has scanned what this released (until
+        then nothing is frozen again)."""
+        self._thaw_call = None
+        self.thawed = gc.get_freeze_count()
         gc.unfreeze()
         self.thaws += 1
-        self._thaw_call = self.reactor.callLater(self.thaw_every, self._thaw)
+        self._wanted = False  # a freeze still pending from before would undo the thaw before any scan
+        self._scanned = False
+        self._scanning = True

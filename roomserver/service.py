@@ -5,7 +5,8 @@ which is what drains the clients (reconnect hint, 1001, in batches) before the p
 
 With ``freeze_heap`` (what ``twistd roomserver`` sets unless ``--no-gc-freeze``, since the process is the server's
 own), everything alive once the server listens is exempted from the garbage collector's scans, and so is what
-survives each full collection, thawed every ``thaw_every`` seconds (``roomserver.heap``).
+survives each full collection, thawed every ``thaw_every`` seconds, or up to ``thaw_most`` while the thaws find
+little garbage (``roomserver.heap``).
 
 A start that fails (the store cannot be opened, the port is taken) logs one critical line and stops the
 reactor. twistd itself has no way to exit with a status other than 0 after its reactor stopped, so with
@@ -35,12 +36,13 @@ class RoomServerService(service.Service):
     name = "roomserver"
 
     def __init__(self, server: WebSocketServer, exit_status_on_failure: int | None = None,
-                 freeze_heap: bool = False, thaw_every: float = 900.0) -> None:
+                 freeze_heap: bool = False, thaw_every: float = 900.0, thaw_most: float | None = None) -> None:
         self.server = server
         self.on_listening: Callable[[], None] | None = None
         self.exit_status_on_failure = exit_status_on_failure
         self.freeze_heap = freeze_heap
         self.thaw_every = thaw_every
+        self.thaw_most = thaw_most
         self.freezer: FreezeAfterFullCollections | None = None
         self.failed = False
 
@@ -54,7 +56,7 @@ class RoomServerService(service.Service):
             from twisted.logger import Logger
 
             Logger().info("froze {count} objects of the start-up heap (gc.freeze)", count=freeze_startup_heap())
-            self.freezer = FreezeAfterFullCollections(self.server.reactor, self.thaw_every)
+            self.freezer = FreezeAfterFullCollections(self.server.reactor, self.thaw_every, self.thaw_most)
             self.freezer.start()
         if self.on_listening is not None:
             self.on_listening()

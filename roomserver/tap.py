@@ -174,6 +174,8 @@ class Options(usage.Options):
          "--broker redis://... and a port number (docs/cluster.md).", _positive_int],
         ["gc-thaw-interval", None, 900.0, "Seconds between thaws of the frozen heap, after which one full "
          "collection scans everything again (0 = never).", _non_negative_float],
+        ["gc-thaw-most", None, 14400.0, "While thaws find little garbage, each doubles the time to the next, up "
+         "to this many seconds (roomserver/heap.py).", _non_negative_float],
         ["log-format", None, "text", "Log format: text, or json (one JSON object per line).", _log_format],
         ["store", None, DEFAULT_STORE, "Where rooms and history live: sqlite:PATH (a SQLite file, created if "
          "missing), memory (lost at exit) or redis://HOST:PORT/DB[?prefix=NAME:] (shared by a cluster's nodes; "
@@ -213,7 +215,8 @@ class Options(usage.Options):
         values["ping_timeout"] = values["ping_timeout"] or None
         values.pop("log_format")  # a twistd logging choice, not a server option
         values.pop("workers")  # a process-supervision choice, not a server option
-        values.pop("gc_thaw_interval")  # a process-wide garbage collector choice, not a server option
+        values.pop("gc_thaw_interval")  # process-wide garbage collector choices, not server options
+        values.pop("gc_thaw_most")
         values["reuse_port"] = bool(self["reuse-port"]) or self["workers"] > 1
         values["http_pages"] = not self["no-http-pages"]
         values["history_ttl"] = values["history_ttl"] or None
@@ -254,7 +257,7 @@ def makeService(config: Options) -> service.MultiService:
         raise usage.UsageError(str(exc)) from exc
     # twistd exits 1 when the start fails; the process is the server's own, so its heap may be frozen.
     serving = RoomServerService(server, exit_status_on_failure=1, freeze_heap=not config["no-gc-freeze"],
-                                thaw_every=config["gc-thaw-interval"])
+                                thaw_every=config["gc-thaw-interval"], thaw_most=config["gc-thaw-most"])
     serving.setServiceParent(root)
     if config["workers"] > 1:
         import sys

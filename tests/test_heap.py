@@ -105,3 +105,69 @@ def test_a_freeze_handed_over_before_stop_does_nothing_after_it(clean_heap: None
     freezer.stop()
     clock.advance(0)
     assert freezer.freezes == 0 and gc.get_freeze_count() == 0
+
+
+class Ring:
+    """One link of a reference cycle: garbage only the cyclic collector can free."""
+
+    def __init__(self) -> None:
+        self.other: Ring | None = None
+
+
+def full_collection_then_turn(clock: Clock) -> None:
+    gc.collect()
+    clock.advance(0)
+
+
+def test_thaws_that_find_no_garbage_space_out_up_to_the_most_and_one_that_does_goes_back(clean_heap: None) -> None:
+    clock = Clock()
+    freezer = FreezeAfterFullCollections(clock, thaw_every=600, thaw_most=2000)
+    freezer.start()
+    try:
+        full_collection_then_turn(clock)
+        waits = []
+        for _ in range(3):
+            next_thaw = clock.getDelayedCalls()[0].getTime() - clock.seconds()
+            waits.append(next_thaw)
+            clock.advance(next_thaw)
+            assert gc.get_freeze_count() == 0 and freezer.thawed > 1000
+            assert len(clock.getDelayedCalls()) == 0, "the next thaw waits for the scan of this one"
+            full_collection_then_turn(clock)
+            assert freezer.found is not None and freezer.found <= freezer.thawed * 0.01
+        assert waits == [600, 1200, 2000]
+        assert freezer.thaw_interval == 2000
+
+        # Cycles that were alive when the heap froze and died while frozen: only a thaw reclaims them.
+        held: list[Ring] = []
+        for _ in range(20_000):
+            first, second = Ring(), Ring()
+            first.other, second.other = second, first
+            held.append(first)
+        del first, second
+        full_collection_then_turn(clock)
+        held.clear()
+        assert gc.collect() == 0, "frozen: the collector does not see them"
+        clock.advance(2000)
+        full_collection_then_turn(clock)
+        assert freezer.found is not None and freezer.found >= 40_000
+        assert freezer.thaw_interval == 600
+        assert clock.getDelayedCalls()[0].getTime() - clock.seconds() == 600
+    finally:
+        freezer.stop()
+
+
+def test_a_freeze_pending_at_a_thaw_does_not_refreeze_before_the_scan(clean_heap: None) -> None:
+    clock = Clock()
+    freezer = FreezeAfterFullCollections(clock, thaw_every=600)
+    freezer.start()
+    try:
+        full_collection_then_turn(clock)
+        clock.rightNow = 600.0  # the thaw is due ...
+        gc.collect()  # ... and this collection's freeze waits for the next turn, which thaws first
+        clock.advance(0)
+        assert freezer.thaws == 1 and gc.get_freeze_count() == 0
+        assert freezer.freezes == 1, "the stale freeze did nothing"
+        full_collection_then_turn(clock)
+        assert freezer.freezes == 2 and freezer.found is not None
+    finally:
+        freezer.stop()

@@ -48,6 +48,13 @@ def test_bad_options_are_usage_errors(argv: list[str]) -> None:
         Options().parseOptions(argv)
 
 
+def test_heap_thaw_options_reach_the_service() -> None:
+    config = Options()
+    config.parseOptions(["--port", "tcp:0:interface=127.0.0.1", "--gc-thaw-interval", "600", "--gc-thaw-most", "7200"])
+    serving = makeService(config).getServiceNamed("roomserver")
+    assert (serving.freeze_heap, serving.thaw_every, serving.thaw_most) == (True, 600.0, 7200.0)
+
+
 def test_help_documents_every_option() -> None:
     text = str(Options())
     for option in ("--port", "--path", "--max-clients", "--ping-interval", "--max-message-size",
