@@ -41,9 +41,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import ILogObserver, formatEvent, globalLogPublisher
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -108,6 +108,26 @@ def heap_census() -> tuple[int, dict[str, int]]:
     return blocks, census
 
 
+def malloc_kib() -> tuple[int, int]:
+    """C ``malloc``'s memory (glibc's ``mallinfo2``), in KiB: in use, and freed but kept (what fragmentation
+    holds). Objects over 512 bytes (the reads of a socket, long messages) and C libraries' buffers live there,
+    outside pymalloc's arenas: RSS growth with ``kept`` growing and ``in use`` flat is fragmentation, not a
+    leak. (-1, -1) where the C library has no ``mallinfo2``."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                                         "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    try:
+        mallinfo2 = ctypes.CDLL(None).mallinfo2
+    except AttributeError:
+        return -1, -1
+    mallinfo2.restype = MallInfo2
+    info = mallinfo2()
+    return (info.uordblks + info.hblkhd) // 1024, info.fordblks // 1024
+
+
 def census_growth(first: dict[str, int], middle: dict[str, int], last: dict[str, int],
                   top: int = 12) -> list[str]:
     """The types that grew most between ``first`` and ``last``, with their count at ``middle``: a leak grows
@@ -134,7 +154,7 @@ def deployed_heap(reactor: Any, thaw_every: float = 900.0, thaw_most: float = 14
     print(f"froze {freeze_startup_heap()} objects of the start-up heap; heap frozen after each full collection, "
           f"thawed after {thaw_every:g} s, then up to {thaw_most:g} s while the thaws find little", flush=True)
     freezer = FreezeAfterFullCollections(reactor, thaw_every, thaw_most)
-    globalLogPublisher.addObserver(print_heap_events)
+    globalLogPublisher.addObserver(cast(ILogObserver, print_heap_events))
     freezer.start()
     return freezer
 
@@ -611,7 +631,7 @@ async def steady(args: argparse.Namespace, reactor: Any) -> None:
     samples: list[dict[str, float]] = []
     censuses: list[tuple[float, dict[str, int]]] = []
     print("minute  rss_kib  fds  connections  fds-conns  delayed_calls  chats  p99_ms  reconnects  failures"
-          + ("  blocks  objects" if args.census else ""), flush=True)
+          + ("  blocks  objects  malloc_used  malloc_kept" if args.census else ""), flush=True)
     while any(worker.poll() is None for worker in workers):
         lines = [await threads.deferToThread(worker.stdout.readline) for worker in workers if worker.stdout]
         reports = [json.loads(line) for line in lines if line.strip()]
@@ -625,11 +645,13 @@ async def steady(args: argparse.Namespace, reactor: Any) -> None:
                   "p99": percentile(latencies, 0.99),
                   "reconnects": sum(r["reconnects"] for r in reports), "failures": sum(r["failures"] for r in reports)}
         census_columns = ""
-        if args.census:
+        if args.census and len(samples) % args.census_every == 0:
             sample["blocks"], census = heap_census()
             sample["objects"] = sum(census.values())
+            sample["malloc_used"], sample["malloc_kept"] = malloc_kib()
             censuses.append((sample["t"], census))
-            census_columns = f"  {sample['blocks']:8.0f}  {sample['objects']:8.0f}"
+            census_columns = (f"  {sample['blocks']:8.0f}  {sample['objects']:8.0f}  {sample['malloc_used']:11.0f}  "
+                              f"{sample['malloc_kept']:11.0f}")
         samples.append(sample)
         print(f"{sample['t'] / 60:6.1f}  {sample['rss']:7.0f}  {fds:5d}  {stats.connections:11d}  "
               f"{fds - stats.connections:9d}  {sample['calls']:13.0f}  {sample['chats']:5.0f}  {sample['p99']:6.1f}  "
@@ -650,15 +672,20 @@ async def steady(args: argparse.Namespace, reactor: Any) -> None:
           f"{last_p99:.1f} ms ({drift:+.1f} %, target < 20 %), {failures:.0f} failed connections")
     print(collector.summary())
     if freezer is not None:
-        print(f"heap: {freezer.freezes} freezes, {freezer.thaws} thaws; the last thaw's scan found {freezer.found} "
-              f"garbage objects among {freezer.thawed} thawed; next thaw after {freezer.thaw_interval:g} s")
+        scan = (f"; the last thaw's scan found {freezer.found} garbage objects among {freezer.thawed} thawed"
+                if freezer.found is not None else "")
+        print(f"heap: {freezer.freezes} freezes, {freezer.thaws} thaws{scan}; next thaw after "
+              f"{freezer.thaw_interval:g} s")
     settled_censuses = [census for t, census in censuses if t >= args.warmup * 60] or [c for _, c in censuses]
     if settled_censuses:
-        per_hour = {key: slope_per_hour([(s["t"], s[key]) for s in settled]) for key in ("blocks", "objects")}
-        print(f"census after the warm-up: allocated blocks {settled[0]['blocks']:.0f} -> {settled[-1]['blocks']:.0f} "
-              f"({per_hour['blocks']:+.0f}/h), tracked objects {settled[0]['objects']:.0f} -> "
-              f"{settled[-1]['objects']:.0f} ({per_hour['objects']:+.0f}/h); types grown most (first -> middle -> "
-              "last):")
+        counted = [s for s in settled if "blocks" in s] or [s for s in samples if "blocks" in s]
+        per_hour = {key: slope_per_hour([(s["t"], s[key]) for s in counted])
+                    for key in ("blocks", "objects", "malloc_used", "malloc_kept")}
+        print(f"census after the warm-up: allocated blocks {counted[0]['blocks']:.0f} -> {counted[-1]['blocks']:.0f} "
+              f"({per_hour['blocks']:+.0f}/h), tracked objects {counted[0]['objects']:.0f} -> "
+              f"{counted[-1]['objects']:.0f} ({per_hour['objects']:+.0f}/h), malloc in use "
+              f"{per_hour['malloc_used'] / 1024:+.2f} MiB/h, malloc freed but kept "
+              f"{per_hour['malloc_kept'] / 1024:+.2f} MiB/h; types grown most (first -> middle -> last):")
         print("\n".join(census_growth(settled_censuses[0], settled_censuses[len(settled_censuses) // 2],
                                       settled_censuses[-1])) or "  none")
     ok = slope < 1 and max(overhead) - min(overhead) <= 10 and drift < 20 and failures == 0
@@ -704,8 +731,9 @@ def main() -> None:
     steady_parser.add_argument("--thaw-most", type=float, default=14400.0,
                                help="seconds between thaws at most, while they find little garbage (twistd's)")
     steady_parser.add_argument("--census", action="store_true",
-                               help="each sample also counts live objects by type and the interpreter's allocated "
-                                    "blocks (a full collection a sample); the end lists the types that grew")
+                               help="also count live objects by type, the interpreter's allocated blocks and C "
+                                    "malloc's memory (a full collection each time); the end lists the types that grew")
+    steady_parser.add_argument("--census-every", type=int, default=1, help="samples between two censuses")
     args = parser.parse_args()
     scenario = {"leak": leak, "flood": flood_isolation, "idle": idle, "steady": steady}[args.scenario]
 
