@@ -22,7 +22,9 @@ quarter (connections arriving) triggers one (docs/performance.md, "K"). Two thin
   connections on a busy machine), and it is wasted when it finds no garbage, which is the usual case: so each
   thaw whose scan finds little (at most ``FOUND_LITTLE`` of what was frozen) doubles the time to the next, up
   to ``thaw_most``, and one that finds more goes back to ``thaw_every``. Garbage held frozen between thaws
-  stays near that share of the heap whatever the interval.
+  stays within about twice that share of the heap whatever the interval (a thaw finds at most twice what the
+  previous one did at its interval, or the interval was not doubled); a program that makes more garbage than
+  that is thawed every ``thaw_every``, as before.
 """
 
 from __future__ import annotations
