@@ -107,6 +107,10 @@ class Store(Protocol):
         lasts as long as ``history_size``/``history_ttl`` say. Any later append makes the room used again.
         """
 
+    def room_used(self, name: str) -> None:
+        """A room has a member on this server again (after ``room_idle``): its history must stay, even if no one
+        appends to it (members who only read, resume or ask for history)."""
+
 
 class Broker(Protocol):
     """Carries a room's stored messages to the other nodes of a cluster that have members in it.

@@ -140,6 +140,7 @@ class WebSocketServer:
             max_room_clients=self.options.max_room_clients,
             max_rooms_per_client=self.options.max_rooms_per_client,
             on_removed=lambda room: self.durable.store.room_idle(room.name),
+            on_created=lambda room: self.durable.store.room_used(room.name),
         )
         self.counters = StatsCounters()
         self.codecs = CodecRegistry()

@@ -45,6 +45,25 @@ def test_empty_room_is_removed_unless_kept() -> None:
     assert not registry.leave(a, "temp")
 
 
+def test_a_room_entering_the_registry_is_announced_once_and_again_after_its_removal() -> None:
+    created: list[str] = []
+    registry = RoomRegistry(on_created=lambda room: created.append(room.name))
+    a, b = Member("a"), Member("b")
+    registry.join(a, "r")
+    registry.join(b, "r")
+    registry.create("r")
+    assert created == ["r"], "one room, announced once"
+    room = registry.get("r")
+    assert room is not None
+    registry.remove_member(a)
+    registry.remove_member(b)
+    registry.join(a, "r")
+    assert created == ["r", "r"], "a new room of that name after the first was dropped"
+    registry.remove_member(a)
+    room.clients.add(b)  # the application brings the dropped room object back
+    assert created == ["r", "r", "r"] and registry.get("r") is room
+
+
 def test_created_room_stays_until_it_has_been_used() -> None:
     """create_room makes an empty room that waits for members; cleanup only happens when it becomes empty."""
     registry = RoomRegistry()

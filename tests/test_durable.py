@@ -177,6 +177,25 @@ async def test_a_resume_past_resume_ttl_is_not_continued(make_server: Any) -> No
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_room_joined_again_keeps_its_history_in_memory_past_the_idle_grace(make_server: Any) -> None:
+    """The memory store lets the history of a room without members go after the resume ttl; members who come
+    back (a network blip, everyone resumed) and only read must not lose it."""
+    server = await make_server(room_protocol=True)
+    writer, _ = await joined(server)
+    await chat(writer, "kept", id=1)
+    assert (await writer.recv())["type"] == "chat" and (await writer.recv())["type"] == "ack"
+    await writer.request({"type": "leave", "room": "r"})
+    reader, _ = await joined(server)
+    server.durable.store.idle_grace = 0  # the grace has passed ...
+    server.durable.store.sweep()  # ... when the store's sweep comes
+    reply = await reader.request({"type": "history", "room": "r"})
+    assert [message["text"] for message in reply["messages"]] == ["kept"]
+    await reader.request({"type": "leave", "room": "r"})
+    server.durable.store.sweep()
+    assert (await writer.request({"type": "history", "room": "r"}))["messages"] == [], "no member: let go"
+
+
+@pytest_twisted.ensureDeferred
 async def test_broadcast_order_is_seq_order_with_many_senders_on_sqlite(make_server: Any, tmp_path: Path) -> None:
     """Appends to SQLite are asynchronous; concurrent senders must still produce one gap-free, ordered stream."""
     server = await make_server(room_protocol=True, store=f"sqlite:{tmp_path / 'order.db'}")

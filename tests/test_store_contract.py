@@ -247,6 +247,23 @@ async def test_an_idle_room_keeps_its_seq_and_only_a_memory_store_lets_its_histo
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_room_with_a_member_again_keeps_its_history_though_no_one_appends(
+        make_store: Any, backend: str) -> None:
+    """Members who only read (or resumed, or ask for history) use a room as much as those who write."""
+    store = await make_store(idle_grace=120) if backend == "memory" else await make_store()
+    clock = make_store.clock
+    await store.append("r", [msg("a", clock.seconds())])
+    store.room_idle("r")
+    clock.advance(100)
+    store.room_used("r")
+    clock.advance(200)
+    assert texts(await store.read("r", since=0)) == ["a"]
+    store.room_idle("r")
+    clock.advance(181)
+    assert texts(await store.read("r", since=0)) == ([] if backend == "memory" else ["a"]), "idle again: let go"
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_room_used_again_within_the_grace_keeps_its_history(make_store: Any, backend: str) -> None:
     store = await make_store(idle_grace=120) if backend == "memory" else await make_store()
     clock = make_store.clock

@@ -93,7 +93,8 @@ class RoomRegistry:
     """All rooms of a server and, for each member, the rooms it is in.
 
     ``on_removed`` is called with a room when cleanup drops it, so other components (history, brokers) can
-    forget it too.
+    forget it too; ``on_created`` with a room when it (or a room of that name, after a removal) enters the
+    registry, so they can stop forgetting it.
     """
 
     def __init__(
@@ -103,11 +104,13 @@ class RoomRegistry:
         max_room_clients: int | None = None,
         max_rooms_per_client: int | None = None,
         on_removed: Callable[[Room], None] | None = None,
+        on_created: Callable[[Room], None] | None = None,
     ) -> None:
         self.max_rooms = max_rooms
         self.max_room_clients = max_room_clients
         self.max_rooms_per_client = max_rooms_per_client
         self._on_removed = on_removed
+        self._on_created = on_created
         self.on_member_added: Callable[[Room, Any], None] | None = None
         """Told of every member entering a room (joins, resumes and direct ``room.clients.add`` alike)."""
         self.on_member_removed: Callable[[Room, Any], None] | None = None
@@ -133,6 +136,7 @@ class RoomRegistry:
         if room is None:
             room = Room(name, self, keep=keep)
             self._rooms[name] = room
+            self._created(room)
         elif keep:
             room.keep = True
         return room
@@ -196,6 +200,7 @@ class RoomRegistry:
         current = self._rooms.get(room.name)
         if current is None:
             self._rooms[room.name] = room  # a cleaned-up room object brought back to life by the application
+            self._created(room)
         elif current is not room:
             room.clients._members.discard(member)
             raise ValueError(f"room {room.name!r} was removed and another room now has that name")
@@ -212,6 +217,10 @@ class RoomRegistry:
         if self.on_member_removed is not None:
             self.on_member_removed(room, member)
         self._drop_if_unused(room)
+
+    def _created(self, room: Room) -> None:
+        if self._on_created is not None:
+            self._on_created(room)
 
     def _drop_if_unused(self, room: Room) -> None:
         if room.keep or len(room.clients) or self._rooms.get(room.name) is not room:

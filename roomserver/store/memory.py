@@ -4,9 +4,9 @@ What ``--store memory`` and the library's default use. Every method does its wor
 Deferred that has already fired, so the hub's append-then-broadcast path costs no reactor turn.
 
 A periodic sweep drops the history of rooms whose messages and msg_ids have all expired, and of rooms that have
-had no member for ``idle_grace`` seconds (``room_idle``; the resume ttl, so members can still resume), so
-churning room names cannot grow memory without bound. Only their seq counter (one integer per room name)
-stays, so a seq is never reused while the process lives.
+had no member for ``idle_grace`` seconds (from ``room_idle`` unless ``room_used`` came since; the resume ttl, so
+members can still resume), so churning room names cannot grow memory without bound. Only their seq counter
+(one integer per room name) stays, so a seq is never reused while the process lives.
 """
 
 from __future__ import annotations
@@ -100,6 +100,9 @@ class MemoryStore:
     def room_idle(self, name: str) -> None:
         if name in self._histories:
             self._idle_since[name] = self._clock.seconds()
+
+    def room_used(self, name: str) -> None:
+        self._idle_since.pop(name, None)
 
     def sweep(self) -> int:
         """Expire old messages and msg_ids everywhere; drop histories left empty and those of rooms idle for

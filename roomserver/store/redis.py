@@ -320,3 +320,6 @@ class RedisStore:
     def room_idle(self, name: str) -> None:
         """Shared history stays for the other nodes' members; its keys expire by ttl or stay bounded by size."""
 
+    def room_used(self, name: str) -> None:
+        """Nothing was let go: nothing to keep."""
+

@@ -298,6 +298,9 @@ class SQLiteStore:
     def room_idle(self, name: str) -> None:
         """History on disk stays until ``history_size``/``history_ttl`` remove it: nothing to do."""
 
+    def room_used(self, name: str) -> None:
+        """Nothing was let go: nothing to keep."""
+
     def prune(self) -> defer.Deferred[int]:
         """Delete messages beyond ``history_ttl`` and msg_ids beyond the dedupe window; returns rows deleted."""
         return self._write(self._prune, self._clock.seconds())
