@@ -471,13 +471,14 @@ class DurableRooms:
         self.outages.failed("could not replay the history of room {room}", failure, room=effect.room)
         if not self._end_replay(client, effect.room, state):
             return
-        self._run_followers(client, state)
-        # The member could not be brought up to date: take it out again so it can retry, rather than leave it
-        # joined with a hole in its sequence.
-        self.server.registry.leave(client, effect.room)
-        self.server._reply(client, messages.error(
-            ErrorCode.UNAVAILABLE, "the history is unavailable right now; the room was not joined, retry later",
-            effect.reply.get("id"), room=effect.room))
+        # The member could not be brought up to date: take it out again (presence and filters too, as a leave
+        # would) so it can retry, rather than leave it joined with a hole in its sequence. The joins of the room
+        # queued behind this replay are refused alike: the member they would have answered is out.
+        self.server.remove_from_room(client, effect.room)
+        for refused in (effect, *state.followers):
+            self.server._reply(client, messages.error(
+                ErrorCode.UNAVAILABLE, "the history is unavailable right now; the room was not joined, retry later",
+                refused.reply.get("id"), room=effect.room))
 
     def _run_followers(self, client: Client, state: ReplayState) -> None:
         for follower in state.followers:

@@ -446,6 +446,10 @@ class RoomClient:
                 self._dequeue_echo(request_id)
             else:
                 self._events.emit("error", message)
+        elif kind == "left" and request_id is None:
+            # Taken out by the server (the room was deleted): not a room to rejoin on the next connection.
+            self.rooms.pop(message.get("room"), None)  # type: ignore[arg-type]
+            self._events.emit("message", message)
         elif kind == "resumed":
             if isinstance(message.get("client"), str):
                 self.id = message["client"]  # a cluster's continued session keeps its client id

@@ -279,10 +279,24 @@ class WebSocketServer:
         return room
 
     def delete_room(self, name: str) -> defer.Deferred[None]:
-        """Forget a room, kept or not: its members leave it, its record and history are deleted from the store.
-        Its seq counter survives, so seqs are never reused."""
+        """Forget a room, kept or not: its members leave it (told with a ``left`` event, reason ``deleted``, under
+        the room protocol), its record and history are deleted from the store. Its seq counter survives, so seqs
+        are never reused."""
+        room = self.registry.get(name)
+        for member in room.clients.snapshot() if room is not None else ():
+            if self.remove_from_room(member, name) and self.room_protocol is not None and member.open:
+                self._reply(member, {**messages.left(name), "reason": "deleted"})
         self.registry.discard_room(name)
         return self.durable.room_deleted(name)
+
+    def remove_from_room(self, client: Client, name: str) -> bool:
+        """Take ``client`` out of room ``name`` at the server's initiative, with the bookkeeping of a leave
+        (presence, filters: ``RoomProtocol.removed``); False if it was not a member."""
+        if not self.registry.leave(client, name):
+            return False
+        if self.room_protocol is not None:
+            self._execute(client, self.room_protocol.removed(client, name))
+        return True
 
     def history(
         self, room: str, since: int | None = None, limit: int = 100, before: int | None = None

@@ -259,6 +259,25 @@ async def test_pages_resume_after_a_restart_and_miss_nothing(make_server: Any, t
 
 
 @pytest_twisted.ensureDeferred
+async def test_roomserver_js_forgets_a_room_the_server_deleted(make_server: Any) -> None:
+    """roomserver.js: a ``left`` event without an id (the room was deleted) drops the room, so a reconnect
+    does not bring it back."""
+    server = await make_server(room_protocol=True)
+
+    async def scenario() -> None:
+        async with chromium() as browser:
+            ada = await ChatPage.open(browser, base_url(server), "ada")
+            await ada.page.evaluate("roomClient.join('doomed')")
+            assert sorted(await ada.page.evaluate("Object.keys(roomClient.rooms)")) == ["doomed", "lobby"]
+            server.delete_room("doomed")
+            await ada.page.wait_for_function("!('doomed' in roomClient.rooms)")
+            assert await ada.page.evaluate("Object.keys(roomClient.rooms)") == ["lobby"]
+            assert ada.errors == []
+
+    await aio(scenario())
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_chat_lost_with_its_connection_is_sent_again_after_the_resume(make_server: Any) -> None:
     """roomserver.js: the connection dies right after a chat left the page and before the server got it; the
     page reconnects, resumes and sends the chat again (same msg_id): everyone sees it exactly once."""

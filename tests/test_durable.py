@@ -196,6 +196,75 @@ async def test_a_room_joined_again_keeps_its_history_in_memory_past_the_idle_gra
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_join_whose_replay_fails_leaves_no_presence_or_subscription_behind(make_server: Any) -> None:
+    server = await make_server(room_protocol=True)
+    watcher, _ = await connect(server)
+    assert (await watcher.request({"type": "join", "room": "r", "presence": True}))["type"] == "joined"
+    store = server.durable.store
+    read = store.read
+    store.read = lambda *args, **kwargs: defer.fail(RuntimeError("disk gone"))
+    joiner, welcome = await connect(server)
+    await joiner.send({"type": "join", "room": "r", "since": 0, "presence": True, "id": 1})
+    refused = await joiner.recv()
+    store.read = read
+    assert (refused["type"], refused["code"], refused["id"]) == ("error", "unavailable", 1)
+    seen = [await watcher.recv(), await watcher.recv()]
+    assert [(event["event"], event["user"]) for event in seen] == [("join", welcome["id"]), ("leave", welcome["id"])]
+    assert welcome["id"] not in {member["user"] for member in server.presence("r")}
+    assert server.get_client(welcome["id"]) not in server.presence_tracker.subscribers("r")
+    assert (await joiner.request({"type": "join", "room": "r", "since": 0, "id": 2}))["type"] == "joined", \
+        "it may retry"
+
+
+@pytest_twisted.ensureDeferred
+async def test_joins_queued_behind_a_failed_replay_are_all_refused(make_server: Any, tmp_path: Path) -> None:
+    server = await make_server(room_protocol=True, store=f"sqlite:{tmp_path / 'rooms.db'}")
+    store = server.durable.store
+    read = store.read
+    pending: list[defer.Deferred[Any]] = []
+
+    def held_read(*args: Any, **kwargs: Any) -> defer.Deferred[Any]:
+        pending.append(defer.Deferred())
+        return pending[-1]
+
+    store.read = held_read
+    joiner, welcome = await connect(server)
+    await joiner.send({"type": "join", "room": "r", "since": 0, "id": 1})
+    await joiner.send({"type": "join", "room": "r", "since": 0, "id": 2})
+    await eventually(lambda: len(pending) == 1 and server.durable.replaying.get("r", {}).get(
+        server.get_client(welcome["id"])) is not None and server.durable.replaying["r"][
+        server.get_client(welcome["id"])].followers)
+    store.read = read
+    pending[0].errback(RuntimeError("disk gone"))
+    answers = [await joiner.recv(), await joiner.recv()]
+    assert [(answer["type"], answer.get("code"), answer["id"]) for answer in answers] == [
+        ("error", "unavailable", 1), ("error", "unavailable", 2)]
+    assert not server.registry.is_member(server.get_client(welcome["id"]), "r")
+    assert (await joiner.request({"type": "history", "room": "r", "id": 3}))["type"] == "history"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_deleted_room_tells_its_members_and_keeps_no_presence(make_server: Any) -> None:
+    server = await make_server(room_protocol=True)
+    (a, _), (b, _) = await connect(server), await connect(server)
+    assert (await a.request({"type": "join", "room": "r", "presence": True}))["type"] == "joined"
+    assert (await b.request({"type": "join", "room": "r", "presence": True, "filter": {"types": ["chat"]}}))[
+        "type"] == "joined"
+    assert (await a.recv())["event"] == "join"
+    await server.delete_room("r")
+    for ws in (a, b):
+        event = await ws.recv()
+        while event["type"] == "presence":  # the other one's leave, if it was taken out first
+            event = await ws.recv()
+        assert event == {"type": "left", "room": "r", "reason": "deleted"}
+    assert server.presence("r") == [] and not server.presence_tracker.subscribers("r")
+    assert server.room_protocol is not None and "r" not in server.room_protocol.subscriptions
+    assert server.get_room("r") is None
+    await a.send({"type": "chat", "room": "r", "text": "anyone?"})
+    assert (await a.recv())["code"] == "not_in_room"
+
+
+@pytest_twisted.ensureDeferred
 async def test_broadcast_order_is_seq_order_with_many_senders_on_sqlite(make_server: Any, tmp_path: Path) -> None:
     """Appends to SQLite are asynchronous; concurrent senders must still produce one gap-free, ordered stream."""
     server = await make_server(room_protocol=True, store=f"sqlite:{tmp_path / 'order.db'}")

@@ -128,6 +128,23 @@ async def test_two_clients_chat_with_acks_errors_and_leave(make_server: Any) -> 
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_room_deleted_by_the_server_is_forgotten_and_not_rejoined(make_server: Any) -> None:
+    server = await make_server(room_protocol=True)
+    client = RoomClient(url_of(server))
+    unmatched: list[dict[str, Any]] = []
+    client.on("message", unmatched.append)
+    try:
+        await client.connect()
+        await client.join("doomed")
+        await client.join("lobby")
+        await server.delete_room("doomed")
+        await eventually(lambda: {"type": "left", "room": "doomed", "reason": "deleted"} in unmatched)
+        assert set(client.rooms) == {"lobby"}
+    finally:
+        await client.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_client_reconnects_after_a_restart_and_rejoins(make_server: Any) -> None:
     """The server stops and starts again on the same port: the client comes back by itself, rejoins its room
     and its chats work again; the resumed event says whether anything could be recovered."""

@@ -254,6 +254,12 @@ class RoomProtocol:
                 del self.subscriptions[room]
         self.presence.unsubscribe(room, member)
 
+    def removed(self, member: Any, room: str) -> list[Effect]:
+        """``member`` was taken out of ``room`` by the server, not by its own ``leave`` (its history could not be
+        replayed, the room was deleted): the same presence and subscription bookkeeping as a leave, so no one
+        keeps seeing it present and no filter or presence subscription of it stays behind."""
+        return self._left(member, room)
+
     def _left(self, member: Any, room: str) -> list[Effect]:
         """Presence and subscription bookkeeping once ``member`` is out of ``room``."""
         self._unsubscribe(member, room)
@@ -327,7 +333,9 @@ class RoomProtocol:
             reply.update(extra)
             if command.since is None:
                 return [Reply(reply), *announcements]
-            return [Replay(room.name, command.since, reply), *announcements]
+            # The announcement first: a replay can fail at once (a store that answers synchronously), taking the
+            # member out again with a leave, which must not reach the others before the join it undoes.
+            return [*announcements, Replay(room.name, command.since, reply)]
         if isinstance(command, messages.Leave):
             if not self.registry.leave(member, command.room):
                 return [Reply(messages.error(ErrorCode.NOT_IN_ROOM, f"not in room {command.room!r}", command.id))]

@@ -335,6 +335,12 @@
       case "history":
         if (message.id !== undefined) this._settle(message.id, message);
         return;
+      case "left":
+        // Without an id: taken out by the server (the room was deleted), not a room to rejoin on reconnect.
+        if (message.id === undefined) delete this.rooms[message.room];
+        if (message.id !== undefined && this._settle(message.id, message)) return;
+        this._emit("message", message);
+        return;
       default:
         if (message.type === "presence" && message.id === undefined) this._emit("presence", message);
         if (message.id !== undefined && this._settle(message.id, message)) return;
