@@ -73,6 +73,17 @@ SERVER_EVENTS = frozenset({"connection", "join", "leave"})
 RATE_LIMITED = encode(messages.error(ErrorCode.RATE_LIMITED, "too many messages: this one was dropped"))
 
 
+def recoded(codec: Codec, payload: bytes) -> bytes:
+    """A text payload for a client of another codec (msgpack): JSON is decoded and encoded again; text that is
+    not JSON (an application's ``broadcast(room, "plain text")``) goes as that string, so one such member
+    neither stops the fan-out to the others nor misses the message."""
+    try:
+        value: Any = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        value = payload.decode("utf-8", "replace")
+    return codec.encode(value)
+
+
 def _message_type(payload: bytes, is_binary: bool) -> str | None:
     """The ``type`` of a JSON message, for per-subscription filters (binary payloads have none)."""
     if is_binary:
@@ -735,7 +746,7 @@ class WebSocketServer:
         if protocol is None or not protocol.accepts_data:
             return False
         if not (is_binary or encoded) and client.codec is not self.json_codec:
-            payload, is_binary = client.codec.encode(orjson.loads(payload)), client.codec.binary
+            payload, is_binary = recoded(client.codec, payload), client.codec.binary
         protocol.sendMessage(payload, is_binary)
         self.counters.sent(len(payload))
         return True
@@ -779,8 +790,7 @@ class WebSocketServer:
             if codec is not self.json_codec and not is_binary:
                 framed = per_codec.get(codec)
                 if framed is None:
-                    framed = per_codec[codec] = self.factory.prepareMessage(
-                        codec.encode(orjson.loads(payload)), codec.binary)
+                    framed = per_codec[codec] = self.factory.prepareMessage(recoded(codec, payload), codec.binary)
                 send_prepared(protocol, framed)
             else:
                 send_prepared(protocol, prepared)

@@ -142,6 +142,30 @@ async def test_msgpack_and_json_clients_share_a_room(make_server: Any) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_plain_text_reaches_msgpack_members_as_a_string_and_everyone_else_too(make_server: Any) -> None:
+    """``broadcast(room, "plain text")`` is not JSON: a msgpack member gets the string, and neither it nor the
+    members after it in the room lose the message."""
+    server = await make_server(room_protocol=True)
+    packed = await WSClient.connect(url_of(server), subprotocols=["roomserver.msgpack.v1"])
+    welcome = msgpack.unpackb(await packed.recv_raw())
+    await packed.send(msgpack.packb({"type": "join", "room": "mix", "id": 1}))
+    msgpack.unpackb(await packed.recv_raw())
+    plain = [await WSClient.connect(url_of(server)) for _ in range(4)]
+    for ws in plain:
+        await ws.recv()
+        await ws.request({"type": "join", "room": "mix"})
+    assert server.broadcast("mix", "plain text") == 5
+    assert msgpack.unpackb(await packed.recv_raw()) == "plain text"
+    for ws in plain:
+        assert await ws.recv_raw() == "plain text"
+    assert server.get_stats().messages_sent >= 5
+    packed_client = server.get_client(welcome["id"])
+    assert packed_client is not None
+    packed_client.send("just for you")
+    assert msgpack.unpackb(await packed.recv_raw()) == "just for you"
+
+
+@pytest_twisted.ensureDeferred
 async def test_unknown_subprotocols_are_refused_and_none_means_json(make_server: Any) -> None:
     server = await make_server(room_protocol=True)
     with pytest.raises(websockets.InvalidStatus) as info:
