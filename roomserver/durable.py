@@ -52,6 +52,7 @@ from .core.rooms import Room
 from .core.session import Announce, Append, ReadHistory, Replay, TakeOver
 from .interfaces import RoomRecord, Store
 from .outagelog import OutageLog
+from .periodic import every
 from .store import create_store
 
 if TYPE_CHECKING:
@@ -200,10 +201,9 @@ class DurableRooms:
             await self.stop()
             raise
         if self._session_sweeper is None:
-            self._session_sweeper = task.LoopingCall(self._expire_sessions)
-            self._session_sweeper.clock = self.clock
             ttl = self.server.options.resume_ttl
-            self._session_sweeper.start(min(SESSION_SWEEP_INTERVAL, max(ttl / 4, 1.0)), now=False)
+            self._session_sweeper = every(self.clock, min(SESSION_SWEEP_INTERVAL, max(ttl / 4, 1.0)),
+                                          self._expire_sessions, "expire resume sessions")
 
     async def _restore_rooms(self) -> None:
         registry = self.server.registry

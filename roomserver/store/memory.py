@@ -18,6 +18,7 @@ from twisted.internet import defer, task
 
 from ..core.history import Appended, HistoryPage, NewMessage, RoomHistory
 from ..interfaces import RoomRecord
+from ..periodic import every
 
 SWEEP_INTERVAL = 60.0
 
@@ -50,9 +51,7 @@ class MemoryStore:
 
     def open(self) -> defer.Deferred[None]:
         if self._sweeper is None:
-            self._sweeper = task.LoopingCall(self.sweep)
-            self._sweeper.clock = self._clock
-            self._sweeper.start(SWEEP_INTERVAL, now=False)
+            self._sweeper = every(self._clock, SWEEP_INTERVAL, self.sweep, "sweep the memory store")
         return defer.succeed(None)
 
     def close(self) -> defer.Deferred[None]:

@@ -32,6 +32,7 @@ from twisted.python.failure import Failure
 
 from ..core.history import Appended, HistoryPage, NewMessage, page_of, with_seq
 from ..interfaces import RoomRecord, StoreError
+from ..periodic import every
 
 T = TypeVar("T")
 
@@ -122,9 +123,7 @@ class SQLiteStore:
             raise
         self._reader = self._pool(self._readers)
         interval = PRUNE_INTERVAL if self.history_ttl is None else min(PRUNE_INTERVAL, max(self.history_ttl, 1.0))
-        self._pruner = task.LoopingCall(self.prune)
-        self._pruner.clock = self._clock
-        self._pruner.start(interval, now=False).addErrback(lambda failure: None)
+        self._pruner = every(self._clock, interval, self.prune, "prune the SQLite store")
 
     def close(self) -> defer.Deferred[None]:
         if self._pruner is not None and self._pruner.running:
