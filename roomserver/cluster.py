@@ -199,7 +199,7 @@ class Relay:
         """A chat this node appended: deliver it here, and publish it once for the other nodes (unless the store
         already did, in the append itself)."""
         if not self.clustered:
-            self._deliver(name, seq, payload)
+            self._stored_here(name, seq, payload)
             return
         if not self.fused:
             self.broker.publish(name, seq, payload).addErrback(self._publish_failed, name)
@@ -210,6 +210,34 @@ class Relay:
             # subscriber connection is down) nothing is on its way: a gap is read from the store at once.
             waits = self.fused and bool(getattr(self.broker, "subscribed", False))
             self._apply(name, sequence, sequence.offer(seq, payload, fetch=not waits))
+
+    def stored_again(self, name: str, seq: int, payload: bytes) -> None:
+        """A retried chat the store already held (a duplicate ``msg_id``). One node: if its seq is the next one
+        not yet delivered here, the first attempt was stored but its answer never came (``_stored_here``), and
+        this is its only chance to reach the members. A cluster's nodes get it through the room's sequence."""
+        last = self._broadcast.get(name)
+        if not self.clustered and last is not None and seq > last and payload:
+            self._stored_here(name, seq, payload)
+
+    def _stored_here(self, name: str, seq: int, payload: bytes) -> None:
+        """One node: deliver at once, in seq order. A seq beyond the next one means an earlier append was stored
+        but its answer was lost (a Redis store whose connection dropped after the script ran): its sender was
+        told ``unavailable``, and nothing else would ever deliver it. The missing seqs are then read from the
+        store and delivered first, through a ``RoomSequence`` kept until the gap is filled (``_apply``)."""
+        sequence = self.sequences.get(name)
+        if sequence is None:
+            last = self._broadcast.get(name)
+            if last is not None and seq <= last:
+                return  # delivered already
+            if last is None or seq == last + 1:
+                self._deliver(name, seq, payload)
+                return
+            self.log.warn("room {room}: seq {seq} was stored after {last} while {missing} never reached this node "
+                          "(an append's answer was lost?): reading them from the store", room=name, seq=seq,
+                          last=last, missing=seq - last - 1)
+            sequence = self.sequences[name] = RoomSequence()
+            sequence.start(last)
+        self._apply(name, sequence, sequence.offer(seq, payload))
 
     def _publish_failed(self, failure: Failure, name: str) -> None:
         self.publish_failures += 1
@@ -238,6 +266,9 @@ class Relay:
             self._deliver(name, seq, payload)
         if step.fetch is not None:
             self._fetch(name, sequence, step.fetch)
+        elif not self.clustered and not sequence.pending and not sequence.fetching \
+                and self.sequences.get(name) is sequence:
+            del self.sequences[name]  # one node's gap is filled: deliver directly again
 
     def _fetch(self, name: str, sequence: RoomSequence, fetch: Fetch) -> None:
         self.gap_fetches += 1

@@ -286,7 +286,9 @@ class DurableRooms:
             waiter.callback(None)
 
     def _appended(self, result: Appended, client: Client, effect: Append) -> None:
-        if not result.duplicate:
+        if result.duplicate:
+            self.server.relay.stored_again(effect.room, result.seq, result.payload)
+        else:
             self.server.relay.stored(effect.room, result.seq, result.payload)
             if effect.request_id is None:
                 return
