@@ -18,7 +18,14 @@ $(VENV)/.install-stamp: setup.cfg setup.py | $(BIN)/python
 	$(BIN)/python -m pip install --quiet '.[test]'
 	touch $@
 
-install: $(VENV)/.install-stamp
+# The installed copy (what `.venv/bin/twistd roomserver` runs without this Makefile's PYTHONPATH) follows the
+# checkout: reinstalled, without its dependencies, whenever a file of the package changed.
+PACKAGE_FILES := $(shell find roomserver twisted -type f -not -path '*/__pycache__/*' 2>/dev/null)
+$(VENV)/.package-stamp: $(VENV)/.install-stamp $(PACKAGE_FILES)
+	$(BIN)/python -m pip install --quiet --no-deps --force-reinstall .
+	touch $@
+
+install: $(VENV)/.package-stamp
 
 run: install
 	$(BIN)/twistd --nodaemon --pidfile= roomserver --port tcp:$(PORT):interface=127.0.0.1
