@@ -308,9 +308,12 @@ class DurableRooms:
                           errbackArgs=(client, effect))
 
     def _history_read(self, page: HistoryPage, client: Client, effect: ReadHistory) -> None:
-        # One reply stays within max_message_size (a client's own limit is usually the same): a page of large
-        # messages is cut short and says "more".
-        fitted, cut = fit_page(page.messages, effect.since is not None, self.server.options.max_message_size)
+        # One reply stays within max_message_size (a client's own limit is usually the same, and Autobahn refuses
+        # to send more): a page of large messages is cut short and says "more". The reply's own envelope (room
+        # name, request id: up to about 250 bytes) counts too.
+        envelope = len(history_payload(effect.room, (), True, effect.request_id))
+        fitted, cut = fit_page(page.messages, effect.since is not None,
+                               self.server.options.max_message_size - envelope)
         payload = history_payload(effect.room, [m.payload for m in fitted], page.more or cut, effect.request_id)
         self.server.send_payload(client, payload, False)
 

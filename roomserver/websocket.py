@@ -156,6 +156,22 @@ class RoomServerProtocol(DeafAfterFailure, GracefulCloseMixin, ReleasedOnClose, 
         """Called from Autobahn with one complete, size-checked, UTF-8-validated message."""
         self.factory.hub.on_message(self, payload, isBinary)
 
+    def sendMessage(self, payload: bytes, isBinary: bool = False, fragmentSize: int | None = None,
+                    sync: bool = False, doNotCompress: bool = False) -> None:
+        """Autobahn's, without its check of what we send against ``maxMessagePayloadSize``.
+
+        That limit is ``max_message_size``: what a client may send (close 1009 beyond it). What the server sends
+        is bigger at times, by design: a chat accepted at the limit becomes an event with ``from`` and ``seq``
+        added, and a history page holding it is larger still. Autobahn raised ``PayloadExceededError`` for such a
+        message wherever it went through ``sendMessage`` (a history reply, a replay), and the reply or the rest of
+        the replay was lost; the pre-framed fan-out had sent the same event to every member all the same."""
+        limit: int = self.maxMessagePayloadSize  # type: ignore[has-type]
+        self.maxMessagePayloadSize = 0
+        try:
+            super().sendMessage(payload, isBinary, fragmentSize, sync, doNotCompress)
+        finally:
+            self.maxMessagePayloadSize = limit
+
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         """Called from Autobahn exactly once, for every connection, opened or not."""
         self.factory.hub.on_close(self, wasClean, code, reason)

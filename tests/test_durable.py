@@ -420,6 +420,42 @@ async def test_a_history_reply_stays_within_max_message_size(make_server: Any) -
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_chat_accepted_at_the_size_limit_is_in_history_and_replays(make_server: Any) -> None:
+    """Its event is over ``max_message_size`` (``from`` and ``seq`` added): Autobahn refused to send it but in
+    the pre-framed fan-out, so a history request got no answer and a replay stopped there."""
+    server = await make_server(room_protocol=True, max_message_size=2000)
+    sender, _ = await joined(server)
+    await chat(sender, "x" * 1950)
+    await chat(sender, "after")
+    assert [len((await sender.recv())["text"]) for _ in range(2)] == [1950, 5]
+    page = await sender.request({"type": "history", "room": "r", "id": 9})
+    assert [len(message["text"]) for message in page["messages"]] in ([1950, 5], [5]), page["more"]
+    late, _ = await connect(server)
+    assert (await late.request({"type": "join", "room": "r", "since": 0}))["recovered"]
+    assert [(await late.recv())["seq"] for _ in range(2)] == [1, 2]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_history_reply_counts_its_own_envelope_against_max_message_size(make_server: Any) -> None:
+    """A long room name and request id are part of the reply too: pages whose payloads fill the limit to within
+    a few bytes still leave a reply a client with the same limit accepts."""
+    limit = 2000
+    server = await make_server(room_protocol=True, max_message_size=limit, rate_limit=0)
+    ws, _ = await connect(server)
+    request_id = "q" * 100
+    for size in range(700, 900, 20):
+        room = f"{size:03d}".ljust(64, "r")
+        assert (await ws.request({"type": "join", "room": room}))["type"] == "joined"
+        for _ in range(3):
+            await chat(ws, "x" * size, room=room)
+            await ws.recv()
+        await ws.send({"type": "history", "room": room, "limit": 10, "id": request_id})
+        raw = await ws.recv_raw()
+        assert len(raw.encode()) <= limit, (size, len(raw))
+        assert json.loads(raw)["messages"], "at least one message"
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_replay_honours_the_join_filter(make_server: Any) -> None:
     server = await make_server(room_protocol=True)
     a, _ = await joined(server)
