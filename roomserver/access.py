@@ -255,7 +255,8 @@ class AccessControl:
         through after the hook answered asynchronously (the hub then fires the client's ``message`` event itself,
         as it does for a command that went through at once).
 
-        Joins, resumes (each listed room) and chats are decided by ``decide``; other commands go through. When
+        Joins, resumes (each listed room), history reads (as joins: reading a room is what joining it gives)
+        and chats are decided by ``decide``; other commands go through. When
         any decision is asynchronous, the command waits for all of them and the client's later messages queue
         behind it in its ``inbox``: a chat sent right after a join must not overtake the join (it would be
         answered ``not_in_room``), and replies must come in the order of the requests."""
@@ -263,6 +264,8 @@ class AccessControl:
             action, rooms = Action.JOIN, [command.room]
         elif isinstance(command, messages.Resume):
             action, rooms = Action.JOIN, [name for name, _ in command.rooms]
+        elif isinstance(command, messages.History):
+            action, rooms = Action.JOIN, [command.room]
         elif isinstance(command, messages.Chat):
             action, rooms = Action.PUBLISH, [command.room]
         else:
@@ -273,7 +276,7 @@ class AccessControl:
             proceed(False)
             return False
         if not any(isinstance(decision, defer.Deferred) for decision in decisions):
-            self._refuse(client, action, rooms, decisions, command.id)
+            self._refuse(client, action, rooms, decisions, command)
             return True
         client.inbox = deque()
         gathered = defer.gatherResults(
@@ -287,7 +290,7 @@ class AccessControl:
                 if all(results):
                     proceed(True)
                 else:
-                    self._refuse(client, action, rooms, results, command.id)
+                    self._refuse(client, action, rooms, results, command)
             except Exception:
                 self.server._internal_error(client)
                 return
@@ -317,10 +320,13 @@ class AccessControl:
                 return
 
     def _refuse(self, client: Client, action: Action, rooms: list[str], decisions: list[Any],
-                request_id: messages.RequestId) -> None:
+                command: messages.Command) -> None:
         """One ``forbidden`` error per room that was refused (the connection stays)."""
-        verb = "join" if action is Action.JOIN else "publish to"
+        if isinstance(command, messages.History):
+            verb = "read the history of"
+        else:
+            verb = "join" if action is Action.JOIN else "publish to"
         for room, decision in zip(rooms, decisions, strict=True):
             if decision is not True:
                 self.server._reply(client, messages.error(
-                    ErrorCode.FORBIDDEN, f"you may not {verb} room {room!r}", request_id))
+                    ErrorCode.FORBIDDEN, f"you may not {verb} room {room!r}", command.id))

@@ -147,6 +147,26 @@ async def test_rooms_and_publish_claims(make_server: Any, secret_file: str) -> N
 
 
 @pytest_twisted.ensureDeferred
+async def test_history_needs_the_permission_to_join_the_room(make_server: Any, secret_file: str) -> None:
+    """Reading a room's history is reading the room: the token's ``rooms`` claim and the ``authorize`` hook
+    decide it as they decide a join (it needs no membership, but never less than the right to join)."""
+    server = await make_server(room_protocol=True, jwt_secret_file=secret_file)
+    server.authorize = lambda identity, action, room: room != "vetoed"
+    insider = await authed(server, make_token("ivy", rooms=["board", "lobby", "vetoed"]))
+    assert (await insider.request({"type": "join", "room": "board"}))["type"] == "joined"
+    await insider.send({"type": "chat", "room": "board", "text": "layoffs on friday"})
+    await insider.recv()
+    outsider = await authed(server, make_token("jack", rooms=["lobby", "vetoed"]))
+    refused = await outsider.request({"type": "history", "room": "board", "id": 7})
+    assert (refused["type"], refused["code"], refused["id"]) == ("error", "forbidden", 7)
+    assert refused["message"] == "you may not read the history of room 'board'"
+    assert (await outsider.request({"type": "history", "room": "vetoed"}))["code"] == "forbidden", "the hook too"
+    page = await insider.request({"type": "history", "room": "board"})
+    assert [message["text"] for message in page["messages"]] == ["layoffs on friday"]
+    assert (await outsider.request({"type": "history", "room": "lobby"}))["messages"] == []
+
+
+@pytest_twisted.ensureDeferred
 async def test_query_token_only_when_enabled(make_server: Any, secret_file: str) -> None:
     closed_server = await make_server(room_protocol=True, jwt_secret_file=secret_file, auth_timeout=5)
     ws = await WSClient.connect(url_of(closed_server) + "?token=" + make_token())
