@@ -551,6 +551,10 @@ class WebSocketServer:
         protocol.subprotocol = subprotocol
         if isinstance(identity, defer.Deferred):
             def authenticated(proven: Any) -> str | None:
+                if protocol.state == protocol.STATE_CLOSED:
+                    # The peer left while the hook was deciding: its close has been handled (and its admission
+                    # released). Succeeding now would open a client on a dead connection, never closed again.
+                    raise ConnectionDeny(ConnectionDeny.SERVICE_UNAVAILABLE, "the connection closed meanwhile")
                 protocol.identity = proven
                 return subprotocol
 

@@ -23,7 +23,7 @@ from roomserver.core.auth import Action, Identity
 
 from .auth_support import SECRET
 from .auth_support import token as make_token
-from .support import WSClient, aio, eventually, url_of
+from .support import WSClient, aio, eventually, logged_errors, url_of
 
 
 async def authed(server: Any, token: str) -> WSClient:
@@ -214,6 +214,42 @@ async def test_application_hooks_authenticate_and_authorize_asynchronously(make_
     # the application's message handlers see what went through once the hook allowed it, in order, and never
     # the refused join
     assert seen == [1, 2]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_peer_gone_before_the_authenticate_hook_answers_leaves_no_client(make_server: Any) -> None:
+    """The hook answers after the TCP connection dropped: no client may open on the dead connection (it was
+    never closed again, and max_clients no longer counted it)."""
+    server = await make_server(room_protocol=True)
+    pending: list[defer.Deferred[Identity | None]] = []
+
+    def authenticate(request: Any) -> defer.Deferred[Identity | None]:
+        pending.append(defer.Deferred())
+        return pending[-1]
+
+    server.authenticate = authenticate
+    host, port = "127.0.0.1", server.port
+
+    async def knock_and_leave() -> None:
+        _, writer = await asyncio.open_connection(host, port)
+        writer.write(f"GET /ws HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+        await writer.drain()
+        while not pending:
+            await asyncio.sleep(0.01)
+        writer.transport.abort()
+
+    with logged_errors() as errors:
+        await aio(knock_and_leave())
+        await eventually(lambda: server._admitted == 0)
+        pending[0].callback(Identity("late"))
+        await aio(asyncio.sleep(0.1))
+    assert server.clients == {} and server.get_stats().connections == 0
+    assert errors == []
+    connecting = defer.ensureDeferred(WSClient.connect(url_of(server)))  # the server serves on
+    await eventually(lambda: len(pending) == 2)
+    pending[1].callback(Identity("next"))
+    assert (await (await connecting).recv())["type"] == "welcome"
 
 
 @pytest_twisted.ensureDeferred
