@@ -174,7 +174,10 @@ class AccessControl:
         identity = client.identity
         if identity is None or identity.expires_at is None:
             return
-        delay = max(0.0, identity.expires_at - self.server.reactor.seconds())  # type: ignore[attr-defined]
+        # The verifier accepts a token until exp + leeway (clock skew between the issuer and us): the timer agrees,
+        # or a token accepted within the leeway would be closed at once.
+        expires = identity.expires_at + self.server.options.jwt_leeway
+        delay = max(0.0, expires - self.server.reactor.seconds())  # type: ignore[attr-defined]
         client.expiry = self.server.reactor.callLater(delay, self._expired, client)  # type: ignore[attr-defined]
 
     def _auth_timed_out(self, client: Client) -> None:

@@ -135,6 +135,14 @@ async def test_expiring_token_closes_4001_unless_refreshed(make_server: Any, sec
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_token_accepted_within_the_leeway_lives_until_its_end(make_server: Any, secret_file: str) -> None:
+    server = await make_server(room_protocol=True, jwt_secret_file=secret_file, jwt_leeway=2)
+    skewed = await authed(server, make_token("kim", exp=time.time() - 1))  # expired 1 s ago by our clock
+    assert (await skewed.request({"type": "join", "room": "r"}))["type"] == "joined", "not closed at once"
+    assert (await skewed.closed(timeout=3))[0] == 4001, "closed once exp + leeway passed"
+
+
+@pytest_twisted.ensureDeferred
 async def test_rooms_and_publish_claims(make_server: Any, secret_file: str) -> None:
     server = await make_server(room_protocol=True, jwt_secret_file=secret_file)
     ws = await authed(server, make_token("frank", rooms=["team-*", "lobby"], publish=["team-*"]))
