@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from .server import WebSocketServer
 
 SECRET_ENVIRONMENT_VARIABLE = "ROOMSERVER_JWT_SECRET"
+INBOX_PAUSE = 64 * 1024  # bytes waiting behind a pending decision before the connection is no longer read
 Authenticate = Callable[[Any], "Identity | defer.Deferred[Identity | None] | None"]
 Authorize = Callable[[Identity, Action, str], "bool | defer.Deferred[bool]"]
 
@@ -303,9 +304,19 @@ class AccessControl:
         return True
 
     def enqueue(self, client: Client, payload: bytes, is_binary: bool) -> None:
-        """Keep a message that arrived while an authorization decision is pending (``client.inbox`` is set)."""
-        assert client.inbox is not None
-        client.inbox.append((payload, is_binary))
+        """Keep a message that arrived while an authorization decision is pending (``client.inbox`` is set).
+
+        Beyond ``INBOX_PAUSE`` bytes waiting, the connection is no longer read until the inbox drained: a
+        client that keeps sending while a slow hook (or a cluster's session claim) decides must not pin memory
+        without bound (the rate limit alone let 100 MB wait behind a hung hook). Its messages wait in TCP's
+        buffers instead; if the decision takes longer than the ping timeout, its pong waits there too, and the
+        connection is dropped as any unresponsive peer."""
+        inbox = client.inbox
+        assert inbox is not None
+        inbox.append((payload, is_binary))
+        if not client.inbox_paused and sum(len(waiting) for waiting, _ in inbox) > INBOX_PAUSE:
+            client.inbox_paused = True
+            client.reading(False)
 
     def _drain_inbox(self, client: Client) -> None:
         """Process the messages that waited for a decision, in order, until one waits for a decision again.
@@ -321,6 +332,9 @@ class AccessControl:
             if client.inbox is not None:  # paused again: keep the rest, in order, behind the new decision
                 client.inbox.extend(inbox)
                 return
+        if client.inbox_paused and client.open:
+            client.inbox_paused = False
+            client.reading(True)
 
     def _refuse(self, client: Client, action: Action, rooms: list[str], decisions: list[Any],
                 command: messages.Command) -> None:

@@ -55,6 +55,7 @@ class Client:
         "id",
         "identity",
         "inbox",
+        "inbox_paused",
         "peer",
         "request",
         "subprotocol",
@@ -86,6 +87,8 @@ class Client:
         self.expiry: Any = None
         self.inbox: deque[tuple[bytes, bool]] | None = None
         """Messages waiting while an asynchronous authorization decision is pending (order is kept)."""
+        self.inbox_paused = False
+        """The connection is not read while its ``inbox`` holds more than ``access.INBOX_PAUSE`` bytes."""
 
     def __repr__(self) -> str:
         return f"<Client {self.id} {self.peer}{'' if self.open else ' closed'}>"
@@ -94,6 +97,14 @@ class Client:
         """Register a handler: ``message`` gets the data (str for text, bytes for binary); ``close`` gets no
         arguments (``close_code`` and ``close_reason`` say why)."""
         return self._events.on(event, handler) if handler is not None else self._events.on(event)
+
+    def reading(self, on: bool) -> None:
+        """Read the connection's socket again (``on``), or stop reading it: what the peer sends then waits in
+        the kernel's buffers and, once they are full, in the peer's (TCP's own flow control)."""
+        transport: Any = self._protocol.transport if self._protocol is not None else None
+        tcp = getattr(transport, "transport", transport)  # under a GuardedConnection: the TCP transport
+        if tcp is not None:
+            (tcp.resumeProducing if on else tcp.pauseProducing)()
 
     @property
     def open(self) -> bool:

@@ -261,6 +261,37 @@ async def test_a_peer_gone_before_the_authenticate_hook_answers_leaves_no_client
 
 
 @pytest_twisted.ensureDeferred
+async def test_messages_behind_a_pending_decision_are_bounded_by_not_reading_and_all_processed(
+        make_server: Any) -> None:
+    from roomserver.access import INBOX_PAUSE
+
+    server = await make_server(room_protocol=True, rate_limit=0)
+    decision: defer.Deferred[bool] = defer.Deferred()
+    server.authorize = lambda identity, action, room: decision if action is Action.JOIN else True
+    ws = await WSClient.connect(url_of(server))
+    welcome = await ws.recv()
+    client = server.get_client(welcome["id"])
+    assert client is not None
+    await ws.send({"type": "join", "room": "r", "id": 0})
+
+    async def flood() -> None:
+        for number in range(60):
+            await ws.send({"type": "chat", "room": "r", "text": f"{number:02d}" + "x" * 20_000})
+
+    sending = defer.ensureDeferred(flood())
+    await eventually(lambda: client.inbox_paused)
+    await aio(asyncio.sleep(0.3))  # the sender keeps going into TCP's buffers; the server reads no more
+    waiting = sum(len(payload) for payload, _ in client.inbox or ())
+    assert INBOX_PAUSE < waiting < INBOX_PAUSE + 200_000, waiting
+    decision.callback(True)
+    assert (await ws.recv())["type"] == "joined"
+    texts = [(await ws.recv())["text"][:2] for _ in range(60)]
+    assert texts == [f"{number:02d}" for number in range(60)], "every one, in order"
+    await sending
+    assert not client.inbox_paused and client.inbox is None
+
+
+@pytest_twisted.ensureDeferred
 async def test_tokens_never_reach_the_logs(make_server: Any, secret_file: str) -> None:
     lines: list[str] = []
 
