@@ -29,6 +29,9 @@ from zope.interface import implementer
 
 # Twisted's FileDescriptor pauses its producer once more than this many bytes wait in its own buffer.
 TWISTED_WRITE_THRESHOLD = 2**16
+MAX_BODY = 64 * 1024  # the largest request body any resource here takes (the admin API's JSON)
+CHUNK_FRAMING = 4096  # what a chunked body's framing may add to it before it is counted as too large
+LINGER = 2.0  # seconds a refused request's connection drains what the peer still sends, after our answer
 
 
 @implementer(IPushProducer)
@@ -248,7 +251,14 @@ class GuardedConnection(ProtocolWrapper):
 
 
 class HandshakeDeadlineChannel(HTTPChannel):
-    """An HTTP channel that must receive each complete request head within ``handshake_timeout`` seconds."""
+    """An HTTP channel that must receive each complete request, head and body, within ``handshake_timeout``
+    seconds, with a body of at most ``max_body`` bytes.
+
+    Nothing this server serves takes a body larger than the admin API's (``MAX_BODY``), and Twisted reads a
+    whole body (to a temporary file beyond 100 KB) before any resource sees the request, token check included:
+    without the cap anyone could stream gigabytes to disk and CPU, and without the deadline trickle a body
+    forever. A declared ``Content-Length`` over the cap is refused with 413 before a byte of it is read; a
+    chunked body is counted as it comes."""
 
     handshake_timeout: float = 5.0
     on_timeout: Callable[[], None] | None = None
@@ -257,6 +267,9 @@ class HandshakeDeadlineChannel(HTTPChannel):
     _head_started = False  # bytes of the next request head arrived since the deadline was armed
     _extensions = 0  # deadlines extended because a whole request head was waiting unread
     MAX_EXTENSIONS = 2
+    max_body = MAX_BODY
+    _body: int | None = None  # bytes of the current request's body read so far, while there is one
+    _refused = False  # answered 413: whatever else arrives is dropped unread
 
     def dataReceived(self, data: bytes) -> None:
         self._head_started = True
@@ -288,8 +301,50 @@ class HandshakeDeadlineChannel(HTTPChannel):
             self.loseConnection()
 
     def allHeadersReceived(self) -> None:
-        self._disarm()
+        if self.length == 0:  # no body (every WebSocket upgrade): the request is complete
+            self._disarm()
+        elif self.length is not None and self.length > self.max_body:
+            self._refuse_body()
+            return
+        else:
+            self._body = 0  # the deadline stays armed until the body is in
         super().allHeadersReceived()
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if self._refused:
+            return
+        if self._body is not None:
+            self._body += len(data)
+            if self._body > self.max_body + CHUNK_FRAMING:
+                self._refuse_body()
+                return
+        super().rawDataReceived(data)
+
+    def allContentReceived(self) -> None:
+        self._body = None
+        self._disarm()
+        super().allContentReceived()
+
+    def _refuse_body(self) -> None:
+        """Answer 413 and close after a lingering half-close: the peer may still be sending its body, and
+        closing a socket with unread bytes resets the connection, discarding our answer on its way. So our
+        side is closed for writing (the answer, then FIN), what still comes is dropped unread, and the
+        connection is aborted ``LINGER`` seconds later if the peer has not closed it by then."""
+        self._disarm()
+        self._refused = True
+        self._body = None
+        transport: Any = self.transport
+        if transport is None:
+            return
+        transport.write(b"HTTP/1.1 413 Content Too Large\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+        if isinstance(transport, GuardedConnection):
+            transport.flush()
+        connection = getattr(transport, "transport", transport)
+        if not is_plain_tcp(connection):
+            self.loseConnection()
+            return
+        connection.loseWriteConnection()
+        self._deadline = self.callLater(LINGER, transport.abortConnection)
 
     def requestDone(self, request: Any) -> None:
         self._served = True

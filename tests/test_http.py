@@ -382,3 +382,58 @@ async def test_refused_handshakes_are_counted_by_reason(make_server: Any, tmp_pa
     await eventually(lambda: failures.labels("forbidden")._value.get() == 1)
     text = (await http(server, "GET", "/metrics")).text
     assert "not-a-jwt" not in text
+
+
+async def raw_exchange(server: WebSocketServer, head: bytes, body_chunks: tuple[bytes, ...] = (),
+                       pause: float = 0.0) -> bytes:
+    """Send ``head`` then each of ``body_chunks`` (``pause`` seconds apart) on a raw TCP connection; everything
+    the server answered until it closed the connection (at most 10 s)."""
+
+    async def exchange() -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        answer = bytearray()
+
+        async def read_all() -> None:
+            with contextlib.suppress(ConnectionError):  # read as it comes: a reset would discard what waits
+                while data := await reader.read(65536):
+                    answer.extend(data)
+
+        reading = asyncio.ensure_future(read_all())
+        writer.write(head)
+        with contextlib.suppress(ConnectionError):
+            for chunk in body_chunks:
+                await asyncio.sleep(pause)
+                writer.write(chunk)
+                await writer.drain()
+        await asyncio.wait_for(reading, 10)
+        writer.close()
+        return bytes(answer)
+
+    return await aio(exchange())  # type: ignore[no-any-return]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_body_over_the_cap_is_refused_before_it_is_read(make_server: Any, token_file: str) -> None:
+    """Twisted buffers a whole body (to disk beyond 100 KB) before a resource, token check included, sees the
+    request: a body larger than any resource here takes is refused from its head, or as it comes (chunked)."""
+    server = await make_server(room_protocol=True, admin_token_file=token_file)
+    declared = (b"POST /admin/rooms/lobby/broadcast HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Length: 10000000000\r\n\r\n")
+    answer = await raw_exchange(server, declared)
+    assert answer.startswith(b"HTTP/1.1 413 "), answer
+    chunked = b"POST /admin/rooms/lobby/broadcast HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    chunk = b"2000\r\n" + b"x" * 0x2000 + b"\r\n"
+    answer = await raw_exchange(server, chunked, (chunk,) * 40)
+    assert answer.startswith(b"HTTP/1.1 413 "), answer
+    fine = await http(server, "PUT", "/admin/rooms/lobby", json.dumps({"meta": {"topic": "t" * 60_000}}).encode(),
+                      token=TOKEN)
+    assert fine.code == 200, "a body within the cap is served as before"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_body_that_never_ends_is_cut_at_the_handshake_deadline(make_server: Any) -> None:
+    server = await make_server(room_protocol=True, open_handshake_timeout=1)
+    head = b"POST /admin/rooms HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n"
+    started = asyncio.get_event_loop().time()
+    answer = await raw_exchange(server, head, (b"x",) * 3, pause=0.3)
+    assert answer == b"" and asyncio.get_event_loop().time() - started < 5, "dropped at the deadline"

@@ -25,6 +25,7 @@ from twisted.web.resource import Resource
 
 from ..core.errors import CloseCode
 from ..core.messages import ROOM_NAME
+from ..transport import MAX_BODY
 from .auth import AdminToken
 
 if TYPE_CHECKING:
@@ -33,7 +34,6 @@ if TYPE_CHECKING:
     from ..server import WebSocketServer
 
 log = Logger()
-MAX_BODY = 64 * 1024
 DEFAULT_DISCONNECT_CODE = CloseCode.POLICY_VIOLATION
 DISCONNECT_REASON = "disconnected by an administrator"
 
