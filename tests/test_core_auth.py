@@ -152,6 +152,15 @@ def test_filter_pipeline_rejects_and_rewrites() -> None:
     assert pipeline.apply(None, "r", {"type": "chat", "text": "spammy"})["text"] == "SPAMMY", "whole words only"
 
 
+def test_blocked_words_may_begin_or_end_with_any_character() -> None:
+    check = blocked_words(["@everyone", "c++", "spam"])
+    for text in ("hey @everyone look", "@Everyone!", "I love c++", "(c++)", "spam."):
+        with pytest.raises(Rejected):
+            check(None, "r", {"type": "chat", "text": text})
+    for text in ("mail me@everyone.example", "c++x", "spammer", "an @everyones"):
+        assert check(None, "r", {"type": "chat", "text": text})["text"] == text, "whole words only"
+
+
 def test_subscription_filter_parsing() -> None:
     assert SubscriptionFilter.parse(None) is None
     wanted = SubscriptionFilter.parse({"types": ["chat"]})

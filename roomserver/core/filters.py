@@ -73,7 +73,9 @@ def blocked_words(words: Iterable[str]) -> Filter:
     cleaned = [word.strip() for word in words if word.strip()]
     if not cleaned:
         return lambda client, room, message: message
-    pattern = re.compile(r"\b(?:" + "|".join(re.escape(word) for word in cleaned) + r")\b", re.IGNORECASE)
+    # Whole words: not next to a letter, digit or underscore. ``\b`` would say the same only for words that
+    # begin and end with one: "@everyone" or "c++" never matched.
+    pattern = re.compile(r"(?<!\w)(?:" + "|".join(re.escape(word) for word in cleaned) + r")(?!\w)", re.IGNORECASE)
 
     def check(client: Any, room: str, message: dict[str, Any]) -> dict[str, Any]:
         text = message.get("text")
