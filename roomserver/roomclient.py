@@ -170,6 +170,7 @@ class RoomClient:
         self._connect_waiters: list[defer.Deferred[RoomClient]] = []
         self._close_waiters: list[defer.Deferred[None]] = []
         self._closed_by_user = False
+        self._attempt: defer.Deferred[Any] | None = None  # the TCP connection under way, if any
         self._ever_opened = False
         self._draining = False  # the server sent a reconnect hint: this connection is about to close
         self._hinted_delay: float | None = None
@@ -200,18 +201,27 @@ class RoomClient:
         return waiter
 
     def close(self) -> defer.Deferred[None]:
-        """Close for good (no reconnect); fires once the connection is closed."""
+        """Close for good (no reconnect); fires once the connection is closed. Whatever still waits (requests,
+        chats kept for the next connection, ``connect()``) fails with ``closed``, whenever it is called: while
+        open, while a TCP connection or a WebSocket handshake is under way, or between two attempts."""
         self._closed_by_user = True
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
         self._retry = None
+        attempt, self._attempt = self._attempt, None
         if self._protocol is None:
+            if attempt is not None:
+                attempt.cancel()  # a TCP connection under way: it must not open after all
             self._set_state("closed", code=1000)
             self._fail_connect_waiters(RoomClientError("closed", "closed by the application"))
+            self._fail_pending("closed", "closed by the application")
             return defer.succeed(None)
         waiter: defer.Deferred[None] = defer.Deferred()
         self._close_waiters.append(waiter)
-        self._protocol.sendClose(1000)
+        if self._protocol.state == self._protocol.STATE_OPEN:
+            self._protocol.sendClose(1000)
+        else:  # still in its opening handshake: nothing to close politely
+            self._protocol.dropConnection(abort=True)
         return waiter
 
     def _endpoint(self) -> Any:
@@ -236,14 +246,18 @@ class RoomClient:
         # Non-browser clients send the token in the handshake (a bad one gets HTTP 401); a callable is asked
         # again at each reconnect, so it can hand out a fresh token.
         self._factory.headers = {"Authorization": f"Bearer {token}"} if token else {}
-        attempt = self._connect_once()
+        attempt = self._attempt = self._connect_once()
         attempt.addCallback(self._connected)
         attempt.addErrback(self._connect_failed)
 
     def _connected(self, protocol: RoomClientProtocol) -> None:
+        self._attempt = None
         self._protocol = protocol
 
     def _connect_failed(self, failure: Any) -> None:
+        self._attempt = None
+        if failure.check(defer.CancelledError) and self._closed_by_user:
+            return  # close() cancelled it and has said everything
         self._schedule_retry(None)
 
     def _schedule_retry(self, code: int | None) -> None:
@@ -278,16 +292,16 @@ class RoomClient:
         self._fail_pending("disconnected", f"the connection closed (code {code})",
                            keep_chats=not terminal and self.session is not None)
         self._events.emit("close", code, reason)
-        waiters, self._close_waiters = self._close_waiters, []
-        for waiter in waiters:
-            waiter.callback(None)
         if terminal:
             self._set_state("closed", code=code, reason=reason)
             self._fail_connect_waiters(RoomClientError("closed", f"connection closed (code {code})"))
-            return
-        if was_open:
-            self.attempt = 0
-        self._schedule_retry(code)
+        else:
+            if was_open:
+                self.attempt = 0
+            self._schedule_retry(code)
+        waiters, self._close_waiters = self._close_waiters, []  # last: whoever awaited close() sees it closed
+        for waiter in waiters:
+            waiter.callback(None)
 
     def _fail_connect_waiters(self, error: RoomClientError) -> None:
         waiters, self._connect_waiters = self._connect_waiters, []

@@ -10,6 +10,7 @@ from twisted.internet import defer, task
 
 from roomserver import ServerOptions, WebSocketServer
 from roomserver.core.backoff import backoff_delay
+from roomserver.interfaces import StoreError
 from roomserver.roomclient import RoomClient, RoomClientError, is_terminal
 
 from .support import eventually, url_of
@@ -83,6 +84,30 @@ def test_retries_follow_the_backoff_schedule_on_the_injected_clock() -> None:
     assert connected.called
 
 
+class PendingClient(RoomClient):
+    """A client whose connection attempt neither succeeds nor fails until cancelled (a TCP connect under way)."""
+
+    cancelled = 0
+
+    def _connect_once(self) -> defer.Deferred[Any]:
+        def cancel(_: Any) -> None:
+            self.cancelled += 1
+
+        return defer.Deferred(cancel)
+
+
+def test_close_while_the_tcp_connection_is_under_way_cancels_it_and_says_closed() -> None:
+    clock = task.Clock()
+    client = PendingClient("ws://127.0.0.1:9/ws", reactor=clock)
+    connected = client.connect()
+    failures: list[Any] = []
+    connected.addErrback(failures.append)
+    client.close()
+    assert client.cancelled == 1 and client.state == "closed"
+    assert failures and failures[0].value.code == "closed"
+    assert not clock.getDelayedCalls(), "no retry after close"
+
+
 def test_request_timeout_uses_the_clock() -> None:
     clock = task.Clock()
     client = RoomClient("ws://127.0.0.1:9/ws", reactor=clock, request_timeout=3.0)
@@ -142,6 +167,61 @@ async def test_a_room_deleted_by_the_server_is_forgotten_and_not_rejoined(make_s
         assert set(client.rooms) == {"lobby"}
     finally:
         await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_close_between_attempts_fails_the_chats_kept_for_the_next_connection(make_server: Any) -> None:
+    server = await make_server(room_protocol=True)
+    client = RoomClient(url_of(server), min_delay=5.0, max_delay=5.0)
+    await client.connect()
+    await client.join("r")
+
+    unanswered: list[defer.Deferred[Any]] = []
+
+    class Silent:
+        def append(self, room: str, batch: Any) -> defer.Deferred[Any]:
+            unanswered.append(defer.Deferred())  # not answered: the chat's ack does not come
+            return unanswered[-1]
+
+    server.durable.pipeline.store = Silent()
+    server.durable._append_now = None  # the memory store's synchronous path would answer at once
+    sent = client.send("r", "kept for the next connection")
+    await eventually(lambda: server.get_stats().messages_received >= 2)
+    assert client._protocol is not None
+    client._protocol.transport.abortConnection()
+    await eventually(lambda: client.state == "reconnecting")
+    assert client._outbox, "kept, to be sent again after the resume"
+    client.close()
+    with pytest.raises(RoomClientError) as closed:
+        await sent
+    assert closed.value.code == "closed" and client.state == "closed"
+    for answer in unanswered:  # so the server's drain does not wait for them
+        answer.errback(StoreError("never mind"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_close_during_the_opening_handshake_drops_it_without_an_error() -> None:
+    """A server that accepts TCP but never answers the upgrade: close() must not raise, and no connection may
+    open afterwards."""
+    import asyncio
+
+    from .support import aio
+
+    held: list[Any] = []
+
+    async def listen() -> Any:
+        return await asyncio.start_server(lambda reader, writer: held.append(writer), "127.0.0.1", 0)
+
+    mute = await aio(listen())
+    port = mute.sockets[0].getsockname()[1]
+    client = RoomClient(f"ws://127.0.0.1:{port}/ws")
+    connected = client.connect()
+    failures: list[Any] = []
+    connected.addErrback(failures.append)
+    await eventually(lambda: client._protocol is not None and held)
+    await client.close()
+    assert client.state == "closed" and failures and failures[0].value.code == "closed"
+    mute.close()
 
 
 @pytest_twisted.ensureDeferred
