@@ -174,12 +174,16 @@
     this._retryTimer = setTimeout(function () { self._retryTimer = null; self._open(); }, delay);
   };
 
-  /** Close for good (no reconnect). */
+  /** Close for good (no reconnect). Whatever still waits (requests, chats kept for the next connection,
+   *  connect()) is rejected with "closed", also when called between two attempts. */
   RoomClient.prototype.close = function () {
     this._closedByUser = true;
     if (this._retryTimer) { clearTimeout(this._retryTimer); this._retryTimer = null; }
-    if (this._ws) this._ws.close(1000);
-    else this._setState("closed", {code: 1000});
+    if (this._ws) { this._ws.close(1000); return; }  // its close event does the rest (also while connecting)
+    this._setState("closed", {code: 1000});
+    var waiters = this._connectWaiters.splice(0);
+    waiters.forEach(function (w) { w.reject(RoomClientError("closed", "closed by the application")); });
+    this._failPending("closed", "closed by the application", false);
   };
 
   /** Reject every waiting request; with `keepChats`, chats go to the outbox instead, to be sent again (with
@@ -228,6 +232,7 @@
       try { self._sendRaw(message); } catch (e) { reject(e); return; }
       var timer = setTimeout(function () {
         delete self._pending[id];
+        self._dequeueEcho(id);
         reject(RoomClientError("timeout", "no reply to " + message.type + " within " + self.options.requestTimeout + " ms"));
       }, self.options.requestTimeout);
       self._pending[id] = Object.assign({resolve: resolve, reject: reject, timer: timer, kind: message.type, order: id},
