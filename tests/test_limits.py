@@ -415,12 +415,16 @@ def test_error_budget_closes_on_the_limit_th_error_in_the_window_and_spread_erro
 async def test_a_client_that_keeps_earning_errors_is_closed_with_1008(make_server: Any) -> None:
     """RELIABILITY A5: 19 bad requests in a row are answered and the connection stays usable; the 20th error
     within 5 s closes it with 1008. Server-side errors (here a full room) do not count."""
-    server = await make_server(room_protocol=True, max_room_clients=1)
+    server = await make_server(room_protocol=True, max_room_clients=1, max_rooms=2)
     other = await joined(server)  # room "r" is now full
     client = await WSClient.connect(url_of(server))
     await client.recv()  # welcome
     for _ in range(5):
         assert (await client.request({"type": "join", "room": "r"}))["code"] == "room_full"
+    assert (await client.request({"type": "join", "room": "mine"}))["type"] == "joined"  # the server's last room
+    for n in range(25):  # the server holds max_rooms: not the client's doing either
+        assert (await client.request({"type": "join", "room": f"more-{n}"}))["code"] == "too_many_rooms"
+    assert (await client.request({"type": "leave", "room": "mine"}))["type"] == "left"
     for n in range(19):
         reply = await client.request({"type": "chat", "room": "elsewhere", "text": str(n)})
         assert reply["code"] == "not_in_room"

@@ -48,11 +48,13 @@ class ErrorCode:
 
 
 # The error codes a client earns by its own requests (not by the server's state or faults): they spend its
-# error budget (``error_limit``); ``rate_limited`` has its own flood guard, ``room_full`` is not the client's doing.
+# error budget (``error_limit``); ``rate_limited`` has its own flood guard, ``room_full`` is not the client's doing,
+# and neither is ``too_many_rooms`` when the server holds ``max_rooms`` (a resume listing 20 rooms to a full server
+# was closed with 1008, which clients take as terminal); a client over its own ``max_rooms_per_client`` is left to
+# the rate limit.
 CLIENT_FAULTS = frozenset({
     ErrorCode.INVALID_JSON, ErrorCode.INVALID_MESSAGE, ErrorCode.UNKNOWN_TYPE, ErrorCode.NOT_IN_ROOM,
-    ErrorCode.UNSUPPORTED, ErrorCode.TOO_MANY_ROOMS, ErrorCode.FORBIDDEN, ErrorCode.UNAUTHENTICATED,
-    ErrorCode.FILTERED,
+    ErrorCode.UNSUPPORTED, ErrorCode.FORBIDDEN, ErrorCode.UNAUTHENTICATED, ErrorCode.FILTERED,
 })
 
 
