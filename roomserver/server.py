@@ -295,17 +295,19 @@ class WebSocketServer:
         are never reused."""
         room = self.registry.get(name)
         for member in room.clients.snapshot() if room is not None else ():
-            if self.remove_from_room(member, name) and self.room_protocol is not None and member.open:
+            told = self.room_protocol is not None and isinstance(member, Client) and member.open
+            if self.remove_from_room(member, name) and told:
                 self._reply(member, {**messages.left(name), "reason": "deleted"})
         self.registry.discard_room(name)
         return self.durable.room_deleted(name)
 
-    def remove_from_room(self, client: Client, name: str) -> bool:
-        """Take ``client`` out of room ``name`` at the server's initiative, with the bookkeeping of a leave
-        (presence, filters: ``RoomProtocol.removed``); False if it was not a member."""
+    def remove_from_room(self, client: Any, name: str) -> bool:
+        """Take ``client`` (or any member an application put in the room) out of room ``name`` at the server's
+        initiative, with the bookkeeping of a leave (presence, filters: ``RoomProtocol.removed``); False if it
+        was not a member."""
         if not self.registry.leave(client, name):
             return False
-        if self.room_protocol is not None:
+        if self.room_protocol is not None and isinstance(client, Client):  # the protocol's members are Clients
             self._execute(client, self.room_protocol.removed(client, name))
         return True
 

@@ -262,6 +262,9 @@ async def test_a_deleted_room_tells_its_members_and_keeps_no_presence(make_serve
     assert server.get_room("r") is None
     await a.send({"type": "chat", "room": "r", "text": "anyone?"})
     assert (await a.recv())["code"] == "not_in_room"
+    server.create_room("app").clients.add("an application's own member")  # not a Client: told nothing
+    await server.delete_room("app")
+    assert server.get_room("app") is None
 
 
 @pytest_twisted.ensureDeferred
