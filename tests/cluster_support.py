@@ -208,8 +208,10 @@ class SteadyPublisher:
     """Sends ``total`` chats at a steady pace through any node; when its node goes away it reconnects to the
     next and sends again, in order and with the same ``msg_id``, whatever was not acknowledged."""
 
-    def __init__(self, urls: list[str], room: str, total: int, pause: float = 0.005, window: int = 20) -> None:
+    def __init__(self, urls: list[str], room: str, total: int, pause: float = 0.005, window: int = 20,
+                 hold_last: asyncio.Event | None = None) -> None:
         self.urls = urls
+        self.hold_last = hold_last  # the last chat waits for it: every member stays connected until it is set
         self.room = room
         self.total = total
         self.pause = pause
@@ -230,6 +232,8 @@ class SteadyPublisher:
                 following = min([n for n in range(1, following) if n not in self.acked], default=following)
                 while len(self.acked) < self.total:
                     while following <= self.total and following - len(self.acked) <= self.window:
+                        if following == self.total and self.hold_last is not None:
+                            await self.hold_last.wait()
                         await ws.send(json.dumps({"type": "chat", "room": self.room, "text": f"m{following}",
                                                   "id": following, "msg_id": f"m{following}"}))
                         following += 1
