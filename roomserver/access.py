@@ -346,4 +346,4 @@ class AccessControl:
         for room, decision in zip(rooms, decisions, strict=True):
             if decision is not True:
                 self.server._reply(client, messages.error(
-                    ErrorCode.FORBIDDEN, f"you may not {verb} room {room!r}", command.id))
+                    ErrorCode.FORBIDDEN, f"you may not {verb} room {room!r}", command.id, room=room))

@@ -49,6 +49,8 @@ from .events import EventEmitter
 
 CLIENT_EVENTS = frozenset({"state", "welcome", "chat", "message", "presence", "resumed", "error", "close"})
 TERMINAL_CODES = frozenset({1002, 1003, 1008, 1009})
+# Errors that say a room of a join or resume was not (re)joined (they carry its name in "room").
+NOT_JOINED = frozenset({"room_full", "too_many_rooms", "forbidden"})
 # Refusals of the opening handshake that retrying cannot fix (a bad token, a forbidden origin, a wrong path).
 TERMINAL_HTTP_STATUSES = frozenset({400, 401, 403, 404})
 CLOSE_HANDSHAKE_REFUSED = 4400  # what a terminal handshake refusal is reported as (close events, state detail)
@@ -456,6 +458,11 @@ class RoomClient:
             if self._draining and message.get("code") == "unavailable" and self._hold_refused_chat(request_id):
                 return
             error = RoomClientError(str(message.get("code")), str(message.get("message")), message)
+            refused = message.get("room")
+            if message.get("code") in NOT_JOINED and isinstance(refused, str):
+                # A room of a resume the server did not take this connection back into: not one of ours any
+                # more (whether this error or a ``resumed`` of another room answered the resume first).
+                self.rooms.pop(refused, None)
             if self._settle(request_id, None, error):
                 self._dequeue_echo(request_id)
             else:
@@ -553,10 +560,19 @@ class RoomClient:
             self._rejoin(name, state)
 
     def _resume_refused(self, failure: Any) -> None:
+        """The resume's request failed. An error naming a room (``room_full``, ``forbidden``...) refused that room
+        alone (``_receive`` gave it up), and the other rooms are resumed all the same: none is joined again, and
+        the application hears of the refusal as an ``error`` event. Any other error refused the whole resume:
+        every room is joined again."""
         failure.trap(RoomClientError)
-        if failure.value.code not in ("disconnected", "timeout"):
-            for name, state in list(self.rooms.items()):
-                self._rejoin(name, state)
+        error = failure.value
+        if error.code in ("disconnected", "timeout"):
+            return
+        if error.code in NOT_JOINED and isinstance((error.reply or {}).get("room"), str):
+            self._events.emit("error", error.reply)
+            return
+        for name, state in list(self.rooms.items()):
+            self._rejoin(name, state)
 
     def _rejoin(self, name: str, state: RoomState) -> None:
         """Without sessions: join again, then fill the gap from history where the server keeps one."""

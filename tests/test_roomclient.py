@@ -225,6 +225,33 @@ async def test_close_during_the_opening_handshake_drops_it_without_an_error() ->
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_resume_refused_for_one_room_gives_up_that_room_only(make_server: Any) -> None:
+    server = await make_server(room_protocol=True, max_room_clients=1)
+    client = RoomClient(url_of(server), min_delay=0.05, max_delay=0.05)
+    errors: list[dict[str, Any]] = []
+    resumed: list[dict[str, Any]] = []
+    client.on("error", errors.append)
+    client.on("resumed", resumed.append)
+    await client.connect()
+    await client.join("kept")
+    await client.join("taken")
+    assert client._protocol is not None
+    client._protocol.transport.abortConnection()
+    await eventually(lambda: server.get_stats().connections == 0)
+    other = RoomClient(url_of(server), reconnect=False)
+    await other.connect()
+    await other.join("taken")  # the room is full when the client comes back
+    before = server.get_stats().messages_received
+    await eventually(lambda: errors and resumed)
+    assert [error["code"] for error in errors] == ["room_full"] and errors[0]["room"] == "taken"
+    assert set(client.rooms) == {"kept"} and [event["room"] for event in resumed] == ["kept"]
+    await eventually(lambda: server.get_stats().messages_received >= before + 1)
+    assert server.get_stats().messages_received == before + 1, "the resume alone: nothing joined again"
+    await client.close()
+    await other.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_client_reconnects_after_a_restart_and_rejoins(make_server: Any) -> None:
     """The server stops and starts again on the same port: the client comes back by itself, rejoins its room
     and its chats work again; the resumed event says whether anything could be recovered."""

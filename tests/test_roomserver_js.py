@@ -52,3 +52,54 @@ def test_close_between_two_attempts_rejects_connect_and_stops_retrying() -> None
     assert result["outcome"] == "closed", result
     assert result["state"] == "closed" and result["retried_after_close"] == 0, result
     assert "reconnecting" in result["states"], result  # it was between two attempts when closed
+
+
+RESUME_REFUSED_FOR_ONE_ROOM = """
+const sockets = [];
+globalThis.WebSocket = class {
+  constructor(url) {
+    this.readyState = 0;
+    this.sent = [];
+    sockets.push(this);
+    setTimeout(() => {
+      this.readyState = 1;
+      this.onopen && this.onopen();
+      const session = "s" + sockets.length;
+      this.onmessage({data: JSON.stringify({type: "welcome", id: "me", session})});
+    }, 1);
+  }
+  send(data) {
+    const message = JSON.parse(data);
+    this.sent.push(message);
+    const reply = (answer) => setTimeout(() => this.onmessage({data: JSON.stringify(answer)}), 1);
+    if (message.type === "join") reply({type: "joined", room: message.room, size: 1, id: message.id});
+    if (message.type === "resume") {  // one room refused: the other is resumed, its reply first or last
+      reply({type: "resumed", room: "kept", continued: true, recovered: true, id: message.id});
+      reply({type: "error", code: "room_full", message: "full", room: "taken", id: message.id});
+    }
+  }
+  close() {}
+};
+const {RoomClient} = require(process.argv[1]);
+const client = new RoomClient("ws://127.0.0.1:9/ws", {minDelay: 5, maxDelay: 5});
+const errors = [];
+client.on("error", (error) => errors.push(error.code + " " + error.room));
+(async () => {
+  await client.connect();
+  await client.join("kept");
+  await client.join("taken");
+  sockets[0].readyState = 3;
+  sockets[0].onclose({code: 1006, reason: ""});
+  await new Promise((r) => setTimeout(r, 100));
+  const second = sockets[1].sent.map((m) => m.type + (m.room ? " " + m.room : ""));
+  console.log(JSON.stringify({rooms: Object.keys(client.rooms), errors, second}));
+  client.close();
+})();
+"""
+
+
+def test_a_resume_refused_for_one_room_gives_up_that_room_and_rejoins_nothing() -> None:
+    result = run_node(RESUME_REFUSED_FOR_ONE_ROOM)
+    assert result["rooms"] == ["kept"], result
+    assert result["errors"] == ["room_full taken"], result
+    assert result["second"] == ["resume"], result  # no join of either room after it

@@ -35,6 +35,9 @@
     return (code >= 4500 && code <= 4999) || code === 1008 || code === 1009 || code === 1002 || code === 1003;
   }
 
+  // Errors that say a room of a join or resume was not (re)joined (they carry its name in "room").
+  var NOT_JOINED = {room_full: true, too_many_rooms: true, forbidden: true};
+
   function RoomClientError(code, message, reply) {
     var error = new Error(message || code);
     error.name = "RoomClientError";
@@ -321,6 +324,8 @@
         return;
       case "error":
         if (this._draining && message.code === "unavailable" && this._holdRefusedChat(message.id)) return;
+        // A room of a resume the server did not take this connection back into: not one of ours any more.
+        if (NOT_JOINED[message.code] && typeof message.room === "string") delete this.rooms[message.room];
         if (message.id !== undefined && this._settle(message.id, null, RoomClientError(message.code, message.message, message))) {
           this._dequeueEcho(message.id);
           return;
@@ -419,7 +424,13 @@
       var rooms = {};
       names.forEach(function (name) { rooms[name] = self.rooms[name].lastSeq; });
       this.request({type: "resume", session: previousSession, rooms: rooms}).catch(function (error) {
-        if (error.code !== "disconnected" && error.code !== "timeout") self._rejoin(names);
+        if (error.code === "disconnected" || error.code === "timeout") return;
+        // One room refused (given up above), the others resumed all the same: nothing to join again.
+        if (NOT_JOINED[error.code] && error.reply && typeof error.reply.room === "string") {
+          self._emit("error", error.reply);
+          return;
+        }
+        self._rejoin(Object.keys(self.rooms));
       });
       this._flushOutbox();   // after the resume: the server handles requests in order, the rooms are back
       return;
