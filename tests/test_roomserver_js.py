@@ -103,3 +103,39 @@ def test_a_resume_refused_for_one_room_gives_up_that_room_and_rejoins_nothing() 
     assert result["rooms"] == ["kept"], result
     assert result["errors"] == ["room_full taken"], result
     assert result["second"] == ["resume"], result  # no join of either room after it
+
+
+TIMED_OUT_CHAT = """
+globalThis.WebSocket = class {
+  constructor(url) {
+    this.readyState = 0;
+    setTimeout(() => {
+      this.readyState = 1;
+      this.onopen && this.onopen();
+      this.onmessage({data: JSON.stringify({type: "welcome", id: "me", session: "s"})});
+    }, 1);
+  }
+  send(data) {  // a server without acks that never echoes the chat back either
+    const message = JSON.parse(data);
+    if (message.type === "join") {
+      setTimeout(() => this.onmessage({data: JSON.stringify({type: "joined", room: "r", size: 1, id: message.id})}), 1);
+    }
+  }
+  close() {}
+};
+const {RoomClient} = require(process.argv[1]);
+const client = new RoomClient("ws://127.0.0.1:9/ws", {requestTimeout: 30});
+(async () => {
+  await client.connect();
+  await client.join("r");
+  const outcome = await client.send("r", "lost").then(() => "acked", (error) => error.code);
+  console.log(JSON.stringify({outcome, queued: (client._echoQueue.r || []).length}));
+  client.close();
+})();
+"""
+
+
+def test_a_timed_out_chat_leaves_the_echo_queue() -> None:
+    """Without server acks a chat's own copy is its ack, matched in order: a timed-out chat left in the queue
+    would take the next chat's copy for its own."""
+    assert run_node(TIMED_OUT_CHAT) == {"outcome": "timeout", "queued": 0}
