@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import gc
 import json
 import os
@@ -70,15 +71,25 @@ def rss_kib() -> int:
 TIME_BOUNDED = frozenset({"Sample", "Session", "RoomHistory", "DedupeWindow"})
 
 
+def live_objects() -> collections.Counter[tuple[str, str]]:
+    """Every live object the collector tracks, by its type's (module, qualified name), after a full collection.
+    ``gc.get_objects`` does not list the frozen generation, so a frozen heap (``deployed_heap``) is thawed for the
+    count and frozen again after it, as the heap policy does after each full collection anyway."""
+    frozen = gc.get_freeze_count() > 0
+    if frozen:
+        gc.unfreeze()
+    gc.collect()
+    census = collections.Counter((str(getattr(kind, "__module__", "")), kind.__qualname__)
+                                 for kind in map(type, gc.get_objects()))
+    if frozen:
+        gc.freeze()
+    return census
+
+
 def roomserver_census() -> dict[str, int]:
     """Live objects of roomserver's own classes, by class name (time-bounded windows left out)."""
-    gc.collect()
-    census: dict[str, int] = {}
-    for obj in gc.get_objects():
-        kind = type(obj)
-        if str(getattr(kind, "__module__", "")).startswith("roomserver") and kind.__qualname__ not in TIME_BOUNDED:
-            census[kind.__qualname__] = census.get(kind.__qualname__, 0) + 1
-    return census
+    return {name: count for (module, name), count in live_objects().items()
+            if module.startswith("roomserver") and name not in TIME_BOUNDED}
 
 
 def roomserver_objects() -> int:
@@ -86,26 +97,14 @@ def roomserver_objects() -> int:
 
 
 def heap_census() -> tuple[int, dict[str, int]]:
-    """Every live object the collector tracks, by type, after a full collection; and the interpreter's allocated
-    memory blocks (``sys.getallocatedblocks``: what pymalloc and the object allocator hold, tracked or not).
+    """Every live object the collector tracks, by type (``live_objects``); and the interpreter's allocated memory
+    blocks (``sys.getallocatedblocks``: what pymalloc and the object allocator hold, tracked or not).
 
     RSS cannot tell a slow leak from the allocator settling (arenas are returned to the system only when wholly
     empty); these counts can: a leak is a type (or the block count) that grows with time while the load is
-    steady. ``gc.get_objects`` does not list the frozen generation, so a frozen heap (``deployed_heap``) is thawed
-    for the count and frozen again after it, as the heap policy does after each full collection anyway."""
-    frozen = gc.get_freeze_count() > 0
-    if frozen:
-        gc.unfreeze()
-    gc.collect()
-    census: dict[str, int] = {}
-    for obj in gc.get_objects():
-        kind = type(obj)
-        name = f"{kind.__module__}.{kind.__qualname__}"
-        census[name] = census.get(name, 0) + 1
-    blocks = sys.getallocatedblocks()
-    if frozen:
-        gc.freeze()
-    return blocks, census
+    steady."""
+    census = {f"{module}.{name}": count for (module, name), count in live_objects().items()}
+    return sys.getallocatedblocks(), census
 
 
 def malloc_kib() -> tuple[int, int]:
