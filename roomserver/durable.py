@@ -400,6 +400,10 @@ class DurableRooms:
         """Everything the history holds after ``since`` (one page unless the window is larger than a page)."""
         size = self.server.options.history_size
         first = await self.store.read(room, since=since, limit=size)
+        if since > first.last_seq:
+            # The client knew another stream (a memory store restarted): nothing follows its ``since`` here, and
+            # the reply tells it to start over at the first seq held (``replay_plan``), so that is what is replayed.
+            first = await self.store.read(room, since=first.first_seq - 1, limit=size)
         collected = list(first.messages)
         page = first
         for _ in range(MAX_REPLAY_PAGES):

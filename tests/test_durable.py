@@ -130,6 +130,10 @@ async def test_join_with_since_replays_then_goes_live_and_reports_lost_gaps(make
     ahead, _ = await connect(server)
     reply = await ahead.request({"type": "join", "room": "r", "since": 50})
     assert reply["recovered"] is False and reply["first_seq"] == 4, "a seq from another stream is not recovered"
+    assert [(await ahead.recv())["seq"] for _ in range(5)] == [4, 5, 6, 7, 8], \
+        "what follows starts at first_seq, as the reply says (docs/protocol.md)"
+    await chat(a, "live again")
+    assert (await ahead.recv())["seq"] == 9
 
 
 @pytest_twisted.ensureDeferred
