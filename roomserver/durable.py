@@ -355,7 +355,7 @@ class DurableRooms:
         state = states[client] = ReplayState()
 
         def send(reply: dict[str, Any]) -> None:
-            current = self._end_replay(client, room, state)
+            current = self._end_replay(client, room, state) and self.server.registry.is_member(client, room)
             if not client.open:
                 return
             try:
@@ -414,14 +414,15 @@ class DurableRooms:
         return first, collected
 
     def _end_replay(self, client: Client, room: str, state: ReplayState) -> bool:
-        """Unregister the replay; True if it is still current (not superseded, client still in the room)."""
+        """Unregister the replay; True if it was still registered and the connection is open (not superseded,
+        not closed): its request is to be answered, whether or not the client is still in the room."""
         states = self.replaying.get(room)
         if states is None or states.get(client) is not state:
             return False
         del states[client]
         if not states:
             del self.replaying[room]
-        return client.open and self.server.registry.is_member(client, room)
+        return client.open
 
     def _replay_read(
         self, result: tuple[HistoryPage, list[StoredMessage]], client: Client, effect: Replay, state: ReplayState
@@ -429,7 +430,11 @@ class DurableRooms:
         if not self._end_replay(client, effect.room, state):
             return
         try:
-            self._send_replay(result, client, effect, state)
+            if self.server.registry.is_member(client, effect.room):
+                self._send_replay(result, client, effect, state)
+            else:  # it left meanwhile: the join is still answered (it asked), without the messages
+                plan = replay_plan(effect.since, result[0])
+                self.server._reply(client, messages.recovery(dict(effect.reply), plan.recovered, plan.first_seq))
         finally:
             self._run_followers(client, state)
 
@@ -490,8 +495,10 @@ class DurableRooms:
                 refused.reply.get("id"), room=effect.room))
 
     def _run_followers(self, client: Client, state: ReplayState) -> None:
+        """The joins queued behind a replay, each answered in turn (a member that left meanwhile gets the answer
+        without the messages: ``_replay_read``)."""
         for follower in state.followers:
-            if client.open and self.server.registry.is_member(client, follower.room):
+            if client.open:
                 self.replay(client, follower)
 
     def forget(self, client: Client) -> None:

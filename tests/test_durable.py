@@ -371,6 +371,40 @@ async def test_admin_api_creates_and_deletes_kept_rooms(make_server: Any, tmp_pa
 
 
 @pytest_twisted.ensureDeferred
+async def test_joins_whose_replay_is_overtaken_by_a_leave_are_still_answered(make_server: Any,
+                                                                            tmp_path: Path) -> None:
+    server = await make_server(room_protocol=True, store=f"sqlite:{tmp_path / 'rooms.db'}")
+    a, _ = await joined(server)
+    await chat(a, "m1")
+    await a.recv()
+    store = server.durable.store
+    read = store.read
+    pending: list[tuple[defer.Deferred[Any], Any, Any]] = []
+
+    def held_read(*args: Any, **kwargs: Any) -> defer.Deferred[Any]:
+        pending.append((defer.Deferred(), args, kwargs))
+        return pending[-1][0]
+
+    store.read = held_read
+    joiner, welcome = await connect(server)
+    await joiner.send({"type": "join", "room": "r", "since": 0, "id": 1})
+    await joiner.send({"type": "join", "room": "r", "since": 0, "id": 2})
+    await joiner.send({"type": "leave", "room": "r", "id": 3})
+    assert (await joiner.recv()) == {"type": "left", "room": "r", "id": 3}
+    store.read = read  # the join queued behind the held replay reads for itself
+    [(held, args, kwargs)] = pending
+    held.callback(await read(*args, **kwargs))
+    answers = [await joiner.recv(), await joiner.recv()]
+    assert [(answer["type"], answer["id"], answer["recovered"]) for answer in answers] == [
+        ("joined", 1, True), ("joined", 2, True)], "answered, without the messages of a room it left"
+    await chat(a, "m2")
+    assert (await a.recv())["seq"] == 2
+    assert (await joiner.request({"type": "history", "room": "r", "id": 4}))["type"] == "history", \
+        "nothing else was sent to the member that left"
+    assert not server.registry.is_member(server.get_client(welcome["id"]), "r")
+
+
+@pytest_twisted.ensureDeferred
 async def test_two_replays_of_one_room_in_a_row_are_both_answered_in_order(make_server: Any, tmp_path: Path) -> None:
     server = await make_server(room_protocol=True, store=f"sqlite:{tmp_path / 'twice.db'}")
     a, _ = await joined(server)
