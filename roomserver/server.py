@@ -557,6 +557,10 @@ class WebSocketServer:
                     # The peer left while the hook was deciding: its close has been handled (and its admission
                     # released). Succeeding now would open a client on a dead connection, never closed again.
                     raise ConnectionDeny(ConnectionDeny.SERVICE_UNAVAILABLE, "the connection closed meanwhile")
+                if self._stopping:
+                    # stop() began while the hook was deciding: the drain may have passed already, and a client
+                    # opened now would get a welcome from a stopping server and never its hint to move on.
+                    raise ConnectionDeny(ConnectionDeny.SERVICE_UNAVAILABLE, "server shutting down")
                 protocol.identity = proven
                 return subprotocol
 

@@ -261,6 +261,29 @@ async def test_a_peer_gone_before_the_authenticate_hook_answers_leaves_no_client
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_handshake_whose_hook_answers_after_stop_began_is_refused(make_server: Any) -> None:
+    """The drain may be over when the hook answers: a client opened then would get a welcome from a stopping
+    server, never the hint to move on, and hold ``stop()`` until ``shutdown_timeout`` aborted it (1006)."""
+    server = await make_server(room_protocol=True, shutdown_timeout=30)
+    pending: list[defer.Deferred[Identity | None]] = []
+
+    def authenticate(request: Any) -> defer.Deferred[Identity | None]:
+        pending.append(defer.Deferred())
+        return pending[-1]
+
+    server.authenticate = authenticate
+    connecting = defer.ensureDeferred(WSClient.connect(url_of(server)))
+    await eventually(lambda: len(pending) == 1)
+    stopped = server.stop()
+    pending[0].callback(Identity("alice"))
+    with pytest.raises(websockets.InvalidStatus) as refused:
+        await connecting
+    assert refused.value.response.status_code == 503
+    await stopped
+    assert server.get_stats().connections == 0 and server.clients == {}
+
+
+@pytest_twisted.ensureDeferred
 async def test_messages_behind_a_pending_decision_are_bounded_by_not_reading_and_all_processed(
         make_server: Any) -> None:
     from roomserver.access import INBOX_PAUSE
