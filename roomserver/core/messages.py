@@ -229,7 +229,7 @@ def _resume_rooms_of(message: dict[str, Any]) -> tuple[tuple[str, int], ...]:
         raise ProtocolViolation(
             f'field "rooms" must be an object of at most {MAX_RESUME_ROOMS} rooms: {{"room": last_seq}}')
     for name, seq in rooms.items():
-        if ROOM_NAME.fullmatch(name) is None:
+        if not isinstance(name, str) or ROOM_NAME.fullmatch(name) is None:  # msgpack keys may be bytes
             raise ProtocolViolation(f'room names in "rooms" must be 1 to 64 characters of letters, digits '
                                     f'and _.:- (got {name[:70]!r})')
         if not _is_seq(seq):
