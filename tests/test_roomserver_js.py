@@ -39,11 +39,13 @@ setTimeout(async () => {
 """
 
 
-def run_node(script: str) -> dict[str, object]:
+def run_node(script: str, *args: str) -> dict[str, object]:
+    """Run ``script`` in Node (``process.argv[1]`` is roomserver.js, then ``args``); its last line of output."""
     node = shutil.which("node")
     if node is None:
         pytest.fail("node is missing (bench/ and these tests need Node.js)")
-    done = subprocess.run([node, "-e", script, str(SCRIPT)], capture_output=True, text=True, timeout=30, check=True)
+    done = subprocess.run([node, "-e", script, str(SCRIPT), *args], capture_output=True, text=True, timeout=30,
+                          check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
@@ -139,3 +141,141 @@ def test_a_timed_out_chat_leaves_the_echo_queue() -> None:
     """Without server acks a chat's own copy is its ack, matched in order: a timed-out chat left in the queue
     would take the next chat's copy for its own."""
     assert run_node(TIMED_OUT_CHAT) == {"outcome": "timeout", "queued": 0}
+
+
+# A scriptable server for the reconnect tests: `serve(socket, message, connection)` answers each request of
+# connection number `connection` (1-based); `welcome(connection)` greets it. Each message arrives in its own
+# task, as from a real socket.
+FAKE_SERVER = """
+const sockets = [];
+function fakeServer(welcome, serve) {
+  globalThis.WebSocket = class {
+    constructor(url) {
+      this.readyState = 0;
+      this.sent = [];
+      this.number = sockets.push(this);
+      setTimeout(() => { this.readyState = 1; this.onopen && this.onopen(); this.push(welcome(this.number)); }, 1);
+    }
+    push(message) { if (this.readyState === 1) this.onmessage({data: JSON.stringify(message)}); }
+    later(message, delay) { setTimeout(() => this.push(message), delay || 1); }
+    send(data) { const message = JSON.parse(data); this.sent.push(message); serve(this, message, this.number); }
+    close(code) { this.readyState = 3; setTimeout(() => this.onclose({code: code || 1000, reason: ""}), 0); }
+  };
+}
+const drop = (socket) => { socket.readyState = 3; socket.onclose({code: 1006, reason: ""}); };
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+const chat = (room, seq) => ({type: "chat", room, from: "other", text: "m" + seq, seq});
+const range = (first, last) => Array.from({length: last - first + 1}, (_, i) => first + i);
+const requests = (socket) => socket.sent.map((m) => [m.type, m.room, m.since].filter((x) => x !== undefined).join(" "));
+const {RoomClient} = require(process.argv[1]);
+const client = new RoomClient("ws://127.0.0.1:9/ws", {minDelay: 5, maxDelay: 5});
+const delivered = {};
+const resumed = [];
+const errors = [];
+client.on("chat", (m) => (delivered[m.room] = delivered[m.room] || []).push(m.seq));
+client.on("resumed", (r) => resumed.push([r.room, r.recovered]));
+client.on("error", (e) => errors.push(e.code + " " + e.room));
+"""
+
+# A server without sessions, that ignores "since" in a join (so the client fills the gap from history): chats
+# 1-3 while connected, then 4-7 while the client is away; 8 and 9 are sent live after it joined again, 8 before
+# the history it asks for is read (so that history holds it too).
+REJOIN_WHILE_CHATS_GO_ON = FAKE_SERVER + """
+fakeServer((n) => ({type: "welcome", id: "me" + n}), (socket, m, connection) => {
+  if (m.type === "join") {
+    socket.later({type: "joined", room: m.room, size: 2, id: m.id});
+    const live = connection === 1 ? range(1, 3) : [8, 9];
+    live.forEach((seq, i) => socket.later(chat("r", seq), 2 + i));
+  }
+  if (m.type === "history") socket.later({type: "history", room: "r", id: m.id, more: false,
+                                          messages: range(m.since + 1, 8).map((seq) => chat("r", seq))}, 10);
+});
+(async () => {
+  await client.connect();
+  await client.join("r");
+  await sleep(20);
+  drop(sockets[0]);
+  await sleep(100);
+  console.log(JSON.stringify({delivered: delivered.r, resumed, requests: requests(sockets[1])}));
+  client.close();
+})();
+"""
+
+
+def test_a_rejoin_holds_the_live_chats_until_the_history_filled_the_gap() -> None:
+    """Live chats 8 and 9 reach the client between its join and the history reply: delivered at once, 8 would
+    move the room's last seq past the gap and the replayed 4-7 would be dropped as already seen, while the
+    client still said recovered."""
+    result = run_node(REJOIN_WHILE_CHATS_GO_ON)
+    assert result["requests"] == ["join r 3", "history r 3"], result
+    assert result["delivered"] == list(range(1, 10)), result  # in order, 8 once (history and live)
+    assert result["resumed"] == [["r", True]], result
+
+
+# The same server with a history that answers at most two chats a page ("more": newer ones follow): the gap is
+# 4-8.
+REJOIN_WITH_A_PAGED_HISTORY = FAKE_SERVER + """
+fakeServer((n) => ({type: "welcome", id: "me" + n}), (socket, m, connection) => {
+  if (m.type === "join") {
+    socket.later({type: "joined", room: m.room, size: 2, id: m.id});
+    if (connection === 1) range(1, 3).forEach((seq) => socket.later(chat("r", seq), 1 + seq));
+  }
+  if (m.type === "history") {
+    const page = range(m.since + 1, Math.min(m.since + 2, 8));
+    socket.later({type: "history", room: "r", id: m.id, more: page[page.length - 1] < 8,
+                  messages: page.map((seq) => chat("r", seq))}, 2);
+  }
+});
+(async () => {
+  await client.connect();
+  await client.join("r");
+  await sleep(20);
+  drop(sockets[0]);
+  await sleep(100);
+  console.log(JSON.stringify({delivered: delivered.r, resumed, requests: requests(sockets[1])}));
+  client.close();
+})();
+"""
+
+
+def test_a_rejoin_reads_every_page_of_the_gap() -> None:
+    result = run_node(REJOIN_WITH_A_PAGED_HISTORY)
+    assert result["requests"] == ["join r 3", "history r 3", "history r 5", "history r 7"], result
+    assert result["delivered"] == list(range(1, 9)), result
+    assert result["resumed"] == [["r", True]], result
+
+
+# Two rooms whose gap (4-7) the history cannot give whole: in "stuck", a second page that says "more" but
+# brings nothing; in "trimmed", a history that no longer holds 4-5.
+REJOIN_WITH_AN_INCOMPLETE_HISTORY = FAKE_SERVER + """
+fakeServer((n) => ({type: "welcome", id: "me" + n}), (socket, m, connection) => {
+  if (m.type === "join") {
+    socket.later({type: "joined", room: m.room, size: 2, id: m.id});
+    if (connection === 1) range(1, 3).forEach((seq) => socket.later(chat(m.room, seq), 1 + seq));
+  }
+  if (m.type === "history") {
+    const seqs = m.room === "trimmed" ? [6, 7] : m.since === 3 ? [4, 5] : [];
+    socket.later({type: "history", room: m.room, id: m.id, more: m.room === "stuck",
+                  messages: seqs.map((seq) => chat(m.room, seq))}, 2);
+  }
+});
+(async () => {
+  await client.connect();
+  await client.join("stuck");
+  await client.join("trimmed");
+  await sleep(20);
+  drop(sockets[0]);
+  await sleep(100);
+  console.log(JSON.stringify({delivered, resumed: resumed.sort(), requests: requests(sockets[1])}));
+  client.close();
+})();
+"""
+
+
+def test_a_rejoin_that_could_not_fill_the_whole_gap_is_not_recovered() -> None:
+    result = run_node(REJOIN_WITH_AN_INCOMPLETE_HISTORY)
+    # A page without progress ends the paging (no endless asking).
+    assert [r for r in result["requests"] if r.startswith("history stuck")] == [
+        "history stuck 3", "history stuck 5"], result
+    assert result["delivered"] == {"stuck": [1, 2, 3, 4, 5], "trimmed": [1, 2, 3, 6, 7]}, result
+    assert result["resumed"] == [["stuck", False], ["trimmed", False]], result

@@ -10,8 +10,10 @@
  * The connection comes back by itself after a drop, with exponential backoff and full jitter; on the way back
  * it resumes: with a server that offers sessions (its welcome carries "session") it sends
  * {"type":"resume","session":...,"rooms":{room: last_seq}} and the server replays what was missed; with one that
- * does not, it joins its rooms again and, if the server keeps history, asks for what came after the last seq.
- * Chat events are delivered once each: a seq already seen in a room is not delivered again.
+ * does not, it joins its rooms again with "since" (the last seq) and, if the server does not replay the gap
+ * itself, asks its history for what came after the last seq, page after page, holding the room's live chats
+ * until the gap is filled.
+ * Chat events are delivered once each, in seq order: a seq already seen in a room is not delivered again.
  * A server that shuts down first sends {"type":"reconnect","after_ms":N}: the client then holds new chats (and
  * those the server refuses with "unavailable") for the next connection, and reconnects N ms after the close
  * instead of after its backoff delay, so a drained node's clients come back spread over time.
@@ -59,7 +61,7 @@
     this.state = "idle";          // idle | connecting | open | reconnecting | closed
     this.id = null;               // our client id (from welcome)
     this.session = null;          // resume token (from welcome, when the server offers it)
-    this.rooms = {};              // room -> {lastSeq, joinOptions}
+    this.rooms = {};              // room -> {lastSeq, joinOptions, catchUp}
     this._handlers = {};
     this._pending = {};           // request id -> {resolve, reject, timer, kind, room}
     this._echoQueue = {};         // room -> [request ids of chats awaiting their echo]
@@ -154,6 +156,7 @@
     var hint = code === 1001 && this._hintedDelay === null && /reconnect after (\d+) ms/.exec(reason || "");
     if (hint) this._hint(Number(hint[1]));
     var terminal = this._closedByUser || !this.options.reconnect || isTerminal(code);
+    this._stopCatchingUp();
     this._failPending("disconnected", "the connection closed (code " + code + ")", !terminal && !!this.session);
     this._emit("close", {code: code, reason: reason});
     if (terminal) {
@@ -203,6 +206,13 @@
       else entry.reject(RoomClientError(code, message));
     });
     if (!keepChats) this._rejectOutbox(code, message);
+  };
+
+  /** A dropped connection ends every catch-up: the chats they held are dropped unseen, and the rooms keep
+   *  their lastSeq, so the next connection's resume (or rejoin) replays them again. */
+  RoomClient.prototype._stopCatchingUp = function () {
+    var self = this;
+    Object.keys(this.rooms).forEach(function (name) { self.rooms[name].catchUp = null; });
   };
 
   RoomClient.prototype._rejectOutbox = function (code, message) {
@@ -380,6 +390,15 @@
 
   RoomClient.prototype._chat = function (message) {
     var room = this.rooms[message.room];
+    // A room catching up on its gap: its live chats wait for the replay, or the first of them would move
+    // lastSeq past the gap and every replayed chat would then be dropped as already delivered.
+    if (room && room.catchUp && typeof message.seq === "number") { room.catchUp.held.push(message); return; }
+    this._deliver(message);
+  };
+
+  /** Emit a chat event, unless its seq was already delivered in its room (a replay overlapping what we had). */
+  RoomClient.prototype._deliver = function (message) {
+    var room = this.rooms[message.room];
     if (room && typeof message.seq === "number") {
       if (message.seq <= room.lastSeq) return;   // already delivered (replay overlap)
       room.lastSeq = message.seq;
@@ -439,25 +458,87 @@
     this._rejoin(names);
   };
 
-  // No sessions on this server (or the resume was refused): join again, and fill the gap from history where
-  // the server keeps it.
+  // No sessions on this server (or the resume was refused): join again, and fill the gap after each room's last seq.
   RoomClient.prototype._rejoin = function (names) {
     var self = this;
-    names.forEach(function (name) {
-      var state = self.rooms[name];
-      self.request(Object.assign({type: "join", room: name}, state.joinOptions || {})).then(function () {
-        var since = state.lastSeq;
-        return self.history(name, {since: since}).then(function (reply) {
-          (reply.messages || []).forEach(function (m) { self._chat(m); });
-          self._emit("resumed", {type: "resumed", room: name, recovered: true, via: "history"});
-        }, function () {
-          state.lastSeq = 0;  // no history here: sequence numbers may restart, accept what comes
-          self._emit("resumed", {type: "resumed", room: name, recovered: false, via: "rejoin"});
-        });
-      }, function (error) {
-        self._emit("error", {type: "error", code: error.code, message: "could not rejoin " + name + ": " + error.message});
-      });
+    names.forEach(function (name) { self._rejoinRoom(name); });
+  };
+
+  /** Join `name` again with "since" its last seq. Until the gap is filled the room's live chats are held
+   *  (catchUp.held). */
+  RoomClient.prototype._rejoinRoom = function (name) {
+    var self = this;
+    var state = this.rooms[name];
+    if (!state) return;
+    var catchUp = state.catchUp = {held: []};
+    var join = Object.assign({type: "join", room: name}, state.joinOptions || {}, {since: state.lastSeq});
+    this.request(join).then(function (reply) {
+      if (!self._isCatchingUp(name, catchUp)) return;  // the connection dropped, or the room was left
+      if (typeof reply.recovered === "boolean") {
+        // The server replayed the gap itself, after this reply and before any live chat of the room.
+        if (!reply.recovered) state.lastSeq = 0;  // the gap is older than its history: go on from its first seq
+        self._caughtUp(name, state, reply.recovered, "join");
+        return;
+      }
+      self._fillGap(name, state, catchUp);  // a server that ignores "since" in a join: ask its history
+    }, function (error) {
+      if (!self._isCatchingUp(name, catchUp)) return;
+      state.catchUp = null;
+      self._emit("error", {type: "error", code: error.code, room: name,
+                           message: "could not rejoin " + name + ": " + error.message});
     });
+  };
+
+  /** Whether `catchUp` is still the one under way in room `name` (not ended by a drop, the room not left). */
+  RoomClient.prototype._isCatchingUp = function (name, catchUp) {
+    var state = this.rooms[name];
+    return !!state && state.catchUp === catchUp;
+  };
+
+  /** Fill the gap after the room's lastSeq from its history, page after page while the server says "more"
+   *  (each page starting after the last seq of the one before), until a page brings nothing new or fails. */
+  RoomClient.prototype._fillGap = function (name, state, catchUp) {
+    var self = this;
+    var contiguous = true;
+    function page(since, first) {
+      self.history(name, {since: since}).then(function (reply) {
+        if (!self._isCatchingUp(name, catchUp)) return;
+        var messages = reply.messages || [];
+        messages.forEach(function (message) { contiguous = self._deliverNext(state, message) && contiguous; });
+        var last = messages.length ? messages[messages.length - 1].seq : since;
+        if (reply.more && typeof last === "number" && last > since) {
+          page(last, false);
+          return;
+        }
+        // Recovered only if every page came and none skipped a seq (history no longer holding the gap).
+        self._caughtUp(name, state, contiguous && !reply.more, "history");
+      }, function () {
+        if (!self._isCatchingUp(name, catchUp)) return;
+        // No history at all here: sequence numbers may start again, accept what comes.
+        if (first) state.lastSeq = 0;
+        self._caughtUp(name, state, false, first ? "rejoin" : "history");
+      });
+    }
+    page(state.lastSeq, true);
+  };
+
+  /** Deliver a chat of a room catching up; false if its seq shows that chats before it were skipped. */
+  RoomClient.prototype._deliverNext = function (state, message) {
+    var skipped = state.lastSeq > 0 && typeof message.seq === "number" && message.seq > state.lastSeq + 1;
+    this._deliver(message);
+    return !skipped;
+  };
+
+  /** The gap is filled (or given up): deliver the live chats held meanwhile in seq order (those the replay
+   *  delivered already are dropped as duplicates), then tell the application. */
+  RoomClient.prototype._caughtUp = function (name, state, recovered, via) {
+    var self = this;
+    var held = state.catchUp.held;
+    state.catchUp = null;
+    held.sort(function (a, b) { return a.seq - b.seq; }).forEach(function (message) {
+      recovered = self._deliverNext(state, message) && recovered;
+    });
+    this._emit("resumed", {type: "resumed", room: name, recovered: recovered, via: via});
   };
 
   global.RoomClient = RoomClient;
