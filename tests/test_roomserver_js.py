@@ -168,7 +168,7 @@ const chat = (room, seq) => ({type: "chat", room, from: "other", text: "m" + seq
 const range = (first, last) => Array.from({length: last - first + 1}, (_, i) => first + i);
 const requests = (socket) => socket.sent.map((m) => [m.type, m.room, m.since].filter((x) => x !== undefined).join(" "));
 const {RoomClient} = require(process.argv[1]);
-const client = new RoomClient("ws://127.0.0.1:9/ws", {minDelay: 5, maxDelay: 5});
+const client = new RoomClient("ws://127.0.0.1:9/ws", {minDelay: 5, maxDelay: 5, rejoinAttempts: 2});
 const delivered = {};
 const resumed = [];
 const errors = [];
@@ -279,3 +279,87 @@ def test_a_rejoin_that_could_not_fill_the_whole_gap_is_not_recovered() -> None:
         "history stuck 3", "history stuck 5"], result
     assert result["delivered"] == {"stuck": [1, 2, 3, 4, 5], "trimmed": [1, 2, 3, 6, 7]}, result
     assert result["resumed"] == [["stuck", False], ["trimmed", False]], result
+
+
+# A server with sessions resumes rooms "a" and "b" but cannot read b's history: it answers b with "unavailable"
+# (and leaves the client out of b), before or after a's "resumed". Joins of b with "since" fail the same way
+# `failures` times, then succeed with the server's own replay (seq 3) after the reply.
+RESUME_UNAVAILABLE_FOR_ONE_ROOM = FAKE_SERVER + """
+const [order, failures] = JSON.parse(process.argv[2]);
+let refused = 0;
+fakeServer((n) => ({type: "welcome", id: "me", session: "s" + n}), (socket, m, connection) => {
+  const unavailable = (room) => ({type: "error", code: "unavailable", room, id: m.id,
+                                  message: "the history is unavailable right now; retry later"});
+  if (m.type === "join" && connection === 1) {
+    socket.later({type: "joined", room: m.room, size: 1, id: m.id});
+    if (m.room === "b") [1, 2].forEach((seq) => socket.later(chat("b", seq), 1 + seq));
+  } else if (m.type === "join" && refused++ < failures) {
+    socket.later(unavailable(m.room));
+  } else if (m.type === "join") {
+    socket.later({type: "joined", room: m.room, size: 1, recovered: true, id: m.id});
+    socket.later(chat(m.room, 3), 2);
+  }
+  if (m.type === "resume") {
+    const answers = [{type: "resumed", room: "a", continued: true, recovered: true, id: m.id}, unavailable("b")];
+    (order === "error first" ? answers.reverse() : answers).forEach((answer, i) => socket.later(answer, 1 + i));
+  }
+});
+(async () => {
+  await client.connect();
+  await client.join("a");
+  await client.join("b");
+  await sleep(20);
+  drop(sockets[0]);
+  await sleep(150);
+  console.log(JSON.stringify({rooms: Object.keys(client.rooms).sort(), errors, resumed: resumed.sort(),
+                              delivered, requests: requests(sockets[1])}));
+  client.close();
+})();
+"""
+
+
+def run_resume_unavailable(order: str, failures: int) -> dict[str, object]:
+    return run_node(RESUME_UNAVAILABLE_FOR_ONE_ROOM, json.dumps([order, failures]))
+
+
+@pytest.mark.parametrize("order", ["error first", "error last"])
+def test_a_room_the_resume_could_not_take_back_for_now_is_joined_again(order: str) -> None:
+    """The room stayed listed although the client was no longer in it (and, with the error first, every room
+    was joined again): now it alone is joined again, after a backoff, and catches up from its last seq."""
+    result = run_resume_unavailable(order, 1)
+    assert result["requests"] == ["resume", "join b 2", "join b 2"], result
+    assert result["rooms"] == ["a", "b"] and result["errors"] == [], result
+    assert result["resumed"] == [["a", True], ["b", True]], result
+    assert result["delivered"] == {"b": [1, 2, 3]}, result
+
+
+def test_a_room_that_stays_unavailable_is_given_up_with_an_error() -> None:
+    result = run_resume_unavailable("error last", 5)
+    assert result["requests"] == ["resume", "join b 2", "join b 2"], result  # rejoinAttempts: 2
+    assert result["rooms"] == ["a"] and result["errors"] == ["unavailable b"], result
+    assert result["resumed"] == [["a", True]], result
+
+
+# A server without sessions where room "full" has no place any more when the client comes back.
+REJOIN_REFUSED = FAKE_SERVER + """
+fakeServer((n) => ({type: "welcome", id: "me" + n}), (socket, m, connection) => {
+  if (m.type === "join" && (connection === 1 || m.room === "kept")) {
+    socket.later({type: "joined", room: m.room, size: 1, recovered: true, id: m.id});
+  } else if (m.type === "join") {
+    socket.later({type: "error", code: "room_full", message: "full", id: m.id});
+  }
+});
+(async () => {
+  await client.connect();
+  await client.join("kept");
+  await client.join("full");
+  drop(sockets[0]);
+  await sleep(50);
+  console.log(JSON.stringify({rooms: Object.keys(client.rooms), errors, resumed}));
+  client.close();
+})();
+"""
+
+
+def test_a_rejoin_refused_for_good_forgets_the_room() -> None:
+    assert run_node(REJOIN_REFUSED) == {"rooms": ["kept"], "errors": ["room_full full"], "resumed": [["kept", True]]}

@@ -12,7 +12,8 @@
  * {"type":"resume","session":...,"rooms":{room: last_seq}} and the server replays what was missed; with one that
  * does not, it joins its rooms again with "since" (the last seq) and, if the server does not replay the gap
  * itself, asks its history for what came after the last seq, page after page, holding the room's live chats
- * until the gap is filled.
+ * until the gap is filled. A room the server cannot take back for now ("unavailable": its gap could not be
+ * read) is joined again the same way after a backoff, a few times at most.
  * Chat events are delivered once each, in seq order: a seq already seen in a room is not delivered again.
  * A server that shuts down first sends {"type":"reconnect","after_ms":N}: the client then holds new chats (and
  * those the server refuses with "unavailable") for the next connection, and reconnects N ms after the close
@@ -30,6 +31,7 @@
     token: null,             // a JWT (or a function returning one, or a promise of one) for servers with auth
     WebSocket: null,         // a WebSocket constructor (defaults to the global one)
     random: Math.random,     // for the jitter; injectable for tests
+    rejoinAttempts: 5,       // joins again of a room the server could not take back for now ("unavailable")
   };
 
   // Close codes after which reconnecting is pointless (terminal: 4500-4999, policy violation, too big).
@@ -72,7 +74,8 @@
     this._ws = null;
     this._retryTimer = null;
     this._connectWaiters = [];
-    this._resuming = false;
+    this._resumeId = null;        // the id of this connection's resume request (its errors name a room each)
+    this._rejoinTimers = {};      // room -> timer of its next join, after the server answered "unavailable"
     this._draining = false;       // the server sent a reconnect hint: this connection is about to close
     this._hintedDelay = null;     // ms: when to reconnect after the close (from the hint)
   }
@@ -208,10 +211,12 @@
     if (!keepChats) this._rejectOutbox(code, message);
   };
 
-  /** A dropped connection ends every catch-up: the chats they held are dropped unseen, and the rooms keep
-   *  their lastSeq, so the next connection's resume (or rejoin) replays them again. */
+  /** A dropped connection ends every catch-up and pending rejoin: the chats they held are dropped unseen, and
+   *  the rooms keep their lastSeq, so the next connection's resume (or rejoin) replays them again. */
   RoomClient.prototype._stopCatchingUp = function () {
     var self = this;
+    Object.keys(this._rejoinTimers).forEach(function (name) { clearTimeout(self._rejoinTimers[name]); });
+    this._rejoinTimers = {};
     Object.keys(this.rooms).forEach(function (name) { self.rooms[name].catchUp = null; });
   };
 
@@ -334,8 +339,12 @@
         return;
       case "error":
         if (this._draining && message.code === "unavailable" && this._holdRefusedChat(message.id)) return;
-        // A room of a resume the server did not take this connection back into: not one of ours any more.
-        if (NOT_JOINED[message.code] && typeof message.room === "string") delete this.rooms[message.room];
+        if (message.id !== undefined && message.id === this._resumeId && typeof message.room === "string") {
+          // One room of the resume: settles the resume only if no other room's "resumed" did first.
+          this._settle(message.id, null, RoomClientError(message.code, message.message, message));
+          this._roomNotResumed(message);
+          return;
+        }
         if (message.id !== undefined && this._settle(message.id, null, RoomClientError(message.code, message.message, message))) {
           this._dequeueEcho(message.id);
           return;
@@ -442,13 +451,12 @@
     if (previousSession && message.session) {
       var rooms = {};
       names.forEach(function (name) { rooms[name] = self.rooms[name].lastSeq; });
+      this._resumeId = this._nextId;
       this.request({type: "resume", session: previousSession, rooms: rooms}).catch(function (error) {
         if (error.code === "disconnected" || error.code === "timeout") return;
-        // One room refused (given up above), the others resumed all the same: nothing to join again.
-        if (NOT_JOINED[error.code] && error.reply && typeof error.reply.room === "string") {
-          self._emit("error", error.reply);
-          return;
-        }
+        // An error naming a room is about that room alone (_roomNotResumed dealt with it), the others are
+        // resumed all the same: nothing to join again.
+        if (error.reply && typeof error.reply.room === "string") return;
         self._rejoin(Object.keys(self.rooms));
       });
       this._flushOutbox();   // after the resume: the server handles requests in order, the rooms are back
@@ -458,15 +466,28 @@
     this._rejoin(names);
   };
 
+  /** A room of the resume that the server did not take this connection back into (whichever reply settled the
+   *  resume: the other rooms are resumed all the same). "unavailable" is transient (it could not read the
+   *  room's gap, and took us out of the room: retry later): join it again after a backoff. Any other refusal
+   *  (room_full, too_many_rooms, forbidden) is final: the room is not one of ours any more. */
+  RoomClient.prototype._roomNotResumed = function (message) {
+    if (message.code === "unavailable" && this.rooms[message.room]) {
+      this._rejoinLater(message.room, 0, message.message);
+      return;
+    }
+    delete this.rooms[message.room];
+    this._emit("error", message);
+  };
+
   // No sessions on this server (or the resume was refused): join again, and fill the gap after each room's last seq.
   RoomClient.prototype._rejoin = function (names) {
     var self = this;
-    names.forEach(function (name) { self._rejoinRoom(name); });
+    names.forEach(function (name) { self._rejoinRoom(name, 0); });
   };
 
-  /** Join `name` again with "since" its last seq. Until the gap is filled the room's live chats are held
-   *  (catchUp.held). */
-  RoomClient.prototype._rejoinRoom = function (name) {
+  /** Join `name` again with "since" its last seq; `retries` is the number of rejoins already refused with
+   *  "unavailable". Until the gap is filled the room's live chats are held (catchUp.held). */
+  RoomClient.prototype._rejoinRoom = function (name, retries) {
     var self = this;
     var state = this.rooms[name];
     if (!state) return;
@@ -484,6 +505,11 @@
     }, function (error) {
       if (!self._isCatchingUp(name, catchUp)) return;
       state.catchUp = null;
+      if (error.code === "unavailable") {  // the server could not replay the gap and did not join us: retry later
+        self._rejoinLater(name, retries, error.message);
+        return;
+      }
+      if (NOT_JOINED[error.code]) delete self.rooms[name];  // refused: not one of ours any more
       self._emit("error", {type: "error", code: error.code, room: name,
                            message: "could not rejoin " + name + ": " + error.message});
     });
@@ -493,6 +519,23 @@
   RoomClient.prototype._isCatchingUp = function (name, catchUp) {
     var state = this.rooms[name];
     return !!state && state.catchUp === catchUp;
+  };
+
+  /** Join `name` again after a backoff (the server answered "unavailable": retry later), unless `retries`
+   *  rejoins were refused already: then give the room up, with an error event. */
+  RoomClient.prototype._rejoinLater = function (name, retries, reason) {
+    var self = this;
+    if (retries >= this.options.rejoinAttempts) {
+      delete this.rooms[name];
+      this._emit("error", {type: "error", code: "unavailable", room: name,
+                           message: "could not rejoin " + name + " (" + (retries + 1) + " attempts): " + reason});
+      return;
+    }
+    clearTimeout(this._rejoinTimers[name]);
+    this._rejoinTimers[name] = setTimeout(function () {
+      delete self._rejoinTimers[name];
+      self._rejoinRoom(name, retries + 1);
+    }, backoffDelay(retries, this.options, this.options.random));
   };
 
   /** Fill the gap after the room's lastSeq from its history, page after page while the server says "more"
