@@ -20,8 +20,10 @@ down first sends ``{"type":"reconnect","after_ms":N}`` (docs/protocol.md): the c
 (and those the node refuses with ``unavailable``) for the next connection, and reconnects N ms after the close
 instead of after its backoff delay, so a drained node's clients come back spread over time. Coming back it resumes:
 with a server that gives sessions (its welcome carries ``session``) it sends ``{"type":"resume","session":...,
-"rooms":{room: last_seq}}`` and the server replays what was missed; otherwise it joins its rooms again and asks
-for the history after the last seq it saw (servers with history), or starts afresh (``recovered: false``).
+"rooms":{room: last_seq}}`` and the server replays what was missed; otherwise it joins its rooms again with
+``since`` the last seq it saw (a server that replays the gap itself says ``recovered`` in its reply) or asks for
+the history after it (servers with history), or starts afresh (``recovered: false``). A room the server cannot
+take back for now (``unavailable``: its gap could not be read) is joined again after a backoff, a few times at most.
 A chat whose seq it has already delivered in a room is never delivered twice.
 
 The reactor is injectable (``reactor=``): timers (backoff, request timeouts) use it, so tests drive them with
@@ -140,6 +142,7 @@ class RoomClient:
         request_timeout: float = 10.0,
         random: Callable[[], float] = random_module.random,
         token: str | Callable[[], str] | None = None,
+        rejoin_attempts: int = 5,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as global_reactor
@@ -153,6 +156,8 @@ class RoomClient:
         self.reconnect = reconnect
         self.min_delay, self.max_delay, self.factor = min_delay, max_delay, factor
         self.request_timeout = request_timeout
+        self.rejoin_attempts = rejoin_attempts
+        """Joins again of a room the server could not take back for now (``unavailable``), before giving it up."""
         self._random = random
         self._token = token
         self.state = "idle"  # idle | connecting | open | reconnecting | closed
@@ -176,6 +181,8 @@ class RoomClient:
         self._ever_opened = False
         self._draining = False  # the server sent a reconnect hint: this connection is about to close
         self._hinted_delay: float | None = None
+        self._resume_id: int | None = None  # the id of this connection's resume request (its errors name a room each)
+        self._rejoin_timers: dict[str, Any] = {}  # room -> the call of its next join, after an "unavailable"
 
     # -- events ----------------------------------------------------------------------------------------------
 
@@ -291,6 +298,7 @@ class RoomClient:
             if hint is not None:
                 self._hint(int(hint.group(1)))
         terminal = self._closed_by_user or not self.reconnect or is_terminal(code)
+        self._cancel_rejoins()
         self._fail_pending("disconnected", f"the connection closed (code {code})",
                            keep_chats=not terminal and self.session is not None)
         self._events.emit("close", code, reason)
@@ -304,6 +312,13 @@ class RoomClient:
         waiters, self._close_waiters = self._close_waiters, []  # last: whoever awaited close() sees it closed
         for waiter in waiters:
             waiter.callback(None)
+
+    def _cancel_rejoins(self) -> None:
+        """A dropped connection cancels the pending rejoins: the next resume (or rejoin) lists those rooms."""
+        timers, self._rejoin_timers = self._rejoin_timers, {}
+        for timer in timers.values():
+            if timer.active():
+                timer.cancel()
 
     def _fail_connect_waiters(self, error: RoomClientError) -> None:
         waiters, self._connect_waiters = self._connect_waiters, []
@@ -458,12 +473,11 @@ class RoomClient:
             if self._draining and message.get("code") == "unavailable" and self._hold_refused_chat(request_id):
                 return
             error = RoomClientError(str(message.get("code")), str(message.get("message")), message)
-            refused = message.get("room")
-            if message.get("code") in NOT_JOINED and isinstance(refused, str):
-                # A room of a resume the server did not take this connection back into: not one of ours any
-                # more (whether this error or a ``resumed`` of another room answered the resume first).
-                self.rooms.pop(refused, None)
-            if self._settle(request_id, None, error):
+            if request_id is not None and request_id == self._resume_id and isinstance(message.get("room"), str):
+                # One room of the resume: settles the resume only if no other room's ``resumed`` did first.
+                self._settle(request_id, None, error)
+                self._room_not_resumed(message)
+            elif self._settle(request_id, None, error):
                 self._dequeue_echo(request_id)
             else:
                 self._events.emit("error", message)
@@ -550,6 +564,7 @@ class RoomClient:
             self._reject_outbox("disconnected", unacknowledged)
             return
         if previous_session is not None and self.session is not None:
+            self._resume_id = self._next_id
             resume = self.request({"type": "resume", "session": previous_session,
                                    "rooms": {name: state.last_seq for name, state in self.rooms.items()}})
             resume.addErrback(self._resume_refused)
@@ -560,23 +575,64 @@ class RoomClient:
             self._rejoin(name, state)
 
     def _resume_refused(self, failure: Any) -> None:
-        """The resume's request failed. An error naming a room (``room_full``, ``forbidden``...) refused that room
-        alone (``_receive`` gave it up), and the other rooms are resumed all the same: none is joined again, and
-        the application hears of the refusal as an ``error`` event. Any other error refused the whole resume:
-        every room is joined again."""
+        """The resume's request failed. An error naming a room is about that room alone (``_room_not_resumed``
+        dealt with it), and the other rooms are resumed all the same: none is joined again. Any other error
+        refused the whole resume: every room is joined again."""
         failure.trap(RoomClientError)
         error = failure.value
-        if error.code in ("disconnected", "timeout"):
-            return
-        if error.code in NOT_JOINED and isinstance((error.reply or {}).get("room"), str):
-            self._events.emit("error", error.reply)
+        if error.code in ("disconnected", "timeout") or isinstance((error.reply or {}).get("room"), str):
             return
         for name, state in list(self.rooms.items()):
             self._rejoin(name, state)
 
-    def _rejoin(self, name: str, state: RoomState) -> None:
-        """Without sessions: join again, then fill the gap from history where the server keeps one."""
-        def fill_gap(_: dict[str, Any]) -> defer.Deferred[Any]:
+    def _room_not_resumed(self, message: dict[str, Any]) -> None:
+        """A room of the resume that the server did not take this connection back into (whichever reply settled
+        the resume). ``unavailable`` is transient (it could not read the room's gap, and took us out of the room:
+        retry later): join it again after a backoff. Any other refusal (``room_full``, ``too_many_rooms``,
+        ``forbidden``) is final: the room is not one of ours any more, and an ``error`` event says so."""
+        room = message["room"]
+        if message.get("code") == "unavailable" and room in self.rooms:
+            self._rejoin_later(room, 0, str(message.get("message")))
+            return
+        self.rooms.pop(room, None)
+        self._events.emit("error", message)
+
+    def _rejoin_later(self, name: str, retries: int, reason: str) -> None:
+        """Join ``name`` again after a backoff (the server answered ``unavailable``: retry later), unless
+        ``retries`` rejoins were refused already: then give the room up, with an ``error`` event."""
+        if retries >= self.rejoin_attempts:
+            self.rooms.pop(name, None)
+            self._events.emit("error", {"type": "error", "code": "unavailable", "room": name,
+                                        "message": f"could not rejoin {name} ({retries + 1} attempts): {reason}"})
+            return
+        previous = self._rejoin_timers.pop(name, None)
+        if previous is not None and previous.active():
+            previous.cancel()
+        delay = backoff_delay(retries, self._random, self.min_delay, self.max_delay, self.factor)
+        self._rejoin_timers[name] = self.reactor.callLater(delay, self._rejoin_now, name, retries + 1)
+
+    def _rejoin_now(self, name: str, retries: int) -> None:
+        self._rejoin_timers.pop(name, None)
+        state = self.rooms.get(name)
+        if state is not None:
+            self._rejoin(name, state, retries)
+
+    def _rejoin(self, name: str, state: RoomState, retries: int = 0) -> None:
+        """Join again with ``since`` the last seq; a server that does not replay the gap itself (its reply says
+        no ``recovered``) is asked for its history. ``retries``: the rejoins already refused with ``unavailable``.
+
+        The history path still has the flaws roomserver.js's fixed: it reads one page (``more`` is ignored), and a
+        live chat arriving before that page moves ``last_seq`` past the gap, so the page is dropped as seen."""
+        def joined(reply: dict[str, Any]) -> defer.Deferred[Any] | None:
+            if self.rooms.get(name) is not state:
+                return None  # left meanwhile
+            recovered = reply.get("recovered")
+            if isinstance(recovered, bool):
+                # The server replays the gap itself, after this reply and before any live chat of the room.
+                if not recovered:
+                    state.last_seq = 0  # the gap is older than its history: go on from its first seq
+                self._events.emit("resumed", {"type": "resumed", "room": name, "recovered": recovered, "via": "join"})
+                return None
             return self.history(name, since=state.last_seq).addCallbacks(replayed, no_history)
 
         def replayed(reply: dict[str, Any]) -> None:
@@ -592,8 +648,16 @@ class RoomClient:
 
         def rejoin_failed(failure: Any) -> None:
             failure.trap(RoomClientError)
-            self._events.emit("error", {"type": "error", "code": failure.value.code,
-                                        "message": f"could not rejoin {name}: {failure.value.message}"})
+            error = failure.value
+            if error.code == "disconnected" or self.rooms.get(name) is not state:
+                return  # the next connection's resume lists the room; or it was left meanwhile
+            if error.code == "unavailable":  # the server could not replay the gap and did not join us
+                self._rejoin_later(name, retries, error.message)
+                return
+            if error.code in NOT_JOINED:
+                self.rooms.pop(name, None)  # refused: not one of ours any more
+            self._events.emit("error", {"type": "error", "code": error.code, "room": name,
+                                        "message": f"could not rejoin {name}: {error.message}"})
 
-        self.request({"type": "join", "room": name, **state.join_options}).addCallback(fill_gap).addErrback(
-            rejoin_failed)
+        join = {"type": "join", "room": name, **state.join_options, "since": state.last_seq}
+        self.request(join).addCallbacks(joined, rejoin_failed)

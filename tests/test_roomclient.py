@@ -251,6 +251,71 @@ async def test_a_resume_refused_for_one_room_gives_up_that_room_only(make_server
     await other.close()
 
 
+async def resume_with_one_room_unavailable(make_server: Any, failures: int) -> tuple[RoomClient, Any, list[Any],
+                                                                                      list[Any], list[int]]:
+    """A client in rooms "a" and "b" drops; the store cannot read b's history for its next ``failures`` reads, so
+    the resume answers b with ``unavailable`` (the client is out of b), and so do joins of b with ``since``.
+    Meanwhile another client sends b its chat 2. Returns the client, the server and the client's errors,
+    resumed events and b's delivered seqs."""
+    server = await make_server(room_protocol=True)
+    client = RoomClient(url_of(server), min_delay=0.05, max_delay=0.05, rejoin_attempts=2)
+    other = RoomClient(url_of(server), reconnect=False)
+    errors: list[dict[str, Any]] = []
+    resumed: list[dict[str, Any]] = []
+    seen: list[int] = []
+    client.on("error", errors.append)
+    client.on("resumed", resumed.append)
+    client.on("chat", lambda event: seen.append(event["seq"]) if event["room"] == "b" else None)
+    await client.connect()
+    await other.connect()
+    await client.join("a")
+    await client.join("b")
+    await other.join("b")
+    await other.send("b", "seen")
+    await eventually(lambda: seen == [1])
+    store = server.durable.store
+    read = store.read
+    refused = [failures]
+
+    def failing_read(room: str, *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
+        if room == "b" and refused[0] > 0:
+            refused[0] -= 1
+            return defer.fail(StoreError("disk gone"))
+        return read(room, *args, **kwargs)
+
+    store.read = failing_read
+    assert client._protocol is not None
+    client._protocol.transport.abortConnection()
+    await eventually(lambda: client.state == "reconnecting")
+    await other.send("b", "while away")
+    await other.close()
+    return client, server, errors, resumed, seen
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_room_the_resume_could_not_take_back_for_now_is_joined_again(make_server: Any) -> None:
+    """It stayed listed although the client was no longer in it (or, if its error answered the resume first,
+    every room was joined again): now it alone is joined again after a backoff, and catches up from its last
+    seq."""
+    client, server, errors, resumed, seen = await resume_with_one_room_unavailable(make_server, 2)
+    await eventually(lambda: len(resumed) == 2, timeout=10)
+    assert errors == [] and set(client.rooms) == {"a", "b"}
+    assert sorted((event["room"], event["recovered"]) for event in resumed) == [("a", True), ("b", True)]
+    assert server.registry.is_member(server.get_client(client.id), "b")
+    await eventually(lambda: seen == [1, 2])
+    await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_room_that_stays_unavailable_is_given_up_with_an_error(make_server: Any) -> None:
+    client, server, errors, resumed, _ = await resume_with_one_room_unavailable(make_server, 10)
+    await eventually(lambda: bool(errors), timeout=10)
+    assert [(error["code"], error["room"]) for error in errors] == [("unavailable", "b")]
+    assert set(client.rooms) == {"a"} and [event["room"] for event in resumed] == ["a"]
+    assert not server.registry.is_member(server.get_client(client.id), "b")
+    await client.close()
+
+
 @pytest_twisted.ensureDeferred
 async def test_client_reconnects_after_a_restart_and_rejoins(make_server: Any) -> None:
     """The server stops and starts again on the same port: the client comes back by itself, rejoins its room
