@@ -14,7 +14,7 @@ from twisted.python import usage
 
 from .http.auth import AdminToken
 from .logs import LOG_FORMATS, JsonLoggingService, json_log_target
-from .options import ServerOptions
+from .options import ServerOptions, check_number
 from .server import WebSocketServer
 from .service import RoomServerService
 from .testee import as_testee
@@ -22,34 +22,28 @@ from .testee import as_testee
 _DEFAULTS = ServerOptions()
 DEFAULT_STORE = "sqlite:roomserver.db"
 
+# The numeric coercers parse through options.check_number (finite and >= 0), the check ServerOptions applies to
+# each of its numbers: "nan", "inf" and negatives are refused on the command line as in the library.
+
 
 def _optional_int(value: str) -> int | None:
     """An integer option where 0 or "none" means unlimited."""
     if value.lower() in ("", "none", "unlimited", "0"):
         return None
-    number = int(value)
-    if number < 0:
-        raise ValueError("must be >= 0")
-    return number
+    return check_number(int(value))
 
 
 def _non_negative_float(value: str) -> float:
-    number = float(value)
-    if number < 0:
-        raise ValueError("must be >= 0")
-    return number
+    return check_number(float(value))
 
 
 def _non_negative_int(value: str) -> int:
-    number = int(value)
-    if number < 0:
-        raise ValueError("must be >= 0")
-    return number
+    return check_number(int(value))
 
 
 def _positive_float(value: str) -> float:
-    number = float(value)
-    if number <= 0:
+    number = check_number(float(value))
+    if number == 0:
         raise ValueError("must be > 0")
     return number
 
@@ -59,8 +53,8 @@ def _comma_list(value: str) -> tuple[str, ...]:
 
 
 def _positive_int(value: str) -> int:
-    number = int(value)
-    if number <= 0:
+    number = check_number(int(value))
+    if number == 0:
         raise ValueError("must be > 0")
     return number
 
@@ -132,7 +126,7 @@ class Options(usage.Options):
          "rate_limited and the message is dropped.", _non_negative_float],
         ["rate-burst", None, _DEFAULTS.rate_burst, "Messages a client may send in a burst.", _positive_int],
         ["flood-factor", None, _DEFAULTS.flood_factor, "Close with 1008 a client that keeps sending at more than "
-         "this many times the rate limit.", float],
+         "this many times the rate limit.", _positive_float],
         ["max-send-buffer", None, _DEFAULTS.max_send_buffer, "Bytes queued for a client that does not read; "
          "beyond it close 4008 (slow consumer).", _positive_int],
         ["socket-send-buffer", None, _DEFAULTS.socket_send_buffer, "SO_SNDBUF of WebSocket connections in bytes "

@@ -48,6 +48,36 @@ def test_bad_options_are_usage_errors(argv: list[str]) -> None:
         Options().parseOptions(argv)
 
 
+def _numeric_options() -> list[str]:
+    """Every option that takes a number: its coercer turns "1" into an int or a float."""
+    numeric = []
+    for name, _, _, _, *coercer in Options.optParameters:
+        try:
+            parsed = coercer[0]("1") if coercer else None
+        except ValueError:
+            continue
+        if isinstance(parsed, (int, float)):
+            numeric.append(name)
+    return numeric
+
+
+NUMERIC_OPTIONS = _numeric_options()
+
+
+def test_numeric_options_are_found() -> None:
+    assert {"ping-interval", "flood-factor", "max-clients", "max-rooms", "history-ttl", "workers",
+            "gc-thaw-most"} <= set(NUMERIC_OPTIONS)
+
+
+@pytest.mark.parametrize("name", NUMERIC_OPTIONS)
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "-1"])
+def test_numeric_options_refuse_non_finite_and_negative_values(name: str, value: str) -> None:
+    """``float("nan")`` passes any range check: ``--ping-interval nan`` started a server whose every handshake
+    then hung, with nothing logged."""
+    with pytest.raises(usage.UsageError):
+        Options().parseOptions([f"--{name}", value])
+
+
 def test_heap_thaw_options_reach_the_service() -> None:
     config = Options()
     config.parseOptions(["--port", "tcp:0:interface=127.0.0.1", "--gc-thaw-interval", "600", "--gc-thaw-most", "7200"])
