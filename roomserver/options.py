@@ -140,12 +140,12 @@ class ServerOptions:
     blocked_words_file: str | None = None
     """Built-in filter: a file of words (one per line); a chat containing one is rejected."""
     open_handshake_timeout: float = 5.0
-    """Seconds a new connection has to complete its opening handshake."""
+    """Seconds a new connection has to complete its opening handshake, HTTP request head included (> 0)."""
     close_handshake_timeout: float = 2.0
-    """Seconds to wait for the peer's close frame before dropping the TCP connection."""
+    """Seconds to wait for the peer's close frame before dropping the TCP connection (> 0)."""
     shutdown_timeout: float = 5.0
     """Seconds ``stop()`` waits, after the drain's last batch, for clients to answer the 1001 close before
-    aborting them."""
+    aborting them (0: aborts them at once)."""
     drain_batch: int = 100
     """``stop()`` drains clients in batches of this many (docs/deploy.md#draining-a-node)."""
     drain_interval: float = 0.2
@@ -184,7 +184,7 @@ class ServerOptions:
     resume_ttl: float = 120.0
     """Seconds a closed connection's session can still be resumed (0 = sessions are never continued)."""
     dedupe_window: float = 300.0
-    """Seconds a chat's ``msg_id`` is remembered: a retry within it is acknowledged, not sent again."""
+    """Seconds a chat's ``msg_id`` is remembered: a retry within it is acknowledged, not sent again (0: off)."""
     presence_ttl: float = 30.0
     """With the Redis broker: seconds after which the members of a node that stopped heartbeating (killed,
     cut off from Redis) leave the rooms everywhere (docs/cluster.md)."""
@@ -204,6 +204,16 @@ class ServerOptions:
             raise ValueError("ping_timeout must be at least 1 second")
         if self.max_message_size <= 0:
             raise ValueError("max_message_size must be > 0")
+        # Autobahn reads a frame size of 0 as "no limit", and a text length of 0 would refuse every chat.
+        if self.max_frame_size is not None and self.max_frame_size < 1:
+            raise ValueError("max_frame_size must be >= 1 (or None: max_message_size)")
+        if self.max_text_length is not None and self.max_text_length < 1:
+            raise ValueError("max_text_length must be >= 1 (or None: no limit)")
+        # Both deadlines read 0 as "none at all" (Autobahn, roomserver/transport.py): a 0 would silently switch off
+        # the slowloris cut or leave a peer that never answers a close connected. No use needs that.
+        for deadline in ("open_handshake_timeout", "close_handshake_timeout"):
+            if getattr(self, deadline) == 0:
+                raise ValueError(f"{deadline} must be > 0")
         if self.max_fragments < 1 or self.max_send_buffer < 1 or self.max_handshake_size < 256:
             raise ValueError("max_fragments and max_send_buffer must be > 0, max_handshake_size >= 256")
         if self.max_send_buffer < 2 * self.max_message_size:

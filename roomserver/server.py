@@ -28,7 +28,6 @@ from twisted.logger import Logger
 from .access import AccessControl, Authenticate, Authorize
 from .broker import create_broker, create_cluster_presence, create_cluster_sessions
 from .client import Client, serialize
-from .closing import DEFAULT_FLUSH_TIMEOUT
 from .cluster import Relay
 from .core import filters as builtin_filters
 from .core import messages
@@ -520,7 +519,7 @@ class WebSocketServer:
         if settled.called:
             client.close(CloseCode.GOING_AWAY, reason)
             return
-        settled.addTimeout(self.options.close_handshake_timeout or DEFAULT_FLUSH_TIMEOUT, self.reactor)
+        settled.addTimeout(self.options.close_handshake_timeout, self.reactor)  # > 0 (ServerOptions)
         settled.addBoth(lambda _: client.close(CloseCode.GOING_AWAY, reason))
 
     def _refuse_while_draining(self, client: Client, effect: Append) -> None:

@@ -28,9 +28,10 @@ DEFAULT_STORE = "sqlite:roomserver.db"
 
 def _optional_int(value: str) -> int | None:
     """An integer option where 0 or "none" means unlimited."""
-    if value.lower() in ("", "none", "unlimited", "0"):
+    if value.lower() in ("", "none", "unlimited"):
         return None
-    return check_number(int(value))
+    # 0 by value, not by spelling: "-0" or "00" were a limit of 0 (no room could be joined), not unlimited.
+    return check_number(int(value)) or None
 
 
 def _non_negative_float(value: str) -> float:
@@ -97,22 +98,24 @@ class Options(usage.Options):
          _positive_int],
         ["ping-interval", None, _DEFAULTS.ping_interval, "Seconds between heartbeat pings (0 = off).",
          _non_negative_float],
-        ["ping-timeout", None, None, "Seconds to wait for a pong before dropping the peer "
+        ["ping-timeout", None, None, "Seconds to wait for a pong before dropping the peer, at least 1 "
          "(default: the ping interval, at most 10 s).", _non_negative_float],
         ["max-message-size", None, _DEFAULTS.max_message_size, "Largest client message in bytes (close 1009).",
          _positive_int],
         ["max-frame-size", None, None, "Largest client frame in bytes (default: max-message-size).", _positive_int],
-        ["max-room-clients", None, None, "Members per room (default unlimited); a join beyond it gets room_full.",
-         _optional_int],
+        ["max-room-clients", None, None, "Members per room (0 = unlimited, the default); a join beyond it gets "
+         "room_full.", _optional_int],
         ["max-rooms-per-client", None, _DEFAULTS.max_rooms_per_client,
-         "Rooms one connection may be in (too_many_rooms).", _optional_int],
-        ["max-rooms", None, None, "Rooms in total (default unlimited; too_many_rooms).", _optional_int],
+         "Rooms one connection may be in (too_many_rooms; 0 = unlimited).", _optional_int],
+        ["max-rooms", None, None, "Rooms in total (0 = unlimited, the default; too_many_rooms).", _optional_int],
         ["open-handshake-timeout", None, _DEFAULTS.open_handshake_timeout,
-         "Seconds a connection has to complete its opening handshake.", _non_negative_float],
+         "Seconds a connection has to complete its opening handshake, HTTP head included (> 0).",
+         _non_negative_float],
         ["close-handshake-timeout", None, _DEFAULTS.close_handshake_timeout,
-         "Seconds to wait for the peer's close frame.", _non_negative_float],
+         "Seconds to wait for the peer's close frame before dropping the connection (> 0).", _non_negative_float],
         ["shutdown-timeout", None, _DEFAULTS.shutdown_timeout,
-         "Seconds to wait for clients to close on shutdown before aborting them.", _non_negative_float],
+         "Seconds to wait for clients to close on shutdown before aborting them (0 = abort them at once).",
+         _non_negative_float],
         ["drain-batch", None, _DEFAULTS.drain_batch, "On shutdown, clients closed (1001, with a reconnect hint) "
          "per batch.", _positive_int],
         ["drain-interval", None, _DEFAULTS.drain_interval, "Seconds between two shutdown batches (0 = every "
@@ -155,7 +158,8 @@ class Options(usage.Options):
         ["jwt-algorithm", None, _DEFAULTS.jwt_algorithm, "The one algorithm tokens must use (HS256, RS256, ES256)."],
         ["jwt-audience", None, None, "Required aud claim."],
         ["jwt-issuer", None, None, "Required iss claim."],
-        ["jwt-leeway", None, _DEFAULTS.jwt_leeway, "Seconds of clock skew tolerated on exp/nbf.", _non_negative_float],
+        ["jwt-leeway", None, _DEFAULTS.jwt_leeway, "Seconds of clock skew tolerated on exp/nbf (0 = none).",
+         _non_negative_float],
         ["auth-timeout", None, _DEFAULTS.auth_timeout, "Seconds to send the auth message when the handshake "
          "carried no token (then close 1008).", _non_negative_float],
         ["max-meta-size", None, _DEFAULTS.max_meta_size, "Bytes of presence metadata per join.", _positive_int],
@@ -169,7 +173,7 @@ class Options(usage.Options):
         ["gc-thaw-interval", None, 900.0, "Seconds between thaws of the frozen heap, after which one full "
          "collection scans everything again (0 = never).", _non_negative_float],
         ["gc-thaw-most", None, 14400.0, "While thaws find little garbage, each doubles the time to the next, up "
-         "to this many seconds (roomserver/heap.py).", _non_negative_float],
+         "to this many seconds (roomserver/heap.py; 0 = no doubling).", _non_negative_float],
         ["log-format", None, "text", "Log format: text, or json (one JSON object per line).", _log_format],
         ["store", None, DEFAULT_STORE, "Where rooms and history live: sqlite:PATH (a SQLite file, created if "
          "missing), memory (lost at exit) or redis://HOST:PORT/DB[?prefix=NAME:] (shared by a cluster's nodes; "
@@ -178,13 +182,13 @@ class Options(usage.Options):
          "redis://HOST:PORT/DB[?prefix=NAME:] (needs --store redis://...; docs/cluster.md)."],
         ["history-size", None, _DEFAULTS.history_size, "Chat messages kept per room for history and resume.",
          _positive_int],
-        ["history-ttl", None, None, "Seconds a chat message stays in history (default: no limit).",
+        ["history-ttl", None, None, "Seconds a chat message stays in history (0 = no limit, the default).",
          _non_negative_float],
-        ["resume-ttl", None, _DEFAULTS.resume_ttl, "Seconds a closed connection's session can be resumed.",
-         _non_negative_float],
+        ["resume-ttl", None, _DEFAULTS.resume_ttl, "Seconds a closed connection's session can be resumed (0 = "
+         "sessions are never continued).", _non_negative_float],
         ["dedupe-window", None, _DEFAULTS.dedupe_window,
-         "Seconds a chat's msg_id is remembered to acknowledge retries instead of sending them again.",
-         _non_negative_float],
+         "Seconds a chat's msg_id is remembered to acknowledge retries instead of sending them again (0 = off: "
+         "a retry is sent again).", _non_negative_float],
         ["presence-ttl", None, _DEFAULTS.presence_ttl, "With --broker redis: seconds after which the members "
          "of a node that stopped heartbeating leave everywhere.", _non_negative_float],
     ]
@@ -206,7 +210,6 @@ class Options(usage.Options):
         port = values["port"]
         if isinstance(port, str) and port.isdigit():
             values["port"] = int(port)
-        values["ping_timeout"] = values["ping_timeout"] or None
         values.pop("log_format")  # a twistd logging choice, not a server option
         values.pop("workers")  # a process-supervision choice, not a server option
         values.pop("gc_thaw_interval")  # process-wide garbage collector choices, not server options

@@ -28,6 +28,22 @@ def test_every_number_must_be_finite_and_not_negative(name: str, value: float) -
         ServerOptions(**{name: value})
 
 
+@pytest.mark.parametrize("name", ["open_handshake_timeout", "close_handshake_timeout", "ping_timeout",
+                                  "max_frame_size", "max_text_length"])
+def test_a_0_that_would_switch_a_limit_off_is_refused(name: str) -> None:
+    """Autobahn and the handshake deadline read 0 as "no limit": ``open_handshake_timeout=0`` lifted the
+    slowloris cut, ``max_frame_size=0`` any frame size; a text length of 0 would refuse every chat."""
+    with pytest.raises(ValueError, match=f"^{name} must be"):
+        ServerOptions(**{name: 0})
+
+
+def test_0_is_accepted_where_it_means_something() -> None:
+    options = ServerOptions(ping_interval=0, shutdown_timeout=0, drain_interval=0, drain_handover=0, rate_limit=0,
+                            error_limit=0, socket_send_buffer=0, connect_rate=0, accept_rate=0, jwt_leeway=0,
+                            resume_ttl=0, dedupe_window=0, max_clients=0, max_rooms=0)
+    assert options.shutdown_timeout == 0 and options.max_rooms == 0
+
+
 def test_check_number() -> None:
     assert check_number(0) == 0 and check_number(2.5, "x") == 2.5 and check_number(10**400) == 10**400
     with pytest.raises(ValueError, match=r"^must be a finite number, not nan$"):

@@ -78,6 +78,37 @@ def test_numeric_options_refuse_non_finite_and_negative_values(name: str, value:
         Options().parseOptions([f"--{name}", value])
 
 
+def _help_of(name: str) -> str:
+    return next(parameter[3] for parameter in Options.optParameters if parameter[0] == name)
+
+
+@pytest.mark.parametrize("name", NUMERIC_OPTIONS)
+def test_an_option_that_takes_0_says_what_0_means(name: str) -> None:
+    """0 often means "off" or "unlimited", and a 0 that switches something off silently (--open-handshake-timeout
+    0 lifted the slowloris deadline, --ping-timeout 0 became the default) is a trap: an option takes 0 only if
+    its --help says what 0 does."""
+    config = Options()
+    try:
+        config.parseOptions([f"--{name}", "0"])
+    except usage.UsageError:
+        return  # refused: fine
+    assert "0 = " in _help_of(name), f"--{name} takes 0: its --help must say what 0 means"
+
+
+@pytest.mark.parametrize("name", ["open-handshake-timeout", "close-handshake-timeout", "ping-timeout"])
+def test_a_0_that_would_mean_no_deadline_is_refused(name: str) -> None:
+    with pytest.raises(usage.UsageError, match=name.replace("-", "_")):
+        Options().parseOptions([f"--{name}", "0"])
+
+
+@pytest.mark.parametrize("value", ["0", "-0", "00", "+0"])
+def test_0_is_unlimited_however_it_is_spelled(value: str) -> None:
+    config = Options()
+    config.parseOptions(["--max-rooms", value, "--max-room-clients", value, "--max-rooms-per-client", value])
+    options = config.server_options()
+    assert (options.max_rooms, options.max_room_clients, options.max_rooms_per_client) == (None, None, None)
+
+
 def test_heap_thaw_options_reach_the_service() -> None:
     config = Options()
     config.parseOptions(["--port", "tcp:0:interface=127.0.0.1", "--gc-thaw-interval", "600", "--gc-thaw-most", "7200"])
