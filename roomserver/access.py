@@ -31,7 +31,6 @@ from __future__ import annotations
 import os
 from collections import deque
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from autobahn.websocket.types import ConnectionDeny
@@ -41,7 +40,7 @@ from twisted.logger import Logger
 from .core import messages
 from .core.auth import Action, AuthError, Identity, TokenVerifier
 from .core.errors import CloseCode, ErrorCode, RoomServerError
-from .options import ServerOptions
+from .options import ServerOptions, read_option_file
 
 if TYPE_CHECKING:
     from .client import Client
@@ -54,24 +53,31 @@ Authorize = Callable[[Identity, Action, str], "bool | defer.Deferred[bool]"]
 
 
 def verifier_from_options(options: ServerOptions, environ: dict[str, str] | None = None) -> TokenVerifier | None:
-    """The JWT verifier the options describe (secrets come from a file or the environment, never argv)."""
+    """The JWT verifier the options describe (secrets come from a file or the environment, never argv);
+    ``ValueError`` with a one-line message naming where the key came from if it cannot be used."""
     environ = dict(os.environ) if environ is None else environ
     key: str | bytes | None = None
     if options.jwt_public_key_file:
-        key = Path(options.jwt_public_key_file).read_bytes()
+        source = f"the JWT public key file {options.jwt_public_key_file!r}"
+        key = read_option_file(options.jwt_public_key_file, "the JWT public key file")
         if options.jwt_algorithm.startswith("HS"):
             raise ValueError("a public key needs an asymmetric --jwt-algorithm such as RS256 or ES256")
     elif options.jwt_secret_file:
-        key = Path(options.jwt_secret_file).read_text().strip()
+        source = f"the JWT secret file {options.jwt_secret_file!r}"
+        key = read_option_file(options.jwt_secret_file, "the JWT secret file").strip()
     elif environ.get(SECRET_ENVIRONMENT_VARIABLE):
+        source = SECRET_ENVIRONMENT_VARIABLE
         key = environ[SECRET_ENVIRONMENT_VARIABLE]
     if key is None:
         return None
     algorithm = options.jwt_algorithm
     if not options.jwt_public_key_file and not algorithm.startswith("HS"):
         raise ValueError(f"{algorithm} needs --jwt-public-key-file; a shared secret only works with HS256")
-    return TokenVerifier(key, algorithm, audience=options.jwt_audience, issuer=options.jwt_issuer,
-                         leeway=options.jwt_leeway)
+    try:
+        return TokenVerifier(key, algorithm, audience=options.jwt_audience, issuer=options.jwt_issuer,
+                             leeway=options.jwt_leeway)
+    except ValueError as exc:
+        raise ValueError(f"{exc} ({source})") from None
 
 
 class AccessControl:
@@ -81,9 +87,9 @@ class AccessControl:
 
     log = Logger()
 
-    def __init__(self, server: WebSocketServer) -> None:
+    def __init__(self, server: WebSocketServer, verifier: TokenVerifier | None) -> None:
         self.server = server
-        self.verifier = verifier_from_options(server.options)
+        self.verifier = verifier
         self.authenticate: Authenticate | None = None
         self.authorize: Authorize | None = None
 

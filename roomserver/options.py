@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import TypeVar
 
 from .core.drain import DrainPlan
@@ -38,6 +39,15 @@ def check_number(value: Number, name: str = "") -> Number:
     if value < 0:
         raise ValueError(f"{subject}must be >= 0, not {value}")
     return value
+
+
+def read_option_file(path: str, what: str) -> bytes:
+    """The content of a file an option names; ``ValueError("cannot read {what} {path!r}: ...")`` if it cannot be
+    read, so the start stops with one line saying which file, rather than with a FileNotFoundError traceback."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read {what} {path!r}: {exc.strerror or exc}") from exc
 
 
 @dataclass(frozen=True)

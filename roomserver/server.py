@@ -60,6 +60,7 @@ from .durable import DurableRooms, History
 from .events import EventEmitter
 from .fanout import STATE_OPEN, send_prepared
 from .listening import AcceptPacer, PacedEndpoint, tcp_address
+from .loaded import Loaded, load
 from .observe import ConnectionLog, Observers
 from .options import ServerOptions
 from .system import raise_open_files_limit
@@ -126,6 +127,7 @@ class WebSocketServer:
         ping_interval: float | None = None,
         *,
         reactor: Any = None,
+        loaded: Loaded | None = None,
         **options: Any,
     ) -> None:
         explicit: dict[str, Any] = {
@@ -156,8 +158,10 @@ class WebSocketServer:
         self.codecs = CodecRegistry()
         self.json_codec = self.codecs.get(JSON_PROTOCOL)
         self.presence_tracker = Presence()
+        # The files and environment variables the options name; twistd read them while parsing its options.
+        self.loaded = load(self.options) if loaded is None else loaded
         self.filters = Pipeline(self._builtin_filters())
-        self.access = AccessControl(self)
+        self.access = AccessControl(self, self.loaded.verifier)
         self.room_protocol: RoomProtocol | None = None
         if self.options.room_protocol:
             self.use_room_protocol()
@@ -270,8 +274,7 @@ class WebSocketServer:
         if self.options.allowed_types:
             chosen.append(builtin_filters.allowed_types(self.options.allowed_types))
         if self.options.blocked_words_file:
-            with open(self.options.blocked_words_file, encoding="utf-8") as words:
-                chosen.append(builtin_filters.blocked_words(words.read().splitlines()))
+            chosen.append(builtin_filters.blocked_words(self.loaded.blocked_words))
         return chosen
 
     def create_room(self, name: str, keep: bool = False, meta: dict[str, Any] | None = None) -> Room:

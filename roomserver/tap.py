@@ -12,7 +12,7 @@ from typing import Any
 from twisted.application import service
 from twisted.python import usage
 
-from .http.auth import AdminToken
+from .loaded import Loaded, load
 from .logs import LOG_FORMATS, JsonLoggingService, json_log_target
 from .options import ServerOptions, check_number
 from .server import WebSocketServer
@@ -225,7 +225,14 @@ class Options(usage.Options):
         options = ServerOptions(room_protocol=True, **values)
         return as_testee(options) if options.testee else options
 
+    loaded: Loaded | None = None
+    """What the options name outside themselves (JWT key, admin token, blocked words), read by ``postOptions``
+    for ``makeService`` to hand to the server."""
+
     def postOptions(self) -> None:
+        """Every configuration error is found here, as a one-line usage error: twistd prints one raised by
+        ``makeService`` with a 40-line traceback. So the files and environment variables the options name are
+        read here too (``roomserver.loaded``), not only when the server is built."""
         if self["compression"] and self["no-compression"]:
             raise usage.UsageError("--compression and --no-compression contradict each other")
         try:
@@ -233,8 +240,7 @@ class Options(usage.Options):
             if self["workers"] > 1 and options.broker == "memory":
                 raise ValueError("--workers needs --broker redis://... (and --store redis://...): the workers "
                                  "act as one server through Redis")
-            if self["admin-token-file"]:
-                AdminToken.load(self["admin-token-file"])
+            self.loaded = load(options)
         except ValueError as exc:
             raise usage.UsageError(str(exc)) from exc
 
@@ -248,10 +254,8 @@ def makeService(config: Options) -> service.MultiService:
     root: service.MultiService = service.MultiService()
     if config["log-format"] == "json":
         root = JsonLoggingService(json_log_target(config))
-    try:
-        server = WebSocketServer(config.server_options())
-    except ValueError as exc:
-        raise usage.UsageError(str(exc)) from exc
+    # postOptions checked the options and read what they name: nothing is read, or can be refused, again here.
+    server = WebSocketServer(config.server_options(), loaded=config.loaded)
     # twistd exits 1 when the start fails; the process is the server's own, so its heap may be frozen.
     serving = RoomServerService(server, exit_status_on_failure=1, freeze_heap=not config["no-gc-freeze"],
                                 thaw_every=config["gc-thaw-interval"], thaw_most=config["gc-thaw-most"])

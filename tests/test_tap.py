@@ -109,6 +109,42 @@ def test_0_is_unlimited_however_it_is_spelled(value: str) -> None:
     assert (options.max_rooms, options.max_room_clients, options.max_rooms_per_client) == (None, None, None)
 
 
+@pytest.mark.parametrize(("argv", "environ", "message"), [
+    (["--jwt-secret-file", "/nonexistent/secret"], {},
+     "cannot read the JWT secret file '/nonexistent/secret': No such file or directory"),
+    (["--jwt-public-key-file", "/nonexistent/key.pem", "--jwt-algorithm", "RS256"], {},
+     "cannot read the JWT public key file '/nonexistent/key.pem': No such file or directory"),
+    (["--blocked-words-file", "/nonexistent/words"], {},
+     "cannot read the blocked words file '/nonexistent/words': No such file or directory"),
+    ([], {"ROOMSERVER_JWT_SECRET": "short"},
+     "an HMAC JWT secret must be at least 32 bytes long (ROOMSERVER_JWT_SECRET)"),
+])
+def test_what_the_options_name_is_checked_while_parsing_them(argv: list[str], environ: dict[str, str], message: str,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A missing file or a short secret was found only by makeService: twistd printed a traceback (a raw
+    FileNotFoundError for a missing file). Now a one-line usage error says which."""
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(usage.UsageError) as info:
+        Options().parseOptions(["--store", "memory", *argv])
+    assert str(info.value) == message
+
+
+def test_what_postoptions_read_is_what_the_server_uses(tmp_path: Path) -> None:
+    """Nothing is read twice: makeService hands the server what postOptions read (the files may be gone)."""
+    words, secret = tmp_path / "words", tmp_path / "secret"
+    words.write_text("spam\n")
+    secret.write_text("s" * 40)
+    config = Options()
+    config.parseOptions(["--store", "memory", "--blocked-words-file", str(words), "--jwt-secret-file", str(secret)])
+    words.unlink()
+    secret.unlink()
+    server = makeService(config).getServiceNamed("roomserver").server
+    assert config.loaded is not None and server.loaded is config.loaded
+    assert server.access.verifier is config.loaded.verifier is not None
+    assert config.loaded.blocked_words == ("spam",)
+
+
 def test_heap_thaw_options_reach_the_service() -> None:
     config = Options()
     config.parseOptions(["--port", "tcp:0:interface=127.0.0.1", "--gc-thaw-interval", "600", "--gc-thaw-most", "7200"])

@@ -46,6 +46,41 @@ def test_a_too_short_token_file_is_a_usage_error(tmp_path: Path) -> None:
         Options().parseOptions(["--admin-token-file", str(short)])
 
 
+def test_a_too_short_token_in_the_environment_is_a_usage_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """It was found only by makeService, which twistd reports with a 40-line traceback."""
+    monkeypatch.setenv("ROOMSERVER_ADMIN_TOKEN", "short")
+    with pytest.raises(usage.UsageError, match=r"^the admin token must be at least 16 characters "
+                                                r"\(ROOMSERVER_ADMIN_TOKEN\)$"):
+        Options().parseOptions([])
+    config = Options()
+    config.parseOptions(["--no-http-pages"])  # no HTTP pages: the token is not ours to check
+    assert config.loaded is not None and not config.loaded.admin_token.configured
+
+
+def test_the_admin_token_is_read_once(tmp_path: Path) -> None:
+    """makeService builds the server with what postOptions read: the file may be gone by then."""
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    config = Options()
+    config.parseOptions(["--admin-token-file", str(token_file), "--store", "memory"])
+    token_file.unlink()
+    server = makeService(config).getServiceNamed("roomserver").server
+    assert server.http.token.matches(TOKEN)
+
+
+def test_twistd_says_what_is_wrong_with_the_token_in_one_line(tmp_path: Path) -> None:
+    process = twistd(tmp_path, "--port", "tcp:0:interface=127.0.0.1", "--store", "memory",
+                     env={"ROOMSERVER_ADMIN_TOKEN": "short"})
+    try:
+        status = process.wait(20)
+    finally:
+        output = reap(process)
+    assert status == 1, output
+    assert "Traceback" not in output, output
+    assert output.rstrip().splitlines()[-1].endswith(
+        ": the admin token must be at least 16 characters (ROOMSERVER_ADMIN_TOKEN)"), output
+
+
 def test_help_documents_the_http_flags() -> None:
     text = str(Options())
     for option in ("--no-http-pages", "--admin-token-file", "--log-format"):

@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any
 
 from ..web import UpgradeResource
 from .admin import AdminApi
-from .auth import AdminToken
 from .dashboard import DashboardFactory, DashboardFeed
 from .health import HealthPage
 from .metrics import MetricsObserver, MetricsPage
@@ -41,7 +40,7 @@ class HttpSide:
 
     def __init__(self, server: WebSocketServer) -> None:
         self.server = server
-        self.token = AdminToken.load(server.options.admin_token_file)
+        self.token = server.loaded.admin_token
         self.metrics = MetricsObserver(server)
         self.feed = DashboardFeed(server)
         server.observers.add(self.metrics)

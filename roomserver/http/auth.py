@@ -42,11 +42,17 @@ class AdminToken:
         """From the file at ``path`` if given, else from ``ROOMSERVER_ADMIN_TOKEN``, else no token."""
         if path:
             try:
-                return cls(Path(path).read_text(encoding="utf-8"))
+                value: str | None = Path(path).read_text(encoding="utf-8")
             except OSError as exc:
                 raise AdminTokenError(f"cannot read the admin token file {path!r}: {exc.strerror}") from exc
-        value = (os.environ if environ is None else environ).get(ENV_VAR)
-        return cls(value) if value else cls(None)
+            source = f"the admin token file {path!r}"
+        else:
+            value = (os.environ if environ is None else environ).get(ENV_VAR) or None
+            source = ENV_VAR
+        try:
+            return cls(value)
+        except AdminTokenError as exc:
+            raise AdminTokenError(f"{exc} ({source})") from None  # which token: never the token itself
 
     @property
     def configured(self) -> bool:
