@@ -108,6 +108,65 @@ def test_weak_or_unknown_configuration_is_refused() -> None:
         TokenVerifier(SECRET, "none")
 
 
+def _pem(key: Any) -> bytes:
+    if hasattr(key, "private_bytes"):
+        return bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    return bytes(key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+
+
+def _certificate(private: Any) -> bytes:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "issuer.example")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(private.public_key())
+                   .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+                   .sign(private, hashes.SHA256()))
+    return certificate.public_bytes(serialization.Encoding.PEM)
+
+
+@pytest.mark.parametrize("case", ["rsa_for_es256", "ec_for_rs256", "p384_for_es256", "certificate_for_rs256",
+                                  "certificate_for_es256", "garbage_for_rs256", "garbage_for_es256",
+                                  "rsa_private_for_rs256", "ec_private_for_es256", "pem_as_hmac_secret"])
+def test_a_key_that_does_not_fit_the_algorithm_is_refused_at_construction(case: str) -> None:
+    """PyJWT parses the key only when a token comes: such a key was accepted, and then every token raised
+    InvalidKeyError (HTTP 500 in the handshake, close 1011 on an auth message, which clients retry forever)."""
+    rsa_private, _ = rsa_keys()
+    ec_private = ec.generate_private_key(ec.SECP256R1())
+    key, algorithm = {
+        "rsa_for_es256": (_pem(rsa_private.public_key()), "ES256"),
+        "ec_for_rs256": (_pem(ec_private.public_key()), "RS256"),
+        "p384_for_es256": (_pem(ec.generate_private_key(ec.SECP384R1()).public_key()), "ES256"),
+        "certificate_for_rs256": (_certificate(rsa_private), "RS256"),
+        "certificate_for_es256": (_certificate(ec_private), "ES256"),
+        "garbage_for_rs256": (b"-----BEGIN PUBLIC KEY-----\nnot base64\n-----END PUBLIC KEY-----\n", "RS256"),
+        "garbage_for_es256": (b"not a key at all", "ES256"),
+        "rsa_private_for_rs256": (_pem(rsa_private), "RS256"),
+        "ec_private_for_es256": (_pem(ec_private), "ES256"),
+        "pem_as_hmac_secret": (_pem(rsa_private.public_key()), "HS256"),
+    }[case]
+    with pytest.raises(ValueError, match=f"^{algorithm} needs "):
+        TokenVerifier(key, algorithm)
+
+
+def test_any_refusal_of_pyjwt_is_a_refused_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not only InvalidTokenError: whatever PyJWT raises (InvalidKeyError is a PyJWTError, not an
+    InvalidTokenError) must come out as AuthError, never as an exception the server reports as 500 or 1011."""
+    verifier = TokenVerifier(SECRET)
+
+    def refuses(*args: Any, **kwargs: Any) -> None:
+        raise jwt.InvalidKeyError("the key does not fit")
+
+    monkeypatch.setattr(jwt, "decode", refuses)
+    with pytest.raises(AuthError, match="the token is invalid"):
+        verifier.verify(token({"sub": "u"}), now=NOW)
+
+
 def test_identity_without_claims_allows_everything_and_empty_lists_nothing() -> None:
     assert Identity("u").may(Action.PUBLISH, "anything")
     assert not Identity("u", rooms=()).may(Action.JOIN, "lobby")

@@ -130,6 +130,24 @@ def test_what_the_options_name_is_checked_while_parsing_them(argv: list[str], en
     assert str(info.value) == message
 
 
+def test_a_jwt_key_that_does_not_fit_the_algorithm_is_a_usage_error(tmp_path: Path) -> None:
+    """An RSA key with --jwt-algorithm ES256 was accepted, and then every token failed (HTTP 500 in the handshake,
+    close 1011 on an auth message)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = tmp_path / "key.pem"
+    key.write_bytes(rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    config = Options()
+    config.parseOptions(["--store", "memory", "--jwt-public-key-file", str(key), "--jwt-algorithm", "RS256"])
+    assert config.loaded is not None and config.loaded.verifier is not None
+    with pytest.raises(usage.UsageError) as info:
+        Options().parseOptions(["--store", "memory", "--jwt-public-key-file", str(key), "--jwt-algorithm", "ES256"])
+    assert str(info.value) == ("ES256 needs an EC public key on curve P-256 in PEM format "
+                               f"(the JWT public key file {str(key)!r})")
+
+
 def test_what_postoptions_read_is_what_the_server_uses(tmp_path: Path) -> None:
     """Nothing is read twice: makeService hands the server what postOptions read (the files may be gone)."""
     words, secret = tmp_path / "words", tmp_path / "secret"

@@ -27,6 +27,11 @@ from .errors import RoomServerError
 ALGORITHMS = ("HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "PS256")
 MAX_META_BYTES = 1024
 
+_KEY_NEEDED = {"HS": "a shared secret, not a PEM key or certificate", "RS": "an RSA public key in PEM format",
+               "PS": "an RSA public key in PEM format", "ES256": "an EC public key on curve P-256 in PEM format",
+               "ES384": "an EC public key on curve P-384 in PEM format"}
+"""What each algorithm (or family) verifies with, for the message that refuses any other key."""
+
 
 class Action(enum.Enum):
     JOIN = "join"
@@ -89,7 +94,7 @@ class TokenVerifier:
             raise ValueError(f"unsupported JWT algorithm {algorithm!r}; use one of {', '.join(ALGORITHMS)}")
         if algorithm.startswith("HS") and len(key) < 32:
             raise ValueError("an HMAC JWT secret must be at least 32 bytes long")
-        self.key = key
+        self.key = _prepared_key(key, algorithm)
         self.algorithm = algorithm
         self.audience = audience
         self.issuer = issuer
@@ -117,7 +122,9 @@ class TokenVerifier:
             raise AuthError(f"the token lacks the {exc.claim!r} claim") from exc
         except jwt.InvalidAlgorithmError as exc:
             raise AuthError("the token is not signed with the accepted algorithm") from exc
-        except jwt.InvalidTokenError as exc:
+        except jwt.PyJWTError as exc:
+            # Any other refusal of PyJWT's (InvalidKeyError is not an InvalidTokenError) is a refused token too: an
+            # exception escaping here would be an HTTP 500 in the handshake, or a close 1011 that clients retry.
             raise AuthError("the token is invalid") from exc
         return self._identity(claims, now)
 
@@ -143,6 +150,26 @@ class TokenVerifier:
             expires_at=expires_at,
             claims=dict(claims),
         )
+
+
+def _prepared_key(key: str | bytes, algorithm: str) -> Any:
+    """``key`` as PyJWT verifies ``algorithm`` with it, parsed once; ``ValueError`` if it cannot be used.
+
+    PyJWT parses the key only when a token comes: a key that does not fit the algorithm (an RSA key for ES256,
+    a certificate, a PEM that does not parse) was accepted at start, and then every token failed."""
+    needed = _KEY_NEEDED.get(algorithm, _KEY_NEEDED.get(algorithm[:2], "a key that fits it"))
+    try:
+        implementation = jwt.get_algorithm_by_name(algorithm)
+    except NotImplementedError as exc:  # RS*, PS*, ES* without the cryptography package
+        raise ValueError(f"{algorithm} is not available: {exc}") from None
+    try:
+        prepared = implementation.prepare_key(key)
+    except Exception:  # PyJWT's InvalidKeyError, or the ValueError or TypeError of the PEM parser underneath it
+        raise ValueError(f"{algorithm} needs {needed}") from None
+    if callable(getattr(prepared, "public_key", None)):
+        # A private key: PyJWT cannot verify RS* with one, and the server has no business holding it.
+        raise ValueError(f"{algorithm} needs {needed}, not a private key")
+    return prepared
 
 
 def _number(claims: Mapping[str, Any], name: str) -> float | None:
