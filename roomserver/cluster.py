@@ -20,6 +20,10 @@ sent when the first member joins, so a chat sent after a member holds its ``join
 read and lies above the baseline; with the reply sent at once, a read that reached Redis late (a slow link, a
 reconnecting connection) could come back with a baseline above such chats, and a subscription that was late
 too would miss them: the member never got them.
+
+A baseline read that fails refuses the joins waiting for it (``unavailable``: they leave the room again) rather
+than answer them: a later read, once the store is back, would take a baseline above the chats stored in between,
+which a subscription that was down as well never brought either.
 """
 
 from __future__ import annotations
@@ -157,8 +161,9 @@ class Relay:
 
     def baseline_known(self, name: str) -> defer.Deferred[None] | None:
         """None if room ``name``'s messages from now on are sure to reach its members here; else a Deferred that
-        fires once the baseline read answered (or failed: the node then serves the room degraded, as before the
-        read, rather than hold a ``joined`` through an outage)."""
+        fires once the baseline read answered, or fails with the store's failure if the read failed: the
+        ``joined`` waiting for it must then not be sent (the join is refused, the member taken out again), for
+        nothing could promise it the chats stored until a later read succeeds."""
         sequence = self.sequences.get(name)
         if sequence is None or sequence.started:
             return None
@@ -166,9 +171,13 @@ class Relay:
         self._baseline_waiters.setdefault(name, []).append(waiter)
         return waiter
 
-    def _baseline_settled(self, name: str) -> None:
+    def _baseline_settled(self, name: str, failure: Failure | None = None) -> None:
+        """Answer the joins waiting for room ``name``'s baseline: go ahead, or (``failure``) refuse them."""
         for waiter in self._baseline_waiters.pop(name, []):
-            waiter.callback(None)
+            if failure is None:
+                waiter.callback(None)
+            else:
+                waiter.errback(failure)
 
     def member_removed(self, room: Room) -> None:
         if room.clients:
@@ -185,9 +194,12 @@ class Relay:
                 self._baseline_settled(name)
 
         def failed(failure: Failure) -> None:
-            if self.sequences.get(name) is sequence:
-                self.outages.failed("could not read the last seq of room {room} (retrying)", failure, room=name)
-                self._baseline_settled(name)
+            if self.sequences.get(name) is not sequence:
+                return
+            self.outages.failed("could not read the last seq of room {room} (its joins here are refused until "
+                                "it can be read)", failure, room=name)
+            self._baseline_settled(name, failure)  # their members leave: maybe the room's last ones here
+            if self.sequences.get(name) is sequence:  # members that waited for no ``joined`` (library, replays)
                 self.server.reactor.callLater(  # type: ignore[attr-defined]
                     RETRY_DELAY, self._read_baseline, name, sequence)
 

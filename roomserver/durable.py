@@ -345,12 +345,14 @@ class DurableRooms:
             effect.reply["members"] = await cluster.members(effect.room)
         return await self._read_after(effect.room, effect.since)
 
-    def hold_reply(self, client: Client, room: str, ready: defer.Deferred[dict[str, Any]]) -> None:
+    def hold_reply(self, client: Client, room: str, request_id: Any, ready: defer.Deferred[dict[str, Any]]) -> None:
         """Send a ``joined`` reply once ``ready`` gives it (its member list read, the room's baseline known); the
-        room's live messages to the joiner wait behind it meanwhile, as behind a replay."""
+        room's live messages to the joiner wait behind it meanwhile, as behind a replay. If ``ready`` fails (the
+        baseline could not be read: ``Relay.baseline_known``), the join is refused (``_refuse_joins``)."""
         states = self.replaying.setdefault(room, {})
         if client in states:  # already replaying this room: its messages are held by that replay
-            ready.addCallback(lambda reply: self.server._reply(client, reply) if client.open else None)
+            ready.addCallbacks(lambda reply: self.server._reply(client, reply) if client.open else None,
+                               self._held_join_failed, errbackArgs=(client, room, [request_id]))
             return
         state = states[client] = ReplayState()
 
@@ -366,7 +368,12 @@ class DurableRooms:
             finally:
                 self._run_followers(client, state)
 
-        ready.addCallback(send).addErrback(
+        def failed(failure: Failure) -> None:
+            if self._end_replay(client, room, state):
+                queued = [request_id, *(follower.reply.get("id") for follower in state.followers)]
+                self._held_join_failed(failure, client, room, queued)
+
+        ready.addCallbacks(send, failed).addErrback(
             lambda failure: self.outages.failed("could not answer a join in room {room}", failure, room=room))
 
     def hold_back(
@@ -483,16 +490,25 @@ class DurableRooms:
 
     def _replay_failed(self, failure: Failure, client: Client, effect: Replay, state: ReplayState) -> None:
         self.outages.failed("could not replay the history of room {room}", failure, room=effect.room)
-        if not self._end_replay(client, effect.room, state):
-            return
-        # The member could not be brought up to date: take it out again (presence and filters too, as a leave
-        # would) so it can retry, rather than leave it joined with a hole in its sequence. The joins of the room
-        # queued behind this replay are refused alike: the member they would have answered is out.
-        self.server.remove_from_room(client, effect.room)
-        for refused in (effect, *state.followers):
+        if self._end_replay(client, effect.room, state):
+            self._refuse_joins(client, effect.room, [refused.reply.get("id") for refused in (effect, *state.followers)])
+
+    def _held_join_failed(self, failure: Failure, client: Client, room: str, request_ids: list[Any]) -> None:
+        """A held ``joined`` whose room's baseline could not be read (the relay logged why)."""
+        if client.open:
+            self._refuse_joins(client, room, request_ids)
+
+    def _refuse_joins(self, client: Client, room: str, request_ids: list[Any]) -> None:
+        """The member could not be brought up to date (its replay failed), or the node cannot promise it the
+        room's messages (the room's baseline could not be read): take it out again (presence and filters too, as
+        a leave would) so it can retry, rather than leave it joined with a hole in its sequence. Every join of
+        the room that waited on it (``request_ids``: queued behind a replay too) is refused alike: the member
+        they would have answered is out."""
+        self.server.remove_from_room(client, room)
+        for request_id in request_ids:
             self.server._reply(client, messages.error(
-                ErrorCode.UNAVAILABLE, "the history is unavailable right now; the room was not joined, retry later",
-                refused.reply.get("id"), room=effect.room))
+                ErrorCode.UNAVAILABLE, "the room's messages are unavailable right now; the room was not joined, "
+                "retry later", request_id, room=room))
 
     def _run_followers(self, client: Client, state: ReplayState) -> None:
         """The joins queued behind a replay, each answered in turn (a member that left meanwhile gets the answer

@@ -859,7 +859,7 @@ class WebSocketServer:
         else:
             ready.addCallback(lambda _: event)
         if joined:
-            self.durable.hold_reply(client, event["room"], ready)
+            self.durable.hold_reply(client, event["room"], event.get("id"), ready)
         else:
             ready.addCallback(lambda reply: self._reply(client, reply) if client.open else None).addErrback(
                 lambda failure: self.durable.outages.failed("could not answer a presence request in room {room}",

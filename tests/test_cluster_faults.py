@@ -7,6 +7,8 @@ Two nodes (in this process, each with its own Redis connections) share the Redis
   retried chat (same ``msg_id``) is stored once and every member ends with the full sequence.
 - ``CLIENT KILL TYPE pubsub`` while a publisher runs: the nodes notice, resubscribe, and fetch what their
   members missed from the room streams: every member still ends with the full sequence.
+- A join on a node that cannot read the room's last seq (its baseline) is refused ``unavailable``, not answered
+  ``joined``: the chats stored before the node's connections come back would lie below a later baseline.
 """
 
 from __future__ import annotations
@@ -84,8 +86,14 @@ async def test_redis_down_then_back_degrades_refuses_chats_and_loses_nothing(
     assert metric(metrics, "roomserver_backend_up", 'backend="store",kind="redis"') == 0
     error = await answer(sender, {"type": "chat", "room": "outage", "text": "m6", "id": 6, "msg_id": "m6"})
     assert (error["type"], error["code"], error["msg_id"]) == ("error", "unavailable", "m6")
-    # Local connections are still served: joining another room works.
-    assert (await sender.request({"type": "join", "room": "local-only"}))["type"] == "joined"
+    # Local connections are still served: joining a room with members on this node works (its baseline is
+    # known); a room new to the node cannot be followed until Redis is back, and its join is refused.
+    other = await WSClient.connect(url_of(a))
+    await other.recv()  # welcome
+    assert (await other.request({"type": "join", "room": "outage", "id": 1}))["type"] == "joined"
+    refused = await other.request({"type": "join", "room": "local-only", "id": 2})
+    assert (refused["type"], refused["code"], refused["id"]) == ("error", "unavailable", 2)
+    await other.close()
 
     redis_server.start()
     # RELIABILITY R2: every node resubscribed and its store reconnected within 5 s of Redis answering again
@@ -210,3 +218,43 @@ async def test_redis_restarted_five_times_mid_broadcast_loses_and_repeats_nothin
         assert member.texts == [by_seq[seq] for seq in range(1, total + 1)]
     assert publisher.refused >= 1, "the restarts did refuse chats"
     assert b.broker.health()["resubscriptions"] >= restarts + 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_join_whose_baseline_cannot_be_read_is_refused_not_answered_with_a_hole(
+        make_server: Any, redis_server: RedisServer) -> None:
+    """Node B cannot reach Redis when a member joins there: the room's last seq cannot be read. Node A comes
+    back first and stores chats; B comes back later, its subscription down as well until then. Answered
+    ``joined`` at once, the member would never get those chats (B's later read puts the baseline above them):
+    the join is refused ``unavailable`` instead (the member is out of the room, presence included), and a join
+    once B is back gets every chat sent after its ``joined``."""
+    a, b = await two_nodes(make_server, redis_server)
+    sender = await WSClient.connect(url_of(a))
+    await sender.recv()  # welcome
+    assert (await sender.request({"type": "join", "room": "r"}))["type"] == "joined"
+    for link in (b.durable.store.link, b.broker.subscriber, b.broker.publisher):
+        link._backoff = lambda attempts: 3.0  # B reconnects later than A
+    redis_server.stop()
+    await aio(until(lambda: not b.durable.store.link.connected and not b.broker.subscriber.connected, timeout=5))
+    member = await WSClient.connect(url_of(b))
+    await member.recv()  # welcome
+    refused = await member.request({"type": "join", "room": "r", "id": 1, "presence": True})
+    assert (refused["type"], refused["code"], refused["room"], refused["id"]) == ("error", "unavailable", "r", 1)
+    room = b.get_room("r")
+    assert room is None or not room.clients, "the member is not in the room"
+    assert b.presence_tracker.members("r") == [] and "r" not in b.relay.sequences
+
+    redis_server.start()
+    await aio(until(lambda: a.durable.store.link.connected, timeout=10))
+    for i in range(1, 4):  # stored while B is still cut off
+        ack = await answer(sender, {"type": "chat", "room": "r", "text": f"m{i}", "id": i, "msg_id": f"m{i}"})
+        assert (ack["type"], ack["seq"]) == ("ack", i)
+    await aio(until(lambda: b.broker.health()["ok"] and b.durable.store.health()["ok"], timeout=15))
+    joined = await member.request({"type": "join", "room": "r", "id": 2})
+    assert (joined["type"], joined["id"]) == ("joined", 2)
+    ack = await answer(sender, {"type": "chat", "room": "r", "text": "m4", "id": 4, "msg_id": "m4"})
+    assert (ack["type"], ack["seq"]) == ("ack", 4)
+    message = await member.recv()
+    assert (message["type"], message["seq"], message["text"]) == ("chat", 4, "m4")
+    for client in (member, sender):
+        await client.close()
