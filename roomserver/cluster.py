@@ -224,11 +224,22 @@ class Relay:
             self._apply(name, sequence, sequence.offer(seq, payload, fetch=not waits))
 
     def stored_again(self, name: str, seq: int, payload: bytes) -> None:
-        """A retried chat the store already held (a duplicate ``msg_id``). One node: if its seq is the next one
-        not yet delivered here, the first attempt was stored but its answer never came (``_stored_here``), and
-        this is its only chance to reach the members. A cluster's nodes get it through the room's sequence."""
+        """A retried chat the store already held (a duplicate ``msg_id``), with the payload it stored (empty if
+        it left the history). Its first attempt may have been stored with its answer lost (the Redis connection
+        dropped after the script ran): its sender was told ``unavailable``, and nothing else may ever deliver it.
+
+        One node: if its seq was not delivered here yet, it is now (``_stored_here``). A cluster: it goes the
+        way of a fresh append (``stored``): the room's sequence here drops it if delivered already, and unless
+        the store published it with the append, it is published for the other nodes, which drop the copies they
+        have. (Without that, a broker on another Redis server than the store never carried it: no later chat
+        need come to show the nodes the gap.)"""
+        if not payload:
+            return
+        if self.clustered:
+            self.stored(name, seq, payload)
+            return
         last = self._broadcast.get(name)
-        if not self.clustered and last is not None and seq > last and payload:
+        if last is not None and seq > last:
             self._stored_here(name, seq, payload)
 
     def _stored_here(self, name: str, seq: int, payload: bytes) -> None:

@@ -180,3 +180,46 @@ async def test_one_node_delivers_a_chat_whose_append_answer_was_lost(make_server
     event = await reader.recv()
     assert (event["seq"], event["text"]) == (4, "four"), "the retry's duplicate was never delivered: now it is"
     assert not server.relay.sequences, "gap filled: delivered directly again"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_cluster_not_fused_delivers_a_retried_chat_whose_append_answer_was_lost(make_server: Any) -> None:
+    """Store and broker on different Redis databases (``fused`` false: the node publishes after the append): a
+    chat stored without its answer reaches every member, on every node, with its retry's duplicate ack. Nothing
+    else would bring it: the store did not publish it, and no later chat shows the nodes the gap."""
+    from .redis_support import delete_prefix, unique_prefix
+    from .support import WSClient, url_of
+
+    prefix = unique_prefix()
+    store, broker = f"redis://127.0.0.1:6379/9?prefix={prefix}", f"redis://127.0.0.1:6379/10?prefix={prefix}"
+    try:
+        a = await make_server(room_protocol=True, store=store, broker=broker, rate_limit=0)
+        b = await make_server(room_protocol=True, store=store, broker=broker, rate_limit=0)
+        assert not a.relay.fused and not b.relay.fused
+        lossy = AnswerLost(a.durable.pipeline.store)
+        a.durable.pipeline.store = lossy
+        sender, on_a, on_b = [await WSClient.connect(url_of(node)) for node in (a, a, b)]
+        for ws in (sender, on_a, on_b):
+            await ws.recv()
+            assert (await ws.request({"type": "join", "room": "r"}))["type"] == "joined"
+
+        async def say(text: str, request_id: int) -> dict[str, Any]:
+            await sender.send({"type": "chat", "room": "r", "text": text, "id": request_id, "msg_id": text})
+            answer = await sender.recv()
+            while answer["type"] == "chat":
+                answer = await sender.recv()
+            return answer
+
+        assert (await say("one", 1))["seq"] == 1
+        lossy.lose_next = True
+        assert (await say("two", 2))["code"] == "unavailable"
+        retried = await say("two", 3)
+        assert (retried["seq"], retried.get("duplicate")) == (2, True)
+        for member in (on_a, on_b):
+            assert [((event := await member.recv())["seq"], event["text"]) for _ in range(2)] == [
+                (1, "one"), (2, "two")]
+        for ws in (sender, on_a, on_b):
+            await ws.close()
+    finally:
+        for url in (store, broker):
+            await delete_prefix(prefix, url)
