@@ -197,6 +197,46 @@ async def test_redis_away_keeps_local_presence_and_the_node_resyncs_when_it_is_b
         redis.stop()
 
 
+@pytest_twisted.ensureDeferred
+async def test_presence_changes_missed_while_the_subscriber_was_down_reach_the_watchers_once(
+        make_server: Any, tmp_path: Path, secret_file: str) -> None:
+    """Node A's subscriber connection is killed (``CLIENT KILL TYPE pubsub``, as Redis does at its pubsub
+    output-buffer limit); while it is down, carol leaves and bob joins on node B: their events never reach A.
+    Once A has resubscribed, its watcher is told the difference: bob's join and carol's leave, once each."""
+    redis = RedisServer(tmp_path)
+    redis.start()
+    url = f"{redis.url}?prefix={unique_prefix()}"
+    link = await redis_link(redis.url)
+    try:
+        a, b = [await make_server(room_protocol=True, store=url, broker=url, rate_limit=0,
+                                  jwt_secret_file=secret_file) for _ in range(2)]
+        watcher = await connect_as(a, "watcher")
+        await watcher.request({"type": "join", "room": "r", "presence": True})
+        carol = await connect_as(b, "carol")
+        await carol.request({"type": "join", "room": "r", "meta": {"n": 3}})
+        assert await watcher.recv() == {"type": "presence", "room": "r", "event": "join", "user": "carol",
+                                        "meta": {"n": 3}}
+        a.broker.subscriber._backoff = lambda attempts: 1.0  # A resubscribes a second later
+        assert int(await link.command("CLIENT", "KILL", "TYPE", "pubsub")) == 2
+        await eventually(lambda: not a.broker.subscribed, timeout=5)
+        await carol.close()
+        bob = await connect_as(b, "bob")
+        await bob.request({"type": "join", "room": "r", "meta": {"n": 2}})
+        assert not a.broker.subscribed, "both changes were published while A could not hear them"
+        await eventually(lambda: a.broker.health()["ok"], timeout=10)
+        told = await quiet(watcher, 1.0)
+        assert sorted(told, key=lambda event: event["user"]) == [
+            {"type": "presence", "room": "r", "event": "join", "user": "bob", "meta": {"n": 2}},
+            {"type": "presence", "room": "r", "event": "leave", "user": "carol"}]
+        assert a.cluster_presence.caught_up == 2
+        await bob.close()
+        assert await watcher.recv() == {"type": "presence", "room": "r", "event": "leave", "user": "bob"}
+        assert await quiet(watcher) == [], "each event once"
+    finally:
+        await link.stop()
+        redis.stop()
+
+
 # -- three twistd nodes, one killed with SIGKILL ----------------------------------------------------------------
 
 TTL = 3.0

@@ -26,6 +26,19 @@ def test_the_listener_hears_every_change_with_the_node_level_event() -> None:
     assert presence.member("r", "alice") is None and list(presence.entries()) == []
 
 
+def test_the_watch_listener_hears_a_rooms_first_and_last_presence_subscriber() -> None:
+    presence = Presence()
+    heard: list[tuple[str, bool]] = []
+    presence.watch_listener = lambda room, watched: heard.append((room, watched))
+    presence.subscribe("r", "tab1")
+    presence.subscribe("r", "tab2")
+    presence.unsubscribe("r", "tab1")
+    presence.unsubscribe("r", "tab-unknown")
+    presence.join("r", "alice", "tab2")
+    presence.leave("r", "alice", "tab2")  # a leave unsubscribes too
+    assert heard == [("r", True), ("r", False)]
+
+
 def test_entries_list_the_whole_node() -> None:
     presence = Presence()
     presence.join("r1", "a", 1)

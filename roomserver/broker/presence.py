@@ -25,6 +25,16 @@ join. When Redis is unreachable, local presence keeps working: a node-level even
 announced to this node's subscribers right away (as on a single node), and once the connection is back (or the
 node finds it was reaped) the node resyncs its whole presence with one script that diffs it against what Redis
 holds, publishing the cluster-level events of the difference (not to itself, which already announced them).
+
+Events published while this node's subscriber connection is down never reach it. So for every room with a
+presence subscriber here (a *watched* room) the node keeps the members its subscribers were told (``known``:
+the room read when it became watched, then every event announced), and once it has resubscribed it reads the
+watched rooms again and announces the difference, each join and leave once. The read (``SNAPSHOT``) is
+published to this node alone on its own channel: on the subscriber connection it comes in order with the rooms'
+events (those published before the read ahead of it, the later ones behind it), which a reply on the command
+connection would not, so no change is announced both from the read and from an event. It runs at the beat, after
+the resync if one is due (on the same connection), so Redis holds this node's own members as its subscribers
+were told them (while Redis was away, by the node itself).
 """
 
 from __future__ import annotations
@@ -40,6 +50,7 @@ from twisted.python.failure import Failure
 from ..core.presence import PresenceEvent, cluster_members
 from ..core.session import identity_of
 from ..redislink import LuaScripts
+from .redis import PRESENCE_SNAPSHOT
 
 if TYPE_CHECKING:
     from ..server import WebSocketServer
@@ -47,6 +58,7 @@ if TYPE_CHECKING:
 
 MAX_BEAT_INTERVAL = 2.0
 REAP_BATCH = 1000
+SNAPSHOT_ROOMS = 100  # watched rooms read by one SNAPSHOT script run
 
 _LIB = b"""
 local function put(prefix, node, room, user, conns, meta, echo)
@@ -138,6 +150,16 @@ end
 return {added, left, more}
 """
 
+# ARGV: prefix, this node's own channel, the message head, then rooms. Each room's presence hash, published to
+# this node alone as ``<head>[room, [field, value, ...]]`` (an empty hash encodes as ``{}``).
+SNAPSHOT = b"""
+for i = 4, #ARGV do
+  local fields = redis.call('HGETALL', ARGV[1] .. 'p:' .. ARGV[i])
+  redis.call('PUBLISH', ARGV[2], ARGV[3] .. cjson.encode({ARGV[i], fields}))
+end
+return #ARGV - 3
+"""
+
 # KEYS: the nodes' deadlines, this node's index; ARGV: node. A clean stop with nobody held here: forget the node.
 FORGET = b"""
 if redis.call('EXISTS', KEYS[2]) == 0 then
@@ -167,13 +189,20 @@ class ClusterPresence:
         self.fallbacks = False
         """Node-level events were announced here while Redis could not take them: the resync must not announce
         them here a second time."""
+        self.known: dict[str, dict[str, Any]] = {}
+        """Per watched room (one with presence subscribers here) once read: its members over all nodes (user ->
+        meta) as this node's subscribers were told them. What the room's read after a resubscription is diffed
+        against (see the module docstring)."""
+        self._watched: set[str] = set()
+        self._reads_owed: set[str] = set()  # watched rooms to read at the next beat (after the resync, if due)
         self.beats = 0
         self.reaped = 0
         self.syncs = 0
         self.failures = 0
+        self.caught_up = 0  # presence events announced here after a resubscription: what the events lost said
         # Loaded on every new connection, ahead of any EVALSHA: a NOSCRIPT retry would let the member list read
         # that follows a join overtake the join's own write.
-        self.scripts = LuaScripts((PUT, SYNC, BEAT, FORGET))
+        self.scripts = LuaScripts((PUT, SYNC, BEAT, FORGET, SNAPSHOT))
         self._heart: task.LoopingCall | None = None
         self._beating = False
 
@@ -181,9 +210,12 @@ class ClusterPresence:
 
     def start(self) -> None:
         self.tracker.listener = self._changed
+        self.tracker.watch_listener = self._watch
         self.broker.on_presence = self._received
+        self.broker.on_presence_snapshot = self._snapshot_read
         self.broker.presence_report = self.stats
         self.broker.publisher_ready.append(self._reconnected)
+        self.broker.resubscribed.append(self._resubscribed)
         self.scripts.load(self.link.protocol)
         self._heart = task.LoopingCall(self._beat)
         self._heart.clock = self.server.reactor
@@ -194,9 +226,15 @@ class ClusterPresence:
             self._heart.stop()
         self._heart = None
         self.tracker.listener = None
+        self.tracker.watch_listener = None
         self.broker.on_presence = None
+        self.broker.on_presence_snapshot = None
         if self._reconnected in self.broker.publisher_ready:
             self.broker.publisher_ready.remove(self._reconnected)
+        if self._resubscribed in self.broker.resubscribed:
+            self.broker.resubscribed.remove(self._resubscribed)
+        self._watched.clear()
+        self.known.clear()
         if not self.link.connected:
             return
         # Members still here are held by resumable sessions: leave them to the reaper (within the ttl), so a
@@ -211,7 +249,7 @@ class ClusterPresence:
 
     def stats(self) -> dict[str, Any]:
         return {"ttl": self.ttl, "beats": self.beats, "reaped": self.reaped, "syncs": self.syncs,
-                "failures": self.failures, "in_sync": not self.dirty}
+                "failures": self.failures, "in_sync": not self.dirty, "caught_up": self.caught_up}
 
     # -- reads -----------------------------------------------------------------------------------------------
 
@@ -222,14 +260,22 @@ class ClusterPresence:
         def merge(reply: list[bytes]) -> list[dict[str, Any]]:
             fields = [(bytes(reply[i]).decode("utf-8", "surrogateescape"), bytes(reply[i + 1]))
                       for i in range(0, len(reply) - 1, 2)]
-            return cluster_members(fields)
+            return self._told(room, cluster_members(fields))
 
         def local(failure: Failure) -> list[dict[str, Any]]:
             self.log.debug("cluster presence: members of {room} from this node only: {error}", room=room,
                            error=failure.getErrorMessage())
-            return self.tracker.members(room)
+            return self._told(room, self.tracker.members(room))
 
         return self.link.command("HGETALL", self.prefix + b"p:" + room.encode()).addCallbacks(merge, local)
+
+    def _told(self, room: str, listed: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """A member list about to be sent to a member. A watched room not read yet while the subscriber
+        connection is down (its read for the watchers was lost, or never sent) takes it as what its watchers
+        know: nothing else is, and no event can come in between until the resubscription reads the room."""
+        if room in self._watched and room not in self.known and not self.broker.subscribed:
+            self.known[room] = {member["user"]: member["meta"] for member in listed}
+        return listed
 
     # -- writes ----------------------------------------------------------------------------------------------
 
@@ -266,6 +312,8 @@ class ClusterPresence:
             self._beating = False
             if isinstance(result, Failure):
                 self.log.debug("cluster presence heartbeat failed: {error}", error=result.getErrorMessage())
+            elif self._reads_owed and self.link.connected:  # asked for while this beat ran
+                self.server.reactor.callLater(0, self._beat)  # type: ignore[attr-defined]
 
         return defer.ensureDeferred(self._beat_once()).addBoth(done)
 
@@ -282,6 +330,8 @@ class ClusterPresence:
             self.server.reactor.callLater(0, self._beat)  # type: ignore[attr-defined]
         if int(added) or self.dirty:
             await self._sync()
+        if self._reads_owed:
+            await self._read_for_watchers()
 
     async def _sync(self) -> None:
         self.dirty = False
@@ -296,6 +346,71 @@ class ClusterPresence:
             raise
         self.fallbacks = False
         self.syncs += 1
+
+    # -- watched rooms: what their presence subscribers were told ------------------------------------------
+
+    def _watch(self, room: str, watched: bool) -> None:
+        """A room got its first presence subscriber here (read it for them, in order with its events), or lost
+        its last one (forget what they were told)."""
+        if not watched:
+            self._watched.discard(room)
+            self._reads_owed.discard(room)
+            self.known.pop(room, None)
+            return
+        self._watched.add(room)
+        if self.broker.subscribed:  # else the resubscription reads it (and ``_told`` seeds it meanwhile)
+            self._read_soon({room})
+
+    def _resubscribed(self) -> None:
+        """The subscriber connection is back: the events published while it was down are lost; read every
+        watched room again, and announce the difference."""
+        self._read_soon(self._watched)
+
+    def _read_soon(self, rooms: set[str]) -> None:
+        """Read ``rooms`` for their watchers now, or, if this node's presence is to be resynced first (Redis
+        may not hold it as its subscribers were told it), right after the resync, at a beat."""
+        self._reads_owed |= rooms
+        if self.dirty or self._beating or not self.link.connected:
+            self.server.reactor.callLater(0, self._beat)  # type: ignore[attr-defined]
+            return
+        defer.ensureDeferred(self._read_for_watchers()).addErrback(
+            lambda failure: self.log.debug("cluster presence: could not read watched rooms ({error}); again at "
+                                           "the next beat", error=failure.getErrorMessage()))
+
+    async def _read_for_watchers(self) -> None:
+        rooms = sorted(self._reads_owed & self._watched)
+        self._reads_owed.clear()
+        for start in range(0, len(rooms), SNAPSHOT_ROOMS):
+            chunk = rooms[start:start + SNAPSHOT_ROOMS]
+            try:
+                await self._script(SNAPSHOT, [], [self.prefix, self.broker.node_channel, PRESENCE_SNAPSHOT, *chunk])
+            except Exception:
+                self._reads_owed.update(rooms[start:])  # again at the next beat
+                raise
+
+    def _snapshot_read(self, data: bytes) -> None:
+        """A watched room's presence as Redis held it (``SNAPSHOT``), in order with the room's events: the first
+        read of the room is what its watchers know; a later one (a resubscription) tells them the difference."""
+        try:
+            room, fields = orjson.loads(data)
+            fields = fields or []  # an empty hash comes as {}
+            entries = [(str(fields[i]), fields[i + 1]) for i in range(0, len(fields) - 1, 2)]
+        except (orjson.JSONDecodeError, TypeError, ValueError):
+            self.log.warn("cluster presence: ignoring a malformed presence read")
+            return
+        if room not in self._watched:
+            return
+        members = {member["user"]: member["meta"] for member in cluster_members(entries)}
+        told = self.known.get(room)
+        self.known[room] = members
+        if told is None:
+            return
+        for user in sorted(members.keys() - told.keys()):
+            self._send(room, PresenceEvent(room, "join", user, members[user]).as_json(), user)
+            self.caught_up += 1
+        for user in sorted(told.keys() - members.keys()):
+            self._send(room, PresenceEvent(room, "leave", user, told[user]).as_json(), user)
+            self.caught_up += 1
 
     # -- events ----------------------------------------------------------------------------------------------
 
@@ -315,6 +430,16 @@ class ClusterPresence:
         self._announce(room, event.as_json(), user)
 
     def _announce(self, room: str, event: dict[str, Any], user: str) -> None:
+        """Send ``event`` to this node's presence subscribers of ``room``, and keep what they were told."""
+        told = self.known.get(room)
+        if told is not None:
+            if event["event"] == "join":
+                told[user] = event.get("meta", {})
+            else:
+                told.pop(user, None)
+        self._send(room, event, user)
+
+    def _send(self, room: str, event: dict[str, Any], user: str) -> None:
         """Send ``event`` to this node's presence subscribers of ``room``, except the user it is about."""
         from ..client import Client
 

@@ -66,6 +66,8 @@ PING_TIMEOUT = 1.5
 PING_TIMEOUT_CEILING = 15.0
 START_TIMEOUT = 5.0
 SUBSCRIBE_CHUNK = 500
+PRESENCE_SNAPSHOT = b"presence "
+"""Starts the messages on a node's own channel that carry a room's presence read for it (``on_presence_snapshot``)."""
 
 
 class _Subscriber(LinkProtocol):
@@ -126,6 +128,12 @@ class RedisBroker:
         (``p <node> <json>``, published by roomserver/broker/presence.py's scripts), this node's own included."""
         self.publisher_ready: list[Callable[[Any], None]] = []
         """Called with each new publisher connection (the cluster presence resyncs on it)."""
+        self.resubscribed: list[Callable[[], None]] = []
+        """Called once Redis confirmed every subscription of a new subscriber connection, after
+        ``on_resubscribed`` (the cluster presence catches its watchers up: nothing told it what it missed)."""
+        self.on_presence_snapshot: Callable[[bytes], None] | None = None
+        """Called with every ``presence <json>`` message on this node's own channel: a room's presence as Redis
+        held it, read for this node (roomserver/broker/presence.py, ``SNAPSHOT``)."""
         self.presence_report: Callable[[], dict[str, Any]] | None = None
         self.on_node_message: Callable[[bytes], None] | None = None
         """Called with every message on this node's own channel (``<prefix>node:<id>``: notices other nodes
@@ -350,10 +358,15 @@ class RedisBroker:
                     self.log.info("redis broker: resubscribed to {count} rooms", count=len(self.rooms))
                 if self._on_resubscribed is not None:
                     self._on_resubscribed()
+                for hook in self.resubscribed:
+                    hook()
 
     def _message(self, channel: bytes, data: bytes) -> None:
         if channel == self.node_channel:
-            if self.on_node_message is not None:
+            if data.startswith(PRESENCE_SNAPSHOT):
+                if self.on_presence_snapshot is not None:
+                    self.on_presence_snapshot(data[len(PRESENCE_SNAPSHOT):])
+            elif self.on_node_message is not None:
                 self.on_node_message(data)
             return
         head = self.prefix + b"c:"

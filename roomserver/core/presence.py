@@ -56,6 +56,9 @@ class Presence:
         self.listener: Callable[[str, str, PresenceEvent | None], None] | None = None
         """Called with (room, user, the node-level event if any) after every change of that member here
         (connections or meta): what a cluster mirrors into Redis."""
+        self.watch_listener: Callable[[str, bool], None] | None = None
+        """Called with (room, True) when a room gets its first presence subscriber here, (room, False) when it
+        loses its last: a cluster keeps what those subscribers were told only while there are some."""
 
     def join(self, room: str, user: str, connection: Hashable, meta: Mapping[str, Any] | None = None
              ) -> PresenceEvent | None:
@@ -112,7 +115,10 @@ class Presence:
         return frozenset(self._rooms.get(room, {}))
 
     def subscribe(self, room: str, connection: Hashable) -> None:
+        first = room not in self._subscribers
         self._subscribers.setdefault(room, set()).add(connection)
+        if first and self.watch_listener is not None:
+            self.watch_listener(room, True)
 
     def unsubscribe(self, room: str, connection: Hashable) -> None:
         subscribers = self._subscribers.get(room)
@@ -120,6 +126,8 @@ class Presence:
             subscribers.discard(connection)
             if not subscribers:
                 del self._subscribers[room]
+                if self.watch_listener is not None:
+                    self.watch_listener(room, False)
 
     def subscribers(self, room: str) -> frozenset[Hashable]:
         return frozenset(self._subscribers.get(room, ()))
