@@ -237,6 +237,70 @@ async def test_presence_changes_missed_while_the_subscriber_was_down_reach_the_w
         redis.stop()
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_beat_that_finds_its_own_deadline_past_gives_the_others_a_ttl_instead_of_reaping_them(
+        prefix: str) -> None:
+    """``BEAT`` after Redis was away longer than the ttl: every node's deadline has passed, the beating node's
+    own too. It reaps no one (they were not dead, Redis was away) and gives each a full ttl from now."""
+    from roomserver.broker.presence import BEAT
+
+    link = await redis_link()
+    p = prefix.encode()
+    try:
+        await link.command("ZADD", p + b"pnodes", 1, b"me", 2, b"peer")
+        await link.command("HSET", p + b"p:lobby", b"peer|bob", b'{"c":1,"m":{}}')
+        await link.command("HINCRBY", p + b"pu:lobby", b"bob", 1)
+        await link.command("SADD", p + b"pn:peer", b"lobby\nbob")
+
+        async def beat(node: bytes) -> list[int]:
+            return [int(x) for x in await link.command("EVAL", BEAT, 1, p + b"pnodes", p, node, 2250, 1000, 3000)]
+
+        assert await beat(b"me") == [0, 0, 0, 1], "nobody reaped: this node's own deadline had passed too"
+        seconds, micros = await link.command("TIME")
+        now_ms = int(seconds) * 1000 + int(micros) // 1000
+        assert now_ms + 2500 < float(await link.command("ZSCORE", p + b"pnodes", b"peer")) <= now_ms + 3000
+        assert await link.command("HGET", p + b"pu:lobby", b"bob") == b"1", "bob stays"
+        assert await beat(b"me") == [0, 0, 0, 0], "the next beat is a plain one: nobody is past the deadline"
+        await link.command("ZADD", p + b"pnodes", 2, b"peer")  # the peer really stopped beating
+        assert await beat(b"me") == [0, 1, 0, 0], "a node past its deadline while this one beat is reaped"
+    finally:
+        await link.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_redis_outage_longer_than_the_ttl_makes_no_member_leave(
+        make_server: Any, tmp_path: Path, secret_file: str) -> None:
+    """Redis (persistent) is away for longer than ``presence_ttl`` while both nodes and their clients stay up.
+    When it is back, the first node to beat must not reap the other: no watcher sees any leave or join."""
+    redis = RedisServer(tmp_path, persistent=True)
+    redis.start()
+    url = f"{redis.url}?prefix={unique_prefix()}"
+    try:
+        a, b = [await make_server(room_protocol=True, store=url, broker=url, rate_limit=0,
+                                  jwt_secret_file=secret_file, presence_ttl=3.0) for _ in range(2)]
+        for node in (a, b):  # both back within a fraction of the ttl (backoff and jitter can take 3 s)
+            for link in (node.durable.store.link, node.broker.subscriber, node.broker.publisher):
+                link._backoff = lambda attempts: 0.2
+        watcher = await connect_as(a, "watcher")
+        await watcher.request({"type": "join", "room": "r", "presence": True})
+        bob = await connect_as(b, "bob")
+        await bob.request({"type": "join", "room": "r", "presence": True})
+        assert (await watcher.recv())["user"] == "bob"
+        redis.stop()
+        await aio(asyncio.sleep(4.0))  # longer than the ttl (3 s)
+        beats = [node.cluster_presence.beats for node in (a, b)]
+        redis.start()
+        await eventually(lambda: all(node.broker.health()["ok"] and node.cluster_presence.beats > before
+                                     for node, before in zip((a, b), beats, strict=True)), timeout=10)
+        assert await quiet(watcher, 2.0) == [] and await quiet(bob) == [], "no leave, no join"
+        assert a.cluster_presence.reaped + b.cluster_presence.reaped == 0
+        assert a.cluster_presence.graces + b.cluster_presence.graces >= 1
+        listed = await watcher.request({"type": "presence", "room": "r"})
+        assert [member["user"] for member in listed["members"]] == ["bob", "watcher"]
+    finally:
+        redis.stop()
+
+
 # -- three twistd nodes, one killed with SIGKILL ----------------------------------------------------------------
 
 TTL = 3.0

@@ -17,7 +17,11 @@ state into Redis, where the cluster-level decisions are taken atomically by Lua 
   nodes past theirs: their entries are removed and the leaves they cause published, once, in the same script
   (atomic: two nodes reaping at once cannot both announce). So a node killed with ``kill -9`` has its members
   leave everywhere within ``presence_ttl``; a member that resumed on another node meanwhile is on two nodes for
-  a moment and never leaves.
+  a moment and never leaves. A beat that finds the node's own deadline past reaps no one: Redis was away (or
+  this node could not beat), and the other nodes' deadlines passed for the same reason, not because they died;
+  each node past its deadline gets a full ``presence_ttl`` from then to beat again (one that really died is
+  reaped that much later). Reaped, every live node would have had its members leave and join again everywhere
+  after any Redis outage longer than the ttl.
 
 Writes are state-based (``put``: "this node has N connections of user U in room R") and go over the broker's
 command connection, in order, so they are idempotent and read-your-writes for the member list that follows a
@@ -124,12 +128,21 @@ for i = 4, #ARGV, 4 do put(prefix, node, ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV
 return dropped
 """
 
-# KEYS: the nodes' deadlines; ARGV: prefix, node, ms this node stays alive without another beat, reap budget.
-# Returns {1 if this node was not listed (new, or reaped while away), leaves published, 1 if more to reap}.
+# KEYS: the nodes' deadlines; ARGV: prefix, node, ms this node stays alive without another beat, reap budget,
+# the ttl in ms. Returns {1 if this node was not listed (new, or reaped while away), leaves published, 1 if more
+# to reap, 1 if this node's own deadline had passed (the others were given a ttl instead of being reaped)}.
 BEAT = _LIB + b"""
 local prefix, node = ARGV[1], ARGV[2]
 local now = now_ms()
+local previous = redis.call('ZSCORE', KEYS[1], node)
 local added = redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), node)
+if previous and tonumber(previous) < now then
+  local grace = now + tonumber(ARGV[5])
+  for _, other in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. grace)) do
+    if other ~= node then redis.call('ZADD', KEYS[1], grace, other) end
+  end
+  return {added, 0, 0, 1}
+end
 local budget = tonumber(ARGV[4])
 local left, more = 0, 0
 for _, dead in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 16)) do
@@ -147,7 +160,7 @@ for _, dead in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT',
     more = 1
   end
 end
-return {added, left, more}
+return {added, left, more, 0}
 """
 
 # ARGV: prefix, this node's own channel, the message head, then rooms. Each room's presence hash, published to
@@ -199,6 +212,7 @@ class ClusterPresence:
         self.reaped = 0
         self.syncs = 0
         self.failures = 0
+        self.graces = 0  # beats that found this node's own deadline past, and reaped no one (see BEAT)
         self.caught_up = 0  # presence events announced here after a resubscription: what the events lost said
         # Loaded on every new connection, ahead of any EVALSHA: a NOSCRIPT retry would let the member list read
         # that follows a join overtake the join's own write.
@@ -249,7 +263,8 @@ class ClusterPresence:
 
     def stats(self) -> dict[str, Any]:
         return {"ttl": self.ttl, "beats": self.beats, "reaped": self.reaped, "syncs": self.syncs,
-                "failures": self.failures, "in_sync": not self.dirty, "caught_up": self.caught_up}
+                "failures": self.failures, "in_sync": not self.dirty, "caught_up": self.caught_up,
+                "graces": self.graces}
 
     # -- reads -----------------------------------------------------------------------------------------------
 
@@ -322,10 +337,15 @@ class ClusterPresence:
         if not self.link.connected:
             return
         alive_ms = int(max(self.ttl - self.interval, self.interval) * 1000)
-        added, left, more = await self._script(
-            BEAT, [self.prefix + b"pnodes"], [self.prefix, self.node, alive_ms, REAP_BATCH])
+        added, left, more, late = await self._script(
+            BEAT, [self.prefix + b"pnodes"], [self.prefix, self.node, alive_ms, REAP_BATCH, int(self.ttl * 1000)])
         self.beats += 1
         self.reaped += int(left)
+        if int(late):
+            self.graces += 1
+            self.log.info("cluster presence: this node's own deadline had passed (Redis away, or this node could "
+                          "not beat): the nodes whose deadline passed too get {ttl} s to beat again before they are "
+                          "reaped", ttl=self.ttl)
         if int(more):
             self.server.reactor.callLater(0, self._beat)  # type: ignore[attr-defined]
         if int(added) or self.dirty:
