@@ -183,6 +183,58 @@ async def test_every_node_sees_every_live_node_with_its_own_get_stats(make_serve
     await until(lambda: [entry.node for entry in a.get_cluster_stats().nodes] == [a.broker.node_id], timeout=10)
 
 
+@pytest_twisted.ensureDeferred
+async def test_the_heartbeat_rebuilds_a_room_set_that_expired_and_never_leaves_a_key_without_ttl(
+        redis_url: str) -> None:
+    """``nr:<node>`` expires 6 s after the last heartbeat: a reactor stall that long (a collector pause, an
+    overload) lets it go while the connection stays. The next heartbeat must write it whole again (it was only
+    rewritten after a reconnect: the view counted the node's rooms as 0 for good), and a room joined meanwhile
+    must not create it partial; the node's keys always carry their ttl."""
+    from twisted.internet import reactor
+
+    from roomserver.broker.redis import RedisBroker
+
+    from .redis_support import redis_link
+
+    broker = RedisBroker(redis_url, reactor, node_id="stalled")
+    broker.publisher.start()
+    link = await redis_link()
+    prefix = redis_url.partition("prefix=")[2].encode()
+    rooms_key, report_key = prefix + b"nr:stalled", prefix + b"n:stalled"
+    try:
+        await broker.publisher.when_connected(5)
+
+        async def members() -> list[bytes]:
+            return sorted(await link.command("SMEMBERS", rooms_key))
+
+        async def with_ttl(key: bytes) -> bool:
+            return 0 < int(await link.command("PTTL", key)) <= 6000
+
+        broker.subscribe("r1")  # the node's only room: the set is whole with it
+        await broker.publisher.command("PING")  # answered after the change, on the same connection
+        assert await members() == [b"r1"] and await with_ttl(rooms_key)
+        broker.subscribe("r2")
+        await broker._beat()
+        assert await members() == [b"r1", b"r2"] and await with_ttl(rooms_key) and await with_ttl(report_key)
+        assert broker.cluster_view is not None and broker.cluster_view["rooms"] == 2
+
+        await link.command("DEL", rooms_key, report_key)  # what a 7 s stall does
+        broker.subscribe("r3")  # a join while it is gone: not a set of r3 alone
+        await broker.publisher.command("PING")
+        assert await link.command("EXISTS", rooms_key) == 0
+        await broker._beat()
+        assert await members() == [b"r1", b"r2", b"r3"], "the next heartbeat writes it whole"
+        assert await with_ttl(rooms_key) and await with_ttl(report_key)
+        assert broker.cluster_view["rooms"] == 3
+
+        await link.command("DEL", rooms_key)
+        await broker._beat()
+        assert await members() == [b"r1", b"r2", b"r3"], "rebuilt within the heartbeat that found it gone"
+    finally:
+        await link.stop()
+        await broker.publisher.stop()
+
+
 # -- the dashboard feed of two twistd nodes --------------------------------------------------------------------
 
 

@@ -44,7 +44,7 @@ from twisted.logger import Logger
 
 from ..core.roundtrip import RoundTrip
 from ..interfaces import BrokerError
-from ..redislink import LinkProtocol, RedisLink, RedisUnavailable, RedisURL
+from ..redislink import LinkProtocol, LuaScripts, RedisLink, RedisUnavailable, RedisURL
 
 HEARTBEAT_INTERVAL = 2.0
 NODE_TTL = 3 * HEARTBEAT_INTERVAL
@@ -60,6 +60,32 @@ end
 local count = 0
 if #rooms > 0 then count = #redis.call('SUNION', unpack(rooms)) end
 return {count, nodes}
+"""
+# KEYS: n:<node>, nr:<node>; ARGV: the report, the ttl (ms), 1 to rewrite the room set, then the rooms. The
+# report and its expiry in one step (a node that died in between would leave a report for ever). Returns 0 if the
+# room set is not there (it expired: a reactor stall longer than the ttl; or the node has no room), 1 if it is.
+NODE_BEAT = b"""
+redis.call('HSET', KEYS[1], 'report', ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+if ARGV[3] == '1' then
+  redis.call('DEL', KEYS[2])
+  for i = 4, #ARGV, 1000 do redis.call('SADD', KEYS[2], unpack(ARGV, i, math.min(i + 999, #ARGV))) end
+end
+return redis.call('PEXPIRE', KEYS[2], ARGV[2])
+"""
+# KEYS: nr:<node>; ARGV: SADD or SREM, a room, the ttl (ms) if that room is the node's only one. Changes the room
+# set only if it is there, or if the room is all of it: a set the beat did not build (expired, or never written)
+# would lack the node's other rooms, and nothing would ever complete it. Returns 0 if it was left out (the next
+# beat builds the set whole).
+NODE_ROOM = b"""
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  if ARGV[3] == '' then return 0 end
+  redis.call('SADD', KEYS[1], ARGV[2])
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  return 1
+end
+redis.call(ARGV[1], KEYS[1], ARGV[2])
+return 1
 """
 PING_INTERVAL = 0.5
 PING_TIMEOUT = 1.5
@@ -108,7 +134,8 @@ class RedisBroker:
         self.published = 0
         self._fused: Any = None  # the Redis store that publishes for this broker (``fuse``)
         self._owed: dict[str, tuple[int, bytes]] = {}
-        self._rooms_dirty = True
+        self._rooms_dirty = True  # rewrite ``nr:<node>`` whole at the next heartbeat
+        self.scripts = LuaScripts((NODE_BEAT, NODE_ROOM))
         self._on_message: Callable[[str, int, bytes], None] | None = None
         self._on_resubscribed: Callable[[], None] | None = None
         self._on_subscribed: Callable[[str], None] | None = None
@@ -248,11 +275,18 @@ class RedisBroker:
             connection.send("UNSUBSCRIBE", self.channel(room))
         self._node_rooms("SREM", room)
 
-    def _node_rooms(self, verb: str, *rooms: str) -> None:
+    def _node_rooms(self, verb: str, room: str) -> None:
         """Keep ``<prefix>nr:<node>``, this node's rooms, for the cluster view (best effort: the heartbeat
-        rewrites it after a reconnect)."""
+        rewrites it whole after a reconnect, or when it was not there)."""
         if self.publisher.connected:
-            self.publisher.command(verb, self.prefix + b"nr:" + self._node, *rooms).addErrback(lambda _: None)
+            whole = int(NODE_TTL * 1000) if verb == "SADD" and self.rooms == {room} else ""
+            changed = self.scripts.run(self.publisher, NODE_ROOM, [self.prefix + b"nr:" + self._node],
+                                       [verb, room, whole])
+            changed.addCallbacks(self._node_rooms_changed, lambda _: None)
+
+    def _node_rooms_changed(self, there: Any) -> None:
+        if not int(there):
+            self._rooms_dirty = True
 
     def _heartbeat(self) -> defer.Deferred[None]:
         """Every HEARTBEAT_INTERVAL: publish this node's report (with a ttl), then read the cluster view."""
@@ -263,19 +297,9 @@ class RedisBroker:
         if not self.publisher.connected:
             return
         now = self.reactor.seconds()
-        ttl_ms = int(NODE_TTL * 1000)
-        report = {"node": self.node_id, **self.report(), "heartbeat": now}
-        node_key = self.prefix + b"n:" + self._node
-        rooms_key = self.prefix + b"nr:" + self._node
-        await self.publisher.command("HSET", node_key, "report", orjson.dumps(report))
-        await self.publisher.command("PEXPIRE", node_key, ttl_ms)
-        if self._rooms_dirty:
-            self._rooms_dirty = False
-            await self.publisher.command("DEL", rooms_key)
-            rooms = sorted(self.rooms)
-            for start in range(0, len(rooms), SUBSCRIBE_CHUNK):
-                await self.publisher.command("SADD", rooms_key, *rooms[start:start + SUBSCRIBE_CHUNK])
-        await self.publisher.command("PEXPIRE", rooms_key, ttl_ms)
+        report = orjson.dumps({"node": self.node_id, **self.report(), "heartbeat": now})
+        if not await self._write_node(report) and self.rooms:
+            await self._write_node(report)  # the room set had expired (a stall longer than the ttl): build it now
         await self.publisher.command("ZADD", self.prefix + b"nodes", now, self._node)
         count, reports = await self.publisher.command(
             "EVAL", CLUSTER_VIEW, 1, self.prefix + b"nodes", now - NODE_TTL, self.prefix)
@@ -285,6 +309,23 @@ class RedisBroker:
             "connections": sum(int(node.get("connections", 0)) for node in nodes),
             "per_node": sorted(nodes, key=lambda node: str(node.get("node"))), "as_of": now,
         }
+
+    async def _write_node(self, report: bytes) -> bool:
+        """Write this node's report and refresh its room set (rewritten whole if it is due); False if the room
+        set was not there, which makes it due."""
+        rebuild = self._rooms_dirty
+        rooms = sorted(self.rooms) if rebuild else []
+        self._rooms_dirty = False
+        try:
+            there = await self.scripts.run(
+                self.publisher, NODE_BEAT, [self.prefix + b"n:" + self._node, self.prefix + b"nr:" + self._node],
+                [report, int(NODE_TTL * 1000), 1 if rebuild else 0, *rooms])
+        except Exception:
+            self._rooms_dirty = self._rooms_dirty or rebuild
+            raise
+        if not int(there):
+            self._rooms_dirty = True
+        return bool(int(there))
 
     def _subscriber_ready(self, connection: Any) -> None:
         """A new subscriber connection: subscribe to everything, then a PING whose pong (which Redis sends
@@ -446,6 +487,7 @@ class RedisBroker:
         return done.addCallbacks(published, failed)
 
     def _publisher_ready(self, connection: Any) -> None:
+        self.scripts.load(connection)
         self._rooms_dirty = True
         for hook in self.publisher_ready:
             hook(connection)
