@@ -84,6 +84,8 @@ class Options(usage.Options):
          "(see docs/compliance.md for the limits it lifts)."],
         ["reuse-port", None, "Listen with SO_REUSEPORT so several processes can share the port (what "
          "--workers uses)."],
+        ["supervised", None, "Stop (draining clients, as on SIGTERM) when standard input reaches its end: how "
+         "the workers --workers starts follow the first process, even one killed with SIGKILL."],
         ["no-http-pages", None, "Serve the WebSocket path only: no demo page, dashboard, /metrics, /healthz or "
          "admin API."],
         ["no-gc-freeze", None, "Leave Python's garbage collector as it is: no gc.freeze() of the start-up heap "
@@ -260,6 +262,10 @@ def makeService(config: Options) -> service.MultiService:
     serving = RoomServerService(server, exit_status_on_failure=1, freeze_heap=not config["no-gc-freeze"],
                                 thaw_every=config["gc-thaw-interval"], thaw_most=config["gc-thaw-most"])
     serving.setServiceParent(root)
+    if config["supervised"]:
+        from .workers import SupervisorWatch
+
+        SupervisorWatch(server.reactor).setServiceParent(root)
     if config["workers"] > 1:
         import sys
 

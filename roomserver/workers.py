@@ -10,6 +10,11 @@ one server through the Redis broker and store (``--workers`` needs them), like n
   the same options, ``--workers`` removed and the port the first process bound), restarts one that dies
   (after a second, so a crashing worker cannot spin), and on stop sends them SIGTERM and waits for them (each
   drains its clients with 1001 as usual).
+- ``SupervisorWatch``: run by each worker (``--supervised``); stops it, draining its clients as on SIGTERM, when
+  the first process is gone, even killed with SIGKILL (it cannot stop its workers then): the worker's standard
+  input is a pipe from the first process, and its end of file says so. Without it the workers of a killed
+  first process served the port on their own, unsupervised, for ever. A pipe rather than Linux's
+  ``PR_SET_PDEATHSIG``: portable, and the stop is the graceful one rather than a signal's.
 """
 
 from __future__ import annotations
@@ -21,8 +26,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from twisted.application import service
-from twisted.internet import defer, protocol
+from twisted.internet import abstract, defer, fdesc, protocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 RESTART_DELAY = 1.0
 
@@ -49,10 +55,10 @@ def worker_argv(argv: Sequence[str], spec: str, port: int) -> list[str]:
         if arg in ("--workers", "--port", "-p"):
             skip = True
             continue
-        if arg.startswith(("--workers=", "--port=")) or arg == "--reuse-port":
+        if arg.startswith(("--workers=", "--port=")) or arg in ("--reuse-port", "--supervised"):
             continue
         kept.append(arg)
-    return ["roomserver", *kept, "--port", with_port(spec, port), "--reuse-port"]
+    return ["roomserver", *kept, "--port", with_port(spec, port), "--reuse-port", "--supervised"]
 
 
 class _Worker(protocol.ProcessProtocol):
@@ -112,3 +118,58 @@ class WorkersService(service.Service):
                     continue
                 waits.append(worker.ended)
         return defer.DeferredList(waits).addCallback(lambda _: None)
+
+
+class _EndOfInput(abstract.FileDescriptor):
+    """Reads (and drops) whatever comes on a file descriptor, and calls ``gone`` at its end of file."""
+
+    def __init__(self, reactor: Any, fd: int, gone: Any) -> None:
+        super().__init__(reactor)
+        self.fd = fd
+        self.gone = gone
+        fdesc.setNonBlocking(fd)
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def doRead(self) -> Any:
+        return fdesc.readFromFD(self.fd, lambda data: None)  # CONNECTION_DONE at the end of file
+
+    def connectionLost(self, reason: Failure) -> None:
+        super().connectionLost(reason)
+        self.gone()
+
+    def logPrefix(self) -> str:
+        return "supervisor"
+
+
+class SupervisorWatch(service.Service):
+    """A worker's watch on the process that started it (see the module docstring): once its standard input
+    (``fd``) ends, the worker stops as on SIGTERM, draining its clients."""
+
+    name = "roomserver-supervisor-watch"
+    log = Logger()
+
+    def __init__(self, reactor: Any, fd: int = 0) -> None:
+        self.reactor = reactor
+        self.fd = fd
+        self._reader: _EndOfInput | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._reader = _EndOfInput(self.reactor, self.fd, self._supervisor_gone)
+        self._reader.startReading()
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._reader is not None:
+            self._reader.stopReading()
+            self._reader = None
+
+    def _supervisor_gone(self) -> None:
+        if self._reader is None:
+            return  # this service stopped first
+        self._reader = None
+        self.log.warn("the process that started this worker is gone (its pipe closed): stopping")
+        if self.reactor.running:
+            self.reactor.stop()

@@ -1,5 +1,5 @@
 """``twistd roomserver --workers 2``: two processes share one port (SO_REUSEPORT) and act as one server through
-Redis; SIGTERM to the first stops both."""
+Redis; SIGTERM to the first stops both; a worker whose first process was killed (SIGKILL) stops by itself."""
 
 from __future__ import annotations
 
@@ -12,11 +12,14 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_twisted
+from twisted.internet import defer
 
 from roomserver.tap import Options
+from roomserver.workers import SupervisorWatch
 
 from .cluster_support import Node
 from .redis_support import REDIS_URL, delete_prefix_now, unique_prefix
@@ -94,10 +97,67 @@ async def test_two_workers_share_the_port_and_rooms_span_them(workers: Node) -> 
 
 
 def alive(pid: int) -> bool:
+    """Running: not gone, nor a zombie (an orphan's exit is reaped by whatever adopted it, maybe never)."""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except (ProcessLookupError, FileNotFoundError):
         return False
-    return True
 
 
+
+
+class RecordsStop:
+    """The test's reactor, except that ``stop`` is only recorded (``stopped`` fires)."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.running = True
+        self.stopped: defer.Deferred[None] = defer.Deferred()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+    def stop(self) -> None:
+        self.stopped.callback(None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_supervisor_watch_stops_the_worker_when_its_input_ends() -> None:
+    from twisted.internet import reactor
+
+    read_end, write_end = os.pipe()
+    recorder = RecordsStop(reactor)
+    watch = SupervisorWatch(recorder, fd=read_end)
+    watch.startService()
+    try:
+        os.write(write_end, b"anything the supervisor writes is read and dropped\n")
+        await aio(asyncio.sleep(0.1))
+        assert not recorder.stopped.called
+        os.close(write_end)  # the supervisor is gone: the kernel closes its end
+        await aio(asyncio.wait_for(recorder.stopped.asFuture(asyncio.get_running_loop()), 5))
+    finally:
+        watch.stopService()
+        os.close(read_end)
+
+
+def test_a_worker_whose_first_process_was_killed_stops(workers: Node) -> None:
+    """SIGKILL gives the first process no chance to stop its workers: each notices its pipe from it closed,
+    and stops (draining its clients) rather than serve the port unsupervised."""
+    pid = 0
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not pid:
+        found = re.findall(r"started worker 1 \(pid (\d+)\)", workers.log.read_text())
+        pid = int(found[-1]) if found else 0
+        time.sleep(0.05)
+    assert pid and alive(pid)
+    workers.kill()
+    try:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and alive(pid):
+            time.sleep(0.05)
+        assert not alive(pid), "the orphaned worker stopped"
+    finally:
+        if alive(pid):  # no orphan outlives a failed test
+            os.kill(pid, signal.SIGKILL)
+    assert "the process that started this worker is gone" in workers.log.read_text()
