@@ -47,14 +47,16 @@ def json_lines_observer(target: IO[str]) -> FileLogObserver:
 
 
 def json_log_target(config: Any) -> IO[str]:
-    """Where twistd would log: its ``--logfile`` (appended), else stdout (``-`` or ``--nodaemon``)."""
+    """Where twistd would log: its ``--logfile`` (appended), else stdout (``-`` or ``--nodaemon``), else
+    (a daemon) ``twistd.log``. Outside twistd (``twist``, or no parent options), stdout: no file is created
+    that nothing would write to."""
     parent = getattr(config, "parent", None)
     logfile = parent.get("logfile") if parent is not None else None
-    if not logfile or logfile == "-":
-        if parent is not None and not parent.get("nodaemon") and not logfile:
-            return open("twistd.log", "a", encoding="utf-8")  # twistd's own default when daemonized
-        return sys.stdout
-    return open(logfile, "a", encoding="utf-8")
+    if logfile and logfile != "-":
+        return open(logfile, "a", encoding="utf-8")
+    if not logfile and parent is not None and "nodaemon" in parent and not parent["nodaemon"]:
+        return open("twistd.log", "a", encoding="utf-8")  # twistd's own default when daemonized
+    return sys.stdout
 
 
 class JsonLoggingService(service.MultiService):

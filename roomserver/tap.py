@@ -272,7 +272,8 @@ def makeService(config: Options) -> service.MultiService:
         from .workers import WorkersService, worker_argv
 
         workers = WorkersService(server.reactor, config["workers"] - 1,
-                                 lambda: worker_argv(sys.argv, str(config["port"]), server.port or 0))
+                                 lambda: worker_argv(sys.argv, str(config["port"]), server.port or 0),
+                                 twistd=getattr(config, "parent", None))
         workers.setServiceParent(root)
         serving.on_listening = workers.start_workers
     return root

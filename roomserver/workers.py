@@ -6,10 +6,12 @@ one server through the Redis broker and store (``--workers`` needs them), like n
 
 - ``reuse_port``: each process listens with ``SO_REUSEPORT`` (roomserver/listening.py's ``PacedPort``), since
   Twisted's TCP endpoints do not set that option.
-- ``WorkersService``: run by the first process; starts the others (``python -m twisted roomserver ...`` with
-  the same options, ``--workers`` removed and the port the first process bound), restarts one that dies
-  (after a second, so a crashing worker cannot spin), and on stop sends them SIGTERM and waits for them (each
-  drains its clients with 1001 as usual).
+- ``WorkersService``: run by the first process; starts the others (``twistd --nodaemon --pidfile= roomserver
+  ...`` with the same options, ``--workers`` removed and the port the first process bound), restarts one that
+  dies (after a second, so a crashing worker cannot spin), and on stop sends them SIGTERM and waits for them
+  (each drains its clients with 1001 as usual). ``twistd``, as the first process runs, so a worker logs as it
+  does (``worker_twistd_options``): ``python -m twisted`` (``twist``) ignores the log observer the plugin sets
+  for ``--log-format`` and writes Twisted's own JSON events whenever its output is not a terminal.
 - ``SupervisorWatch``: run by each worker (``--supervised``); stops it, draining its clients as on SIGTERM, when
   the first process is gone, even killed with SIGKILL (it cannot stop its workers then): the worker's standard
   input is a pipe from the first process, and its end of file says so. Without it the workers of a killed
@@ -22,7 +24,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from twisted.application import service
@@ -31,6 +33,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 RESTART_DELAY = 1.0
+TWISTD_MAIN = "import sys; from twisted.scripts.twistd import run; sys.exit(run())"
+"""What ``twistd`` runs, for ``python -c``: the interpreter of this process, whatever the script is called."""
 
 
 def with_port(spec: str, port: int) -> str:
@@ -40,6 +44,27 @@ def with_port(spec: str, port: int) -> str:
     kind, _, rest = spec.partition(":")
     _, _, params = rest.partition(":")
     return f"{kind}:{port}" + (f":{params}" if params else "")
+
+
+def worker_twistd_options(twistd: Mapping[str, Any] | None, index: int) -> list[str]:
+    """``twistd``'s own options for worker ``index``, from the first process's (``twistd``: its parsed options;
+    None outside twistd). In the foreground and with no pid file: the first process supervises it and its pid
+    file is its own. Logging as the first process does: its ``--logger``, its syslog (``--syslog``,
+    ``--prefix``), or its log file (``--logfile``; a daemon's default ``twistd.log``) with ``.worker<N>`` added,
+    since twistd's log files rotate and two processes cannot share one; else stdout, which the worker shares."""
+    options = ["--nodaemon", "--pidfile="]
+    if twistd is None:
+        return options
+    if twistd.get("logger"):
+        options += ["--logger", str(twistd["logger"])]
+    if twistd.get("syslog"):
+        options += ["--syslog", "--prefix", str(twistd.get("prefix") or "twisted")]
+    logfile = twistd.get("logfile")
+    if not logfile and "nodaemon" in twistd and not twistd["nodaemon"]:
+        logfile = "twistd.log"  # twistd's own default for a daemon
+    if logfile and logfile != "-":
+        options += ["--logfile", f"{os.path.abspath(logfile)}.worker{index}"]
+    return options
 
 
 def worker_argv(argv: Sequence[str], spec: str, port: int) -> list[str]:
@@ -78,10 +103,11 @@ class WorkersService(service.Service):
     name = "roomserver-workers"
     log = Logger()
 
-    def __init__(self, reactor: Any, count: int, argv_of: Any) -> None:
+    def __init__(self, reactor: Any, count: int, argv_of: Any, twistd: Mapping[str, Any] | None = None) -> None:
         self.reactor = reactor
         self.count = count
         self.argv_of = argv_of  # () -> list of plugin options, called once the first process is listening
+        self.twistd = twistd  # the first process's twistd options (``worker_twistd_options``)
         self.workers: dict[int, tuple[_Worker, Any]] = {}
         self._stopping = False
 
@@ -92,7 +118,7 @@ class WorkersService(service.Service):
     def _spawn(self, index: int) -> None:
         if self._stopping:
             return
-        args = [sys.executable, "-m", "twisted", *self.argv_of()]
+        args = [sys.executable, "-c", TWISTD_MAIN, *worker_twistd_options(self.twistd, index), *self.argv_of()]
         worker = _Worker(self, index)
         transport = self.reactor.spawnProcess(worker, sys.executable, args, env=dict(os.environ),
                                               childFDs={0: "w", 1: 1, 2: 2})

@@ -78,6 +78,25 @@ def test_json_logging_service_sets_the_application_observer() -> None:
     assert ILogObserver(application) is root.observer
 
 
+def test_the_json_log_goes_where_twistd_would_log_and_creates_no_file_outside_twistd(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+    from types import SimpleNamespace
+
+    from roomserver.logs import json_log_target
+
+    monkeypatch.chdir(tmp_path)
+    assert json_log_target(SimpleNamespace()) is sys.stdout
+    assert json_log_target(SimpleNamespace(parent={"reactor": "default"})) is sys.stdout, "twist: no twistd.log"
+    assert json_log_target(SimpleNamespace(parent={"nodaemon": True, "logfile": None})) is sys.stdout
+    assert not (tmp_path / "twistd.log").exists()
+    daemon = json_log_target(SimpleNamespace(parent={"nodaemon": False, "logfile": None}))
+    try:
+        assert daemon.name == "twistd.log" and (tmp_path / "twistd.log").exists(), "twistd's default for a daemon"
+    finally:
+        daemon.close()
+
+
 def test_a_failing_observer_never_breaks_the_others() -> None:
     seen: list[str] = []
 

@@ -1,5 +1,6 @@
 """``twistd roomserver --workers 2``: two processes share one port (SO_REUSEPORT) and act as one server through
-Redis; SIGTERM to the first stops both; a worker whose first process was killed (SIGKILL) stops by itself."""
+Redis; SIGTERM to the first stops both; a worker whose first process was killed (SIGKILL) stops by itself;
+a worker logs as the first process does."""
 
 from __future__ import annotations
 
@@ -161,3 +162,51 @@ def test_a_worker_whose_first_process_was_killed_stops(workers: Node) -> None:
         if alive(pid):  # no orphan outlives a failed test
             os.kill(pid, signal.SIGKILL)
     assert "the process that started this worker is gone" in workers.log.read_text()
+
+
+TEXT_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[[^\]]*\] ")
+
+
+@pytest.mark.parametrize("log_format", ["json", "text"])
+def test_a_worker_logs_in_the_format_the_first_process_logs(tmp_path: Path, log_format: str) -> None:
+    """Every line of both processes has the documented format (docs/observability.md): the workers used to run
+    as ``python -m twisted``, which ignores ``--log-format`` and writes Twisted's raw JSON events when its
+    output is not a terminal; and no ``twistd.log`` appears beside them."""
+    prefix = unique_prefix()
+    node = Node(f"{REDIS_URL}?prefix={prefix}", tmp_path, "workers", "--workers", "2", "--log-format", log_format)
+    node.start().wait()
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and node.log.read_text().count("roomserver listening on") < 2:
+            time.sleep(0.05)
+        assert node.log.read_text().count("roomserver listening on") == 2, "both processes started"
+    finally:
+        node.stop()
+        delete_prefix_now(prefix)
+    lines = node.log.read_text().splitlines()
+    listening = [line for line in lines if "roomserver listening on" in line]
+    if log_format == "json":
+        events = [json.loads(line) for line in lines]  # every line is one JSON object
+        assert all(list(event)[:4] == ["time", "level", "namespace", "message"] for event in events), lines
+        assert len([event for event in events if event["message"].startswith("roomserver listening on")]) == 2
+    else:
+        starts = [line for line in lines if line and not line[0].isspace() and not line.startswith("Traceback")]
+        assert all(TEXT_LINE.match(line) for line in starts), [line for line in starts if not TEXT_LINE.match(line)]
+        assert all(TEXT_LINE.match(line) for line in listening) and len(listening) == 2
+    assert not (tmp_path / "twistd.log").exists()
+
+
+def test_worker_twistd_options_log_where_the_first_process_logs() -> None:
+    from roomserver.workers import worker_twistd_options
+
+    assert worker_twistd_options(None, 1) == ["--nodaemon", "--pidfile="]
+    assert worker_twistd_options({"nodaemon": True, "logfile": None, "syslog": False}, 1) == [
+        "--nodaemon", "--pidfile="], "stdout, shared with the first process"
+    assert worker_twistd_options({"nodaemon": True, "logfile": "/var/log/rs.log"}, 2)[-2:] == [
+        "--logfile", "/var/log/rs.log.worker2"], "a file of its own: twistd's log files rotate"
+    assert worker_twistd_options({"nodaemon": False, "logfile": None}, 1)[-1] == os.path.abspath(
+        "twistd.log") + ".worker1", "a daemon's default log file"
+    assert worker_twistd_options({"nodaemon": True, "syslog": True, "prefix": "rs"}, 1)[2:] == [
+        "--syslog", "--prefix", "rs"]
+    assert worker_twistd_options({"nodaemon": True, "logger": "my.observer"}, 1)[2:] == [
+        "--logger", "my.observer"]
