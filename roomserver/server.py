@@ -110,7 +110,10 @@ def closing_code(protocol: Any, code: int | None, reason: str | None) -> tuple[i
     protocol violations, where the peer never answers our 1002); the peer's otherwise, 1006 if it sent none."""
     local = getattr(protocol, "localCloseCode", None)
     if getattr(protocol, "closedByMe", False) and isinstance(local, int):
-        return local, getattr(protocol, "localCloseReason", None) or reason
+        own = getattr(protocol, "localCloseReason", None)
+        if isinstance(own, bytes):  # Autobahn keeps the encoded reason of the frame it sent
+            own = own.decode("utf-8", "replace")
+        return local, own or reason
     return code, reason
 
 

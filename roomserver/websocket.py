@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from autobahn.twisted.util import extract_peer_certificate, transport_channel_id
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.util import encode_truncate
 from autobahn.websocket.protocol import WebSocketProtocol
 
 from . import autobahn_debug
@@ -184,7 +185,8 @@ class RoomServerProtocol(DeafAfterFailure, GracefulCloseMixin, ReleasedOnClose, 
                 self.dropConnection(abort=True)
             return
         if code in _PROTOCOL_LEVEL_CODES:
-            self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:123], isReply=False)
+            # At most 123 bytes of reason fit a close frame; cut at a character boundary, as sendClose does.
+            self.sendCloseFrame(code=code, reasonUtf8=encode_truncate(reason, 123), isReply=False)
         else:
             self.sendClose(code=code, reason=reason or None)
 

@@ -156,7 +156,21 @@ async def test_client_send_close_and_rooms(make_server: Any) -> None:
     assert await ws.closed() == (4000, "bye")
     await eventually(lambda: not client.open)
     assert client.send({"late": True}) is False
-    assert client.close_code == 4000
+    assert (client.close_code, client.close_reason) == (4000, "bye"), "a str, as when the peer closed first"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_long_close_reason_is_cut_at_a_character_boundary(make_server: Any) -> None:
+    """123 bytes of reason fit a close frame: cutting "é" * 100 (200 bytes) in the middle of a character sent
+    invalid UTF-8, which a conforming peer takes for a protocol error."""
+    server = await make_server()
+    clients: list[Client] = []
+    server.on("connection", clients.append)
+    for code in (1008, 4000):  # 1008 goes through Autobahn's sendCloseFrame, 4000 through its sendClose
+        ws = await WSClient.connect(url_of(server))
+        await eventually(lambda: len(clients) == 1)
+        clients.pop().close(code, "é" * 100)
+        assert await ws.closed() == (code, "é" * 61)
 
 
 @pytest_twisted.ensureDeferred
