@@ -201,6 +201,20 @@ def test_resume_of_a_session_still_attached_takes_it_over() -> None:
         Reply({"type": "resumed", "continued": False})]
 
 
+def test_with_a_ttl_of_0_no_session_is_continued_not_even_a_live_ones() -> None:
+    """resume_ttl=0: "sessions are never continued" (docs/limits.md); a resume of a live connection's token
+    took that session over and closed the connection (4509)."""
+    protocol = RoomProtocol(RoomRegistry(), SessionTable(ttl=0), clock=Clock())
+    old, new = Member("old"), Member("new")
+    token = protocol.welcome(old)[0].event["session"]  # type: ignore[union-attr]
+    protocol.welcome(new)
+    assert handle(protocol, new, {"type": "resume", "session": token, "rooms": {}}) == [
+        Reply({"type": "resumed", "continued": False})]
+    protocol.disconnected(old)
+    assert handle(protocol, Member("x"), {"type": "resume", "session": token, "rooms": {}}) == [
+        Reply({"type": "resumed", "continued": False})]
+
+
 def test_a_resume_beyond_the_room_limit_reports_that_room_and_rejoins_the_others() -> None:
     protocol = RoomProtocol(RoomRegistry(max_rooms_per_client=1), SessionTable(ttl=120), clock=Clock())
     member = Member("m")

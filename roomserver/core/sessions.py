@@ -68,8 +68,11 @@ class SessionTable:
         return session
 
     def peek(self, token: str, now: float) -> Session | None:
-        """The session ``token`` if it can still be resumed, without claiming it."""
+        """The session ``token`` if it can still be resumed, without claiming it (never with a ttl of 0: sessions
+        are then never continued, not even one whose connection looks open)."""
         self.expire(now)
+        if self.ttl <= 0:
+            return None
         return self._detached.get(token) or self._attached.get(token)
 
     def take(self, token: str, now: float) -> Session | None:
@@ -79,6 +82,8 @@ class SessionTable:
         can be taken too; the caller then closes that old connection.
         """
         self.expire(now)
+        if self.ttl <= 0:
+            return None
         session = self._detached.pop(token, None)
         if session is None:
             session = self._attached.pop(token, None)
