@@ -32,6 +32,7 @@ from .cluster import Relay
 from .core import filters as builtin_filters
 from .core import messages
 from .core.addresses import AddressResolver
+from .core.clock import SteadyClock
 from .core.codecs import JSON_PROTOCOL, Codec, CodecRegistry
 from .core.errors import CLIENT_FAULTS, CloseCode, ErrorCode, RoomServerError
 from .core.filters import Filter, Pipeline
@@ -150,6 +151,9 @@ class WebSocketServer:
 
             reactor = global_reactor
         self.reactor: IReactorCore = reactor
+        # Intervals (rate limits, error budgets, resume sessions) are measured on this, never set back with the
+        # system clock (reactor.seconds is time.time: core/clock.py).
+        self.steady_seconds = SteadyClock(self.reactor.seconds)  # type: ignore[attr-defined]
         self.registry = RoomRegistry(
             max_rooms=self.options.max_rooms,
             max_room_clients=self.options.max_room_clients,
@@ -217,7 +221,7 @@ class WebSocketServer:
         if self.room_protocol is None:
             sessions = SessionTable(self.options.resume_ttl)
             self.room_protocol = RoomProtocol(
-                self.registry, sessions, clock=self.reactor.seconds,  # type: ignore[attr-defined]
+                self.registry, sessions, clock=self.steady_seconds,
                 presence=self.presence_tracker, filters=self.filters, max_meta_bytes=self.options.max_meta_size,
             )
             self._share_sessions()
@@ -590,7 +594,7 @@ class WebSocketServer:
             raise ConnectionDeny(ConnectionDeny.NOT_FOUND, "no WebSocket endpoint at this path")
         address = self.addresses.client_address(_peer_host(protocol), request.headers.get("x-forwarded-for"))
         protocol.client_address = address
-        if self.connect_limit is not None and not self.connect_limit.allow(address, self.reactor.seconds()):
+        if self.connect_limit is not None and not self.connect_limit.allow(address, self.steady_seconds()):
             self.counters.dropped("connect_rate")
             raise ConnectionDeny(429, "too many connections from this address; retry later")
         if not self.origins.allows(request.headers.get("origin"), request.headers.get("host")):
@@ -610,7 +614,7 @@ class WebSocketServer:
         self.counters.connected()
         if self.options.rate_limit > 0:
             protocol.flood = FloodGuard(
-                self.options.rate_limit, self.options.rate_burst, self.options.flood_factor, self.reactor.seconds()
+                self.options.rate_limit, self.options.rate_burst, self.options.flood_factor, self.steady_seconds()
             )
         if self.options.error_limit > 0:
             client.error_budget = ErrorBudget(self.options.error_limit, self.options.error_window)
@@ -638,7 +642,7 @@ class WebSocketServer:
         self.counters.received(len(payload))
         flood = protocol.flood
         if flood is not None:
-            verdict = flood.check(self.reactor.seconds())
+            verdict = flood.check(self.steady_seconds())
             if verdict is not Verdict.ALLOW:
                 self._rate_limited(protocol, client, verdict)
                 return
@@ -820,7 +824,7 @@ class WebSocketServer:
             self.counters.error(event["code"])
             budget = client.error_budget
             if budget is not None and event["code"] in CLIENT_FAULTS:
-                over_budget = not budget.spend(self.reactor.seconds())
+                over_budget = not budget.spend(self.steady_seconds())
         if client.codec is self.json_codec:
             self.send_payload(client, encode(event), False)
         else:

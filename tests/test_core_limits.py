@@ -1,11 +1,14 @@
-"""Unit tests of the pure limit logic: token bucket, flood guard and origin policy (fake time, no sockets)."""
+"""Unit tests of the pure limit logic: token bucket, flood guard, error budget, the steady clock and origin policy
+(fake time, no sockets)."""
 
 from __future__ import annotations
 
 import pytest
 
+from roomserver.core.clock import SteadyClock
 from roomserver.core.origins import OriginPolicy
-from roomserver.core.ratelimit import FloodGuard, TokenBucket, Verdict
+from roomserver.core.ratelimit import ErrorBudget, FloodGuard, TokenBucket, Verdict
+from roomserver.core.sessions import SessionTable
 
 
 def test_token_bucket_refills_at_its_rate_up_to_capacity() -> None:
@@ -18,7 +21,54 @@ def test_token_bucket_refills_at_its_rate_up_to_capacity() -> None:
 def test_token_bucket_ignores_a_clock_going_backwards() -> None:
     bucket = TokenBucket(rate=1, capacity=1, now=10.0)
     assert bucket.take(10.0)
-    assert not bucket.take(5.0)
+    assert not bucket.take(5.0), "going back gives no tokens"
+    assert bucket.take(6.0), "and time counts again from there, not only once past 10"
+
+
+class SteppedWallClock:
+    """A wall clock the test sets (and steps back)."""
+
+    def __init__(self, start: float = 1_700_000_000.0) -> None:
+        self.reading = start
+
+    def __call__(self) -> float:
+        return self.reading
+
+
+def test_a_steady_clock_counts_a_step_back_as_no_time_and_goes_on_from_there() -> None:
+    wall = SteppedWallClock()
+    clock = SteadyClock(wall)
+    start = clock()
+    wall.reading += 30
+    assert clock() == start + 30
+    wall.reading -= 3600  # stepped back an hour
+    assert clock() == start + 30
+    wall.reading += 5
+    assert clock() == start + 35
+    wall.reading += 7200  # and forward two
+    assert clock() == start + 7235
+
+
+def test_limits_and_sessions_on_a_steady_clock_survive_the_wall_clock_stepping_back() -> None:
+    """On the wall clock a client sending at a tenth of its limit was closed with 1008 70 s after a step back,
+    one whose errors were rare was closed at its next error, and a session closed after the step outlived its
+    ttl by the hour."""
+    wall = SteppedWallClock()
+    clock = SteadyClock(wall)
+    guard = FloodGuard(rate=100, burst=200, flood_factor=3, now=clock())
+    budget = ErrorBudget(limit=3, window=10)
+    sessions = SessionTable(ttl=120)
+    assert budget.spend(clock()) and budget.spend(clock() + 0)  # two errors, long apart below
+    for tick in range(1200):  # 10 messages a second for 120 s; the clock steps back an hour at 30 s
+        wall.reading += 0.1
+        if tick == 300:
+            wall.reading -= 3600
+        assert guard.check(clock()) is Verdict.ALLOW, tick
+    assert budget.spend(clock()), "the third error, 120 s after the first two, is within the budget"
+    sessions.attach("token", "client")
+    sessions.detach("token", clock())
+    wall.reading += 121
+    assert sessions.peek("token", clock()) is None, "expired after its ttl"
 
 
 def simulate(rate_limit: float, sending_rate: float, seconds: float, flood_factor: float = 3) -> list[Verdict]:
@@ -103,3 +153,17 @@ def test_star_allows_every_origin_but_null() -> None:
     policy = OriginPolicy(["*"])
     assert policy.allows("https://anything.example", "h")
     assert not policy.allows("null", "h")
+
+
+def test_the_server_measures_limits_and_sessions_on_a_steady_clock() -> None:
+    from twisted.internet.testing import MemoryReactorClock
+
+    from roomserver import ServerOptions, WebSocketServer
+
+    reactor = MemoryReactorClock()
+    reactor.advance(1_700_000_000)
+    server = WebSocketServer(ServerOptions(port=0, room_protocol=True), reactor=reactor)
+    before = server.steady_seconds()
+    reactor.advance(-3600)  # the system clock set back an hour
+    assert server.steady_seconds() == before
+    assert server.room_protocol is not None and server.room_protocol._clock is server.steady_seconds

@@ -37,7 +37,9 @@ class TokenBucket:
         elapsed = now - self._last
         if elapsed > 0:
             self.tokens = min(self.capacity, self.tokens + elapsed * self.rate)
-            self._last = now
+        # Also when ``now`` went back (a wall clock stepped back: core/clock.py): refilling from then on, rather
+        # than nothing until the clock is back past ``_last``.
+        self._last = now
         return self.tokens
 
     def take(self, now: float, amount: float = 1.0) -> bool:
