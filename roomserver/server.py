@@ -312,13 +312,8 @@ class WebSocketServer:
 
     def remove_from_room(self, client: Any, name: str) -> bool:
         """Take ``client`` (or any member an application put in the room) out of room ``name`` at the server's
-        initiative, with the bookkeeping of a leave (presence, filters: ``RoomProtocol.removed``); False if it
-        was not a member."""
-        if not self.registry.leave(client, name):
-            return False
-        if self.room_protocol is not None and isinstance(client, Client):  # the protocol's members are Clients
-            self._execute(client, self.room_protocol.removed(client, name))
-        return True
+        initiative, with the bookkeeping of a leave (``_member_removed``); False if it was not a member."""
+        return self.registry.leave(client, name)
 
     def history(
         self, room: str, since: int | None = None, limit: int = 100, before: int | None = None
@@ -333,6 +328,12 @@ class WebSocketServer:
 
     def _member_removed(self, room: Room, member: Any) -> None:
         self.relay.member_removed(room)
+        if self.room_protocol is not None and isinstance(member, Client) and self._clients.get(member.id) is member:
+            # Out of the room while connected, whoever took it out (its own leave, ``remove_from_room``, an
+            # application's ``room.clients.discard``): the presence and subscription bookkeeping of a leave
+            # (``RoomProtocol.removed``; done once: a leave's own bookkeeping then finds nothing left). A closed
+            # connection's is ``RoomProtocol.disconnected``'s, which may hold its presence for a resume.
+            self._execute(member, self.room_protocol.removed(member, room.name))
         self._events.emit("leave", member, room.name)
 
     def get_room(self, name: str) -> Room | None:

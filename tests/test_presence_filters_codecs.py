@@ -42,6 +42,29 @@ async def test_presence_is_per_user_and_leave_fires_once(make_server: Any, secre
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_member_the_application_takes_out_of_a_room_leaves_presence_and_its_subscriptions(
+        make_server: Any, secret_file: str) -> None:
+    """``room.clients`` is the seed API's set: a ``discard`` by the application is a leave for everyone else
+    (it stayed present for good, its filter and presence subscription kept, and its closed Client with them)."""
+    server = await make_server(room_protocol=True, jwt_secret_file=secret_file)
+    watcher = await connect_as(server, "watcher")
+    await watcher.request({"type": "join", "room": "r", "presence": True})
+    kicked = await connect_as(server, "kicked")
+    await kicked.request({"type": "join", "room": "r", "presence": True, "filter": {"types": ["chat"]}})
+    assert (await watcher.recv())["event"] == "join"
+    [client] = [c for c in server.get_room("r").clients if c.identity.user == "kicked"]
+    server.get_room("r").clients.discard(client)
+    assert await watcher.recv() == {"type": "presence", "room": "r", "event": "leave", "user": "kicked"}
+    assert [m["user"] for m in server.presence("r")] == ["watcher"]
+    assert client not in server.room_protocol.subscriptions.get("r", {})
+    assert client not in server.presence_tracker.subscribers("r")
+    await watcher.request({"type": "leave", "room": "r"})
+    await eventually(lambda: server.get_room("r") is None and server.presence_tracker.room_count() == 0)
+    assert await drain(kicked) == [], "nothing more of the room reaches it"
+    assert (await kicked.request({"type": "join", "room": "r", "id": 1}))["type"] == "joined", "it may join again"
+
+
+@pytest_twisted.ensureDeferred
 async def test_presence_needs_membership_and_meta_is_size_limited(make_server: Any) -> None:
     server = await make_server(room_protocol=True, max_meta_size=64)
     ws = await WSClient.connect(url_of(server))
