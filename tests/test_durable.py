@@ -303,6 +303,7 @@ async def test_a_store_failure_is_an_error_to_the_sender_never_a_silent_drop(mak
     assert "disk" not in error["message"], "internals stay in the server's log"
     history = await a.request({"type": "history", "room": "r"})
     assert [m["text"] for m in history["messages"]] == ["stored"]
+    assert server.durable.store.health()["ok"] is False, "a read that works says nothing of the writes"
     with sqlite3.connect(path) as db:
         db.execute("DROP TRIGGER fail")
     await chat(a, "retried", id="y", msg_id="m-2")

@@ -96,7 +96,9 @@ class SQLiteStore:
         self._writer: adbapi.ConnectionPool | None = None
         self._reader: adbapi.ConnectionPool | None = None
         self._pruner: task.LoopingCall | None = None
-        self._error: str | None = None
+        # The last failure of the writes and of the reads, each cleared only by a success of its own kind: a
+        # read that works says nothing of the writes (the database locked by another process, a full disk).
+        self._errors: dict[str, str] = {}
 
     def __repr__(self) -> str:
         return f"SQLiteStore({self.path!r})"
@@ -158,20 +160,20 @@ class SQLiteStore:
     def _write(self, work: Callable[..., T], *args: Any) -> defer.Deferred[T]:
         if self._writer is None:
             return defer.fail(StoreError(f"the SQLite store {self.path!r} is not open"))
-        return self._run(self._writer, work, *args)
+        return self._run(self._writer, "writes", work, *args)
 
     def _read(self, work: Callable[..., T], *args: Any) -> defer.Deferred[T]:
         if self._reader is None:
             return defer.fail(StoreError(f"the SQLite store {self.path!r} is not open"))
-        return self._run(self._reader, work, *args)
+        return self._run(self._reader, "reads", work, *args)
 
-    def _run(self, pool: adbapi.ConnectionPool, work: Callable[..., T], *args: Any) -> defer.Deferred[T]:
+    def _run(self, pool: adbapi.ConnectionPool, kind: str, work: Callable[..., T], *args: Any) -> defer.Deferred[T]:
         def succeeded(result: T) -> T:
-            self._error = None
+            self._errors.pop(kind, None)
             return result
 
         def translate(failure: Failure) -> Failure:
-            self._error = str(failure.value)
+            self._errors[kind] = str(failure.value)
             if failure.check(sqlite3.Error):
                 raise StoreError(f"SQLite store {self.path!r}: {failure.value}") from failure.value
             return failure
@@ -181,10 +183,12 @@ class SQLiteStore:
         return d.addCallbacks(succeeded, translate)
 
     def health(self) -> dict[str, Any]:
-        """For /healthz: unhealthy while the last operation failed (until one succeeds again)."""
-        report: dict[str, Any] = {"backend": type(self).__name__, "ok": self._error is None, "path": self.path}
-        if self._error is not None:
-            report["error"] = self._error
+        """For /healthz: unhealthy while the last write or the last read failed (until one of the same kind
+        succeeds again); ``error`` says which, the writes' first."""
+        report: dict[str, Any] = {"backend": type(self).__name__, "ok": not self._errors, "path": self.path}
+        kind = "writes" if "writes" in self._errors else next(iter(self._errors), None)
+        if kind is not None:
+            report["error"] = f"{kind}: {self._errors[kind]}"
         return report
 
     # -- Store -----------------------------------------------------------------------------------------------
