@@ -64,7 +64,8 @@ class Store(Protocol):
     - **Window.** A read returns only messages among the room's last ``history_size`` and younger than
       ``history_ttl`` seconds (if set). Older ones may linger on disk until pruned, but are never returned.
     - **Dedupe.** A message whose ``msg_id`` the room stored within the last ``dedupe_window`` seconds is not
-      stored again: its ``Appended`` carries the original seq and ``duplicate=True``.
+      stored again: its ``Appended`` carries the original seq and ``duplicate=True``. (The memory store
+      remembers at most ``history.MEMORY_DEDUPE_IDS`` ids a room within the window, the oldest forgotten first.)
     - **Payloads are opaque and exact.** The stored payload is ``history.with_seq(body, seq)``, returned
       byte for byte by reads.
     - **Never blocks the reactor.** Every method returns a Deferred; blocking I/O happens in threads or over

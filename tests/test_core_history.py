@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from roomserver.core.history import (
+    MEMORY_DEDUPE_IDS,
     DedupeWindow,
     HistoryPage,
     NewMessage,
@@ -88,6 +89,17 @@ def test_room_history_dedupes_msg_ids_within_the_window() -> None:
     assert len(history) == 1
     later = history.append(message(1, ts=31, msg_id="u"))
     assert (later.seq, later.duplicate) == (2, False), "after the window the msg_id is new again"
+
+
+def test_a_room_remembers_the_msg_ids_of_a_busy_window() -> None:
+    """A retry after 1,000 newer chats in the room (10 s at 100 chats/s) was stored and broadcast again."""
+    history = RoomHistory(size=100, ttl=None, dedupe_window=300)
+    first = history.append(message(1, ts=0, msg_id="retried"))
+    for i in range(MEMORY_DEDUPE_IDS - 1):
+        history.append(message(1, ts=i / 100, msg_id=f"other-{i}"))
+    assert history.append(message(1, ts=100, msg_id="retried")).seq == first.seq, "100 s later, at 100 chats/s"
+    history.append(message(1, ts=100, msg_id="one-more"))
+    assert not history.append(message(1, ts=100, msg_id="retried")).duplicate, "beyond the bound: forgotten"
 
 
 def test_dedupe_window_is_bounded() -> None:

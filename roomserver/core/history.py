@@ -143,6 +143,13 @@ class DedupeWindow:
             del self._seen[msg_id]
 
 
+MEMORY_DEDUPE_IDS = 10_000
+"""The memory store's bound on the msg_ids a room remembers within the dedupe window (about 300 bytes each): a
+process's memory must not grow with a room's chat rate times the window. 10,000 covers 100 seconds of a room
+at 100 chats/s, and the whole default window (300 s) up to 33 chats/s; beyond that the oldest ids are forgotten
+first (docs/persistence.md). SQLite and Redis keep every id of the window."""
+
+
 class RoomHistory:
     """One room's history window in memory: seq assignment, bounded messages, ttl and msg_id dedupe.
 
@@ -156,7 +163,7 @@ class RoomHistory:
         self.ttl = ttl
         self.last_seq = last_seq
         self._messages: deque[tuple[int, float, bytes]] = deque(maxlen=size)
-        self._dedupe = DedupeWindow(dedupe_window, capacity=max(size, 1000))
+        self._dedupe = DedupeWindow(dedupe_window, capacity=max(size, MEMORY_DEDUPE_IDS))
 
     def __len__(self) -> int:
         return len(self._messages)
