@@ -62,8 +62,6 @@ def build_root(path: str, websocket: Any, extra: dict[bytes, Any] | None = None)
 
     Resources are typed ``Any``: ``twisted.web`` declares them through zope interfaces mypy cannot follow."""
     segments = path_segments(path)
-    if not segments:
-        return websocket
     root: Any = Directory()
     for name, page in (extra or {}).items():
         root.putChild(name, page)
@@ -72,7 +70,9 @@ def build_root(path: str, websocket: Any, extra: dict[bytes, Any] | None = None)
         child: Any = Directory()
         parent.putChild(segment, child)
         parent = child
-    parent.putChild(segments[-1], websocket)
+    # At "/" the WebSocket is the root's child b"" (what a request for "/" looks up): the pages stay reachable
+    # beside it and other paths get 404, as for any other path. (As the root itself it took every request.)
+    parent.putChild(segments[-1] if segments else b"", websocket)
     return root
 
 

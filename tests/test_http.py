@@ -67,6 +67,23 @@ async def test_pages_are_served_beside_the_websocket_path(make_server: Any) -> N
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_websocket_at_the_root_path_leaves_the_other_pages_in_place(make_server: Any) -> None:
+    """``--path /`` made the WebSocket the whole site: /healthz (a load balancer's check), /metrics and the
+    dashboard answered 426, and any path upgraded. Only "/" itself is the WebSocket's now (no demo page)."""
+    server = await make_server(path="/", room_protocol=True)
+    assert (await http(server, "GET", "/healthz")).code == 200
+    assert (await http(server, "GET", "/dashboard")).code == 200
+    assert (await http(server, "GET", "/nothing-here")).code == 404
+    assert (await http(server, "GET", "/")).code == 426, "a plain GET of the WebSocket path"
+    ws = await WSClient.connect(url_of(server, "/"))
+    assert (await ws.recv())["type"] == "welcome"
+    await ws.close()
+    with pytest.raises(websockets.InvalidStatus) as refused:
+        await WSClient.connect(url_of(server, "/elsewhere"))
+    assert refused.value.response.status_code == 404
+
+
+@pytest_twisted.ensureDeferred
 async def test_http_pages_off_serves_the_websocket_only(make_server: Any) -> None:
     server = await make_server(http_pages=False, room_protocol=True)
     for path in ("/", "/dashboard", "/metrics", "/healthz", "/admin/rooms", "/roomserver.js"):
