@@ -364,6 +364,9 @@ async def test_admin_api_creates_and_deletes_kept_rooms(make_server: Any, tmp_pa
     made = await http(server, "PUT", "/admin/rooms/news", json.dumps({"meta": {"topic": "t"}}).encode(), token=token)
     assert made.code == 200 and made.json() == {"name": "news", "members": 0, "seq": 0, "keep": True,
                                                 "meta": {"topic": "t"}}
+    again = await http(server, "PUT", "/admin/rooms/news", token=token)
+    assert again.code == 200 and again.json()["meta"] == {"topic": "t"}, "no meta given: the room keeps its own"
+    assert (await http(server, "PUT", "/admin/rooms/news", b'{"meta": {}}', token=token)).json()["meta"] == {}
     assert (await http(server, "PUT", "/admin/rooms/bad%20name", token=token)).code == 400
     assert (await http(server, "PUT", "/admin/rooms/x", b'{"meta": [1]}', token=token)).code == 400
     deleted = await http(server, "DELETE", "/admin/rooms/news", token=token)

@@ -117,8 +117,8 @@ class AdminApi(Resource):
         if len(parts) == 2 and parts[0] == "rooms" and method == b"PUT":
             if ROOM_NAME.fullmatch(parts[1]) is None:
                 raise ApiError(400, "invalid_message", "a room name is 1 to 64 characters of letters, digits and _.:-")
-            meta = _read_json(request).get("meta", {})
-            if not isinstance(meta, dict):
+            meta = _read_json(request).get("meta")  # none given: an existing room keeps its meta
+            if meta is not None and not isinstance(meta, dict):
                 raise ApiError(400, "invalid_message", '"meta" must be a JSON object')
             return _room_json(server.create_room(parts[1], keep=True, meta=meta))
         if len(parts) == 2 and parts[0] == "rooms" and method == b"DELETE":
