@@ -258,6 +258,16 @@ async def test_admin_api_needs_the_bearer_token(make_server: Any, token_file: st
 
 
 @pytest_twisted.ensureDeferred
+async def test_an_admin_token_with_non_ascii_characters_is_accepted(make_server: Any, tmp_path: Path) -> None:
+    token = "pässwörd-für-die-verwaltung"
+    (tmp_path / "token").write_text(token, encoding="utf-8")
+    server = await make_server(room_protocol=True, admin_token_file=str(tmp_path / "token"))
+    request = b"GET /admin/rooms HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer %s\r\n\r\n"
+    assert (await raw_exchange(server, request % token.encode("utf-8"))).startswith(b"HTTP/1.1 200 ")
+    assert (await raw_exchange(server, request % token.encode("latin-1"))).startswith(b"HTTP/1.1 401 ")
+
+
+@pytest_twisted.ensureDeferred
 async def test_admin_api_lists_broadcasts_and_disconnects(make_server: Any, token_file: str) -> None:
     server = await make_server(room_protocol=True, admin_token_file=token_file)
     alice, bob = await chat_traffic(server, room="lobby", clients=2, chats=2)

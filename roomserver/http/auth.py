@@ -71,5 +71,8 @@ class AdminToken:
         header = request.getHeader(b"authorization")
         if header is None:
             return False
-        scheme, _, value = (header.decode("latin-1") if isinstance(header, bytes) else header).partition(" ")
-        return scheme.lower() == "bearer" and self.matches(value.strip())
+        # Compared as the bytes sent: a token with non-ASCII characters arrives UTF-8 encoded, and decoding the
+        # header as latin-1 then encoding it as UTF-8 (as ``matches`` does with a str) never gave them back.
+        raw = header if isinstance(header, bytes) else header.encode("latin-1")
+        scheme, _, value = raw.partition(b" ")
+        return scheme.lower() == b"bearer" and self.matches(value.strip())
