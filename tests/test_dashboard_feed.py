@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from twisted.internet import task
+from twisted.logger import formatEvent
 
 from roomserver import ServerOptions, WebSocketServer
+
+from .support import logged_errors
 
 
 def test_sampler_ticks_on_the_injected_clock_and_stops_cleanly() -> None:
@@ -28,3 +31,20 @@ def test_sampler_ticks_on_the_injected_clock_and_stops_cleanly() -> None:
     assert clock.getDelayedCalls() == [], "stopping leaves no timer behind"
     clock.advance(10.0)
     assert len(feed.series.samples) == 300
+
+
+def test_a_failing_sample_does_not_stop_the_sampler() -> None:
+    """A bare LoopingCall stopped for good at the first exception: the dashboard froze while the process lived."""
+    clock = task.Clock()
+    server = WebSocketServer(ServerOptions(port=0, room_protocol=True), reactor=clock)
+    feed = server.http.feed  # type: ignore[attr-defined]
+    feed.started(server)
+    read = feed.read
+    feed.read = lambda: 1 / 0
+    with logged_errors() as errors:
+        clock.advance(1.0)
+    assert len(errors) == 1 and "sample the dashboard" in formatEvent(errors[0])
+    feed.read = read
+    clock.advance(1.0)
+    assert len(feed.series.samples) == 2, "sampled again on schedule"
+    feed.stopping(server)

@@ -32,6 +32,7 @@ from twisted.logger import Logger
 from ..closing import ReleasedOnClose
 from ..core.timeseries import Reading, TrafficSeries
 from ..observe import ServerObserver
+from ..periodic import every
 from .auth import AdminToken
 
 if TYPE_CHECKING:
@@ -62,12 +63,8 @@ class DashboardFeed(ServerObserver):
         self.started_at = server.reactor.seconds()  # type: ignore[attr-defined]
         port = server.port
         self.node = f"{socket.gethostname()}:{port}" if port else socket.gethostname()
-        loop = LoopingCall(self.tick)
-        loop.clock = server.reactor
-        self._loop = loop
-        loop.start(self.interval, now=True).addErrback(
-            lambda failure: self.log.failure("the dashboard sampler stopped", failure)
-        )
+        self._loop = every(server.reactor, self.interval, self.tick, "sample the dashboard's figures", self.log,
+                           now=True)
 
     def stopping(self, server: WebSocketServer) -> None:
         if self._loop is not None and self._loop.running:
