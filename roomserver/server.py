@@ -267,8 +267,23 @@ class WebSocketServer:
         return self.presence_tracker.members(room)
 
     def add_filter(self, filter_: Filter) -> None:
-        """Add ``fn(client, room, message) -> message`` to the publish pipeline (raise ``Rejected`` to refuse)."""
-        self.filters.add(filter_)
+        """Add ``fn(client, room, message) -> message`` to the publish pipeline (raise ``Rejected`` to refuse).
+
+        A filter that raises anything else (a bug in it) is logged with its traceback and the chat is refused
+        with ``internal_error``, as a failing ``authorize`` hook refuses: the sender stays connected. (It was
+        closed with 1011, which clients retry: a reconnect, the same chat again, the same close.)"""
+
+        def guarded(client: Any, room: str, message: dict[str, Any]) -> dict[str, Any]:
+            try:
+                return filter_(client, room, message)
+            except RoomServerError:
+                raise
+            except Exception:
+                self.log.failure("the message filter {filter!r} raised; the chat is refused", filter=filter_)
+                raise RoomServerError("the message could not be checked; it was not sent",
+                                      code=ErrorCode.INTERNAL) from None
+
+        self.filters.add(guarded)
 
     def add_protocol(self, name: str, codec: Codec) -> None:
         """Offer another WebSocket subprotocol, framed by ``codec``."""

@@ -14,7 +14,7 @@ from roomserver.core.filters import Rejected
 
 from .auth_support import connect_as
 from .auth_support import received_within as drain
-from .support import WSClient, eventually, url_of
+from .support import WSClient, eventually, logged_errors, url_of
 
 
 @pytest_twisted.ensureDeferred
@@ -111,6 +111,26 @@ async def test_filters_reject_and_rewrite(make_server: Any, tmp_path: Path) -> N
     assert (await ws.request({"type": "chat", "room": "r", "text": "!kick"}))["message"] == "no commands here"
     assert (await ws.request({"type": "chat", "room": "r", "text": "HeLLo"}))["text"] == "hello"
     assert server.get_stats().errors["filtered"] == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_filter_that_fails_refuses_the_chat_and_keeps_the_sender(make_server: Any) -> None:
+    server = await make_server(room_protocol=True)
+
+    def buggy(client: Any, room: str, message: dict[str, Any]) -> dict[str, Any]:
+        if "boom" in message["text"]:
+            raise KeyError("a bug in the application's filter")
+        return message
+
+    server.add_filter(buggy)
+    ws = await WSClient.connect(url_of(server))
+    await ws.recv()
+    await ws.request({"type": "join", "room": "r"})
+    with logged_errors() as errors:
+        refused = await ws.request({"type": "chat", "room": "r", "text": "boom", "id": 1})
+    assert (refused["type"], refused["code"], refused["id"]) == ("error", "internal_error", 1)
+    assert len(errors) == 1, "logged with its traceback"
+    assert (await ws.request({"type": "chat", "room": "r", "text": "fine"}))["text"] == "fine", "still connected"
 
 
 @pytest_twisted.ensureDeferred
