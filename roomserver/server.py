@@ -811,7 +811,8 @@ class WebSocketServer:
         if seq is not None and room.name in self.durable.floors:
             excluded = frozenset(excluded) | self.durable.ahead_of(room.name, seq)
         prepared = self.factory.prepareMessage(payload, is_binary)
-        per_codec: dict[Any, Any] = {}  # other codecs' framings of this message, made once each, on demand
+        # Other codecs' framings of this message, made once each, on demand: [framing, its size, recipients].
+        per_codec: dict[Any, list[Any]] = {}
         sent = 0
         for member in room.clients.snapshot():
             if member in excluded or not isinstance(member, Client):
@@ -825,12 +826,18 @@ class WebSocketServer:
             if codec is not self.json_codec and not is_binary:
                 framed = per_codec.get(codec)
                 if framed is None:
-                    framed = per_codec[codec] = self.factory.prepareMessage(recoded(codec, payload), codec.binary)
-                send_prepared(protocol, framed)
+                    other = recoded(codec, payload)
+                    framed = per_codec[codec] = [self.factory.prepareMessage(other, codec.binary), len(other), 0]
+                send_prepared(protocol, framed[0])
+                framed[2] += 1
             else:
                 send_prepared(protocol, prepared)
             sent += 1
-        self.counters.sent(len(payload), sent)
+        recoded_to = 0
+        for _, size, recipients in per_codec.values():  # bytes_sent counts what each member was sent
+            self.counters.sent(size, recipients)
+            recoded_to += recipients
+        self.counters.sent(len(payload), sent - recoded_to)
         self.observers.broadcast_done(room, sent, perf_counter() - started)
         return sent
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -171,10 +172,12 @@ async def test_msgpack_and_json_clients_share_a_room(make_server: Any) -> None:
     await packed.send(msgpack.packb({"type": "join", "room": "mix", "id": 1}))
     assert msgpack.unpackb(await packed.recv_raw()) == {"type": "joined", "room": "mix", "size": 1, "id": 1}
     await json_client.request({"type": "join", "room": "mix"})
+    before = server.counters.bytes_sent
     await json_client.send({"type": "chat", "room": "mix", "text": "from json"})
-    as_json = await json_client.recv()
-    as_msgpack = msgpack.unpackb(await packed.recv_raw())
+    raw_json, raw_msgpack = await json_client.recv_raw(), await packed.recv_raw()
+    as_json, as_msgpack = json.loads(raw_json), msgpack.unpackb(raw_msgpack)
     assert as_json["text"] == as_msgpack["text"] == "from json" and as_json["seq"] == as_msgpack["seq"]
+    assert server.counters.bytes_sent - before == len(raw_json) + len(raw_msgpack), "what each member was sent"
     await packed.send(msgpack.packb({"type": "chat", "room": "mix", "text": "from msgpack"}))
     assert (await json_client.recv())["text"] == "from msgpack"
     assert msgpack.unpackb(await packed.recv_raw())["text"] == "from msgpack", "the sender gets its copy too"
