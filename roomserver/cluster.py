@@ -199,11 +199,24 @@ class Relay:
             self.outages.failed("could not read the last seq of room {room} (its joins here are refused until "
                                 "it can be read)", failure, room=name)
             self._baseline_settled(name, failure)  # their members leave: maybe the room's last ones here
-            if self.sequences.get(name) is sequence:  # members that waited for no ``joined`` (library, replays)
+            if self.sequences.get(name) is sequence and not sequence.started:
+                # Members that waited for no ``joined`` (library, replays) are still here: read again (unless a
+                # replay's read gave the baseline meanwhile: ``replayed``).
                 self.server.reactor.callLater(  # type: ignore[attr-defined]
                     RETRY_DELAY, self._read_baseline, name, sequence)
 
         self.server.durable.store.read(name, limit=1).addCallbacks(read, failed)
+
+    def replayed(self, name: str, last_seq: int) -> None:
+        """A member's replay of room ``name`` read the store when its last seq was ``last_seq``, and the member
+        now has everything up to there. If the room's baseline read has not answered here (it failed, and is
+        retried), this read is the baseline: a later one would lie above the chats stored in between, which a
+        subscription down at the same time never brought either, and the member would never get them."""
+        sequence = self.sequences.get(name)
+        if not self.clustered or sequence is None or sequence.started:
+            return
+        self._apply(name, sequence, sequence.start(last_seq))
+        self._baseline_settled(name)
 
     # -- messages --------------------------------------------------------------------------------------------
 

@@ -471,6 +471,7 @@ class DurableRooms:
             # still on its way (SQLite's writer thread commits before the reactor hears of it). Their broadcast
             # must not reach this member a second time.
             self.floors.setdefault(effect.room, {})[client] = last
+        self.server.relay.replayed(effect.room, first.last_seq)
 
     def ahead_of(self, room: str, seq: int) -> frozenset[Any]:
         """Members of ``room`` that already got ``seq`` through their replay; forgets those caught up."""

@@ -8,7 +8,8 @@ Two nodes (in this process, each with its own Redis connections) share the Redis
 - ``CLIENT KILL TYPE pubsub`` while a publisher runs: the nodes notice, resubscribe, and fetch what their
   members missed from the room streams: every member still ends with the full sequence.
 - A join on a node that cannot read the room's last seq (its baseline) is refused ``unavailable``, not answered
-  ``joined``: the chats stored before the node's connections come back would lie below a later baseline.
+  ``joined``: the chats stored before the node's connections come back would lie below a later baseline. A
+  join with ``since`` whose replay could be read takes that read as the baseline.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest_twisted
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
 
 from roomserver import WebSocketServer
+from roomserver.interfaces import StoreError
 from roomserver.redislink import RedisLink, RedisURL
 
 from .cluster_support import Member, RetryingPublisher, publish
@@ -258,3 +260,45 @@ async def test_a_join_whose_baseline_cannot_be_read_is_refused_not_answered_with
     assert (message["type"], message["seq"], message["text"]) == ("chat", 4, "m4")
     for client in (member, sender):
         await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_replay_read_is_the_baseline_when_the_rooms_own_read_keeps_failing(
+        make_server: Any, redis_server: RedisServer) -> None:
+    """A join with ``since`` on node B: its replay read works while B's read of the room's last seq (the
+    baseline) keeps failing, and B's subscription is down too. Chats stored meanwhile on A lay below the
+    baseline B read later, and never reached the member. The replay's read now gives the baseline: B's
+    resubscription fetches what came after it."""
+    a, b = await two_nodes(make_server, redis_server)
+    sender = await WSClient.connect(url_of(a))
+    await sender.recv()  # welcome
+    assert (await sender.request({"type": "join", "room": "r"}))["type"] == "joined"
+    store = b.durable.store
+    read = store.read
+    baseline_fails = True
+
+    def failing_baseline(room: str, since: int | None = None, **kwargs: Any) -> Any:
+        if baseline_fails and since is None and kwargs.get("limit") == 1:
+            return defer.fail(StoreError("the room's last seq cannot be read"))
+        return read(room, since=since, **kwargs)
+
+    store.read = failing_baseline
+    killer = RedisLink(RedisURL.parse(redis_server.url), reactor, name="test killer")
+    killer.start()
+    try:
+        await killer.when_connected(5)
+        b.broker.subscriber._backoff = lambda attempts: 2.0  # B resubscribes two seconds later
+        await killer.command("CLIENT", "KILL", "TYPE", "pubsub")
+        await aio(until(lambda: not b.broker.subscribed, timeout=5))
+        member = await WSClient.connect(url_of(b))
+        await member.recv()  # welcome
+        joined = await member.request({"type": "join", "room": "r", "since": 0, "id": 1})
+        assert (joined["type"], joined["recovered"]) == ("joined", True)
+        for i in range(1, 4):  # stored while B hears nothing
+            ack = await answer(sender, {"type": "chat", "room": "r", "text": f"m{i}", "id": i, "msg_id": f"m{i}"})
+            assert (ack["type"], ack["seq"]) == ("ack", i)
+        baseline_fails = False  # a baseline read now would say 3
+        assert [(await member.recv(timeout=10))["seq"] for _ in range(3)] == [1, 2, 3]
+    finally:
+        store.read = read
+        killer.stop()
