@@ -12,13 +12,74 @@ import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "roomserver" / "static" / "roomserver.js"
 
-CLOSE_BETWEEN_ATTEMPTS = """
+# What every script starts with.
+#
+# A fake socket sends through a `Mailbox`: its messages (and its own events) in the order they are due, by (due
+# time, order of scheduling), one per task, pumped by a single timer. A timer per message would not do: when the
+# loop runs late (a loaded machine), Node fires timers of different delays out of order (a timer counts from the
+# loop's cached time, and Node keeps a list per delay whose due timers all fire before the next list's), so the
+# client would see chats 3, 1, 2: an order no server sends. With the mailbox a message scheduled to arrive later
+# never overtakes one scheduled to arrive earlier, whatever the load.
+#
+# The scripts wait with `until(predicate, what)` for what they need (polled every ms; after 5 s the script fails
+# with what it waited for and its state), never with a fixed pause. A fixed `sleep` is left only where a script
+# checks that something does NOT happen (no retry, no rejoin, no more requests): there it gives a client that
+# would wrongly go on the time to do it (SETTLE_MS, twenty times the client's longest delay in the FAKE_SERVER
+# scripts); the timer of a wrong retry or rejoin starts before the pause with a shorter delay, so it fires first
+# however late the loop runs.
+HELPERS = """
+class Mailbox {
+  constructor() { this.queue = []; this.timer = null; }
+  later(action, delay) {
+    const entry = {due: performance.now() + delay, action};
+    let index = this.queue.length;
+    while (index > 0 && this.queue[index - 1].due > entry.due) index--;  // after those due at the same time
+    this.queue.splice(index, 0, entry);
+    if (index === 0) this.schedule();
+  }
+  get empty() { return this.queue.length === 0; }
+  schedule() {
+    clearTimeout(this.timer);
+    this.timer = null;
+    if (!this.queue.length) return;
+    this.timer = setTimeout(() => {
+      this.timer = null;
+      if (this.queue[0].due > performance.now()) { this.schedule(); return; }  // woken early (cached loop time)
+      const entry = this.queue.shift();
+      try { entry.action(); } finally { this.schedule(); }
+    }, Math.max(0, this.queue[0].due - performance.now()));
+  }
+}
+const SETTLE_MS = 100;
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+async function until(predicate, what, timeoutMs = 5000) {
+  const deadline = performance.now() + timeoutMs;
+  while (!predicate()) {
+    if (performance.now() > deadline) throw new Error("timed out after " + timeoutMs + " ms waiting for " + what);
+    await sleep(1);
+  }
+}
+// Run the script's steps, then print `report()` (its result) and close the client; a failure exits 1 with the
+// error and the state where it stopped.
+function main(steps, report) {
+  steps().then(() => {
+    console.log(JSON.stringify(report()));
+    client.close();
+  }, (error) => {
+    console.error(error.stack + "\\nstate: " + JSON.stringify(report()));
+    process.exit(1);
+  });
+}
+"""
+
+CLOSE_BETWEEN_ATTEMPTS = HELPERS + """
 const attempts = [];
 globalThis.WebSocket = class {
   constructor(url) {
     attempts.push(url);
     this.readyState = 0;
-    setTimeout(() => { this.readyState = 3; this.onclose && this.onclose({code: 1006, reason: ""}); }, 5);
+    this.mailbox = new Mailbox();
+    this.mailbox.later(() => { this.readyState = 3; this.onclose && this.onclose({code: 1006, reason: ""}); }, 5);
   }
   close() {}
   send() { throw new Error("not open"); }
@@ -27,15 +88,19 @@ const {RoomClient} = require(process.argv[1]);
 const client = new RoomClient("ws://127.0.0.1:9/ws", {minDelay: 50, maxDelay: 50});
 const states = [];
 client.on("state", (state) => states.push(state));
-const waiting = client.connect().then(() => "open", (error) => error.code);
-setTimeout(async () => {
+let outcome = "still waiting";
+client.connect().then(() => (outcome = "open"), (error) => (outcome = error.code));
+let retried_after_close = null;
+main(async () => {
+  // Never opened, so "reconnecting" is only ever the state between two attempts (an attempt is "connecting").
+  await until(() => client.state === "reconnecting", "the first attempt to fail");
   client.close();
-  const outcome = await Promise.race([waiting, new Promise((r) => setTimeout(() => r("still waiting"), 1000))]);
   const settled = attempts.length;
-  setTimeout(() => {
-    console.log(JSON.stringify({outcome, state: client.state, states, retried_after_close: attempts.length - settled}));
-  }, 200);
-}, 20);
+  // Only for what must NOT happen: a retry after close() (its delay is 50 ms at most, its timer started before
+  // this pause). connect() is rejected by close() itself, at once.
+  await sleep(200);
+  retried_after_close = attempts.length - settled;
+}, () => ({outcome, state: client.state, states, retried_after_close}));
 """
 
 
@@ -44,8 +109,9 @@ def run_node(script: str, *args: str) -> dict[str, object]:
     node = shutil.which("node")
     if node is None:
         pytest.fail("node is missing (bench/ and these tests need Node.js)")
-    done = subprocess.run([node, "-e", script, str(SCRIPT), *args], capture_output=True, text=True, timeout=30,
-                          check=True)
+    done = subprocess.run([node, "-e", script, str(SCRIPT), *args], capture_output=True, text=True, timeout=30)
+    if done.returncode != 0:
+        pytest.fail(f"the Node script failed (exit {done.returncode}):\n{done.stderr}", pytrace=False)
     return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
@@ -56,14 +122,15 @@ def test_close_between_two_attempts_rejects_connect_and_stops_retrying() -> None
     assert "reconnecting" in result["states"], result  # it was between two attempts when closed
 
 
-RESUME_REFUSED_FOR_ONE_ROOM = """
+RESUME_REFUSED_FOR_ONE_ROOM = HELPERS + """
 const sockets = [];
 globalThis.WebSocket = class {
   constructor(url) {
     this.readyState = 0;
     this.sent = [];
+    this.mailbox = new Mailbox();
     sockets.push(this);
-    setTimeout(() => {
+    this.mailbox.later(() => {
       this.readyState = 1;
       this.onopen && this.onopen();
       const session = "s" + sockets.length;
@@ -73,7 +140,7 @@ globalThis.WebSocket = class {
   send(data) {
     const message = JSON.parse(data);
     this.sent.push(message);
-    const reply = (answer) => setTimeout(() => this.onmessage({data: JSON.stringify(answer)}), 1);
+    const reply = (answer) => this.mailbox.later(() => this.onmessage({data: JSON.stringify(answer)}), 1);
     if (message.type === "join") reply({type: "joined", room: message.room, size: 1, id: message.id});
     if (message.type === "resume") {  // one room refused: the other is resumed, its reply first or last
       reply({type: "resumed", room: "kept", continued: true, recovered: true, id: message.id});
@@ -86,17 +153,17 @@ const {RoomClient} = require(process.argv[1]);
 const client = new RoomClient("ws://127.0.0.1:9/ws", {minDelay: 5, maxDelay: 5});
 const errors = [];
 client.on("error", (error) => errors.push(error.code + " " + error.room));
-(async () => {
+const answered = (socket) => !!socket && socket.readyState === 1 && socket.sent.length > 0 && socket.mailbox.empty;
+main(async () => {
   await client.connect();
   await client.join("kept");
   await client.join("taken");
   sockets[0].readyState = 3;
   sockets[0].onclose({code: 1006, reason: ""});
-  await new Promise((r) => setTimeout(r, 100));
-  const second = sockets[1].sent.map((m) => m.type + (m.room ? " " + m.room : ""));
-  console.log(JSON.stringify({rooms: Object.keys(client.rooms), errors, second}));
-  client.close();
-})();
+  await until(() => answered(sockets[1]) && errors.length > 0, "the replies to the resume");
+  await sleep(SETTLE_MS);  // no join of either room may follow
+}, () => ({rooms: Object.keys(client.rooms), errors,
+           second: sockets[1] && sockets[1].sent.map((m) => m.type + (m.room ? " " + m.room : ""))}));
 """
 
 
@@ -107,11 +174,12 @@ def test_a_resume_refused_for_one_room_gives_up_that_room_and_rejoins_nothing() 
     assert result["second"] == ["resume"], result  # no join of either room after it
 
 
-TIMED_OUT_CHAT = """
+TIMED_OUT_CHAT = HELPERS + """
 globalThis.WebSocket = class {
   constructor(url) {
     this.readyState = 0;
-    setTimeout(() => {
+    this.mailbox = new Mailbox();
+    this.mailbox.later(() => {
       this.readyState = 1;
       this.onopen && this.onopen();
       this.onmessage({data: JSON.stringify({type: "welcome", id: "me", session: "s"})});
@@ -120,20 +188,20 @@ globalThis.WebSocket = class {
   send(data) {  // a server without acks that never echoes the chat back either
     const message = JSON.parse(data);
     if (message.type === "join") {
-      setTimeout(() => this.onmessage({data: JSON.stringify({type: "joined", room: "r", size: 1, id: message.id})}), 1);
+      const joined = {type: "joined", room: "r", size: 1, id: message.id};
+      this.mailbox.later(() => this.onmessage({data: JSON.stringify(joined)}), 1);
     }
   }
   close() {}
 };
 const {RoomClient} = require(process.argv[1]);
 const client = new RoomClient("ws://127.0.0.1:9/ws", {requestTimeout: 30});
-(async () => {
+let outcome = null;
+main(async () => {
   await client.connect();
   await client.join("r");
-  const outcome = await client.send("r", "lost").then(() => "acked", (error) => error.code);
-  console.log(JSON.stringify({outcome, queued: (client._echoQueue.r || []).length}));
-  client.close();
-})();
+  outcome = await client.send("r", "lost").then(() => "acked", (error) => error.code);
+}, () => ({outcome, queued: (client._echoQueue.r || []).length}));
 """
 
 
@@ -144,29 +212,45 @@ def test_a_timed_out_chat_leaves_the_echo_queue() -> None:
 
 
 # A scriptable server for the reconnect tests: `serve(socket, message, connection)` answers each request of
-# connection number `connection` (1-based); `welcome(connection)` greets it. Each message arrives in its own
-# task, as from a real socket.
-FAKE_SERVER = """
+# connection number `connection` (1-based), at once (`socket.later(message, delay)`: sent `delay` ms later,
+# through the socket's mailbox); `welcome(connection)` greets it. Each message arrives in its own task, as from a
+# real socket. `served(socket)`: the socket is open and its server has sent everything it had to (every request
+# of the client is answered). `pushed(socket)`: what the client was sent on it, in order.
+FAKE_SERVER = HELPERS + """
 const sockets = [];
 function fakeServer(welcome, serve) {
   globalThis.WebSocket = class {
     constructor(url) {
       this.readyState = 0;
       this.sent = [];
+      this.pushed = [];
+      this.mailbox = new Mailbox();
       this.number = sockets.push(this);
-      setTimeout(() => { this.readyState = 1; this.onopen && this.onopen(); this.push(welcome(this.number)); }, 1);
+      this.mailbox.later(() => {
+        this.readyState = 1; this.onopen && this.onopen(); this.push(welcome(this.number));
+      }, 1);
     }
-    push(message) { if (this.readyState === 1) this.onmessage({data: JSON.stringify(message)}); }
-    later(message, delay) { setTimeout(() => this.push(message), delay || 1); }
+    push(message) {
+      if (this.readyState !== 1) return;
+      this.pushed.push(message);
+      this.onmessage({data: JSON.stringify(message)});
+    }
+    later(message, delay) { this.mailbox.later(() => this.push(message), delay || 1); }
     send(data) { const message = JSON.parse(data); this.sent.push(message); serve(this, message, this.number); }
-    close(code) { this.readyState = 3; setTimeout(() => this.onclose({code: code || 1000, reason: ""}), 0); }
+    close(code) {
+      this.readyState = 3;
+      this.mailbox.later(() => this.onclose({code: code || 1000, reason: ""}), 0);
+    }
   };
 }
 const drop = (socket) => { socket.readyState = 3; socket.onclose({code: 1006, reason: ""}); };
-const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+const served = (socket) => !!socket && socket.readyState === 1 && socket.mailbox.empty;
 const chat = (room, seq) => ({type: "chat", room, from: "other", text: "m" + seq, seq});
 const range = (first, last) => Array.from({length: last - first + 1}, (_, i) => first + i);
-const requests = (socket) => socket.sent.map((m) => [m.type, m.room, m.since].filter((x) => x !== undefined).join(" "));
+const describe = (messages, keys) =>
+  messages.map((m) => keys.map((key) => m[key]).filter((x) => x !== undefined).join(" "));
+const requests = (socket) => socket ? describe(socket.sent, ["type", "room", "since"]) : null;
+const pushed = (socket) => socket ? describe(socket.pushed, ["type", "code", "room", "seq"]) : null;
 const {RoomClient} = require(process.argv[1]);
 const client = new RoomClient("ws://127.0.0.1:9/ws", {minDelay: 5, maxDelay: 5, rejoinAttempts: 2});
 const delivered = {};
@@ -190,15 +274,13 @@ fakeServer((n) => ({type: "welcome", id: "me" + n}), (socket, m, connection) => 
   if (m.type === "history") socket.later({type: "history", room: "r", id: m.id, more: false,
                                           messages: range(m.since + 1, 8).map((seq) => chat("r", seq))}, 10);
 });
-(async () => {
+main(async () => {
   await client.connect();
   await client.join("r");
-  await sleep(20);
+  await until(() => served(sockets[0]), "chats 1-3");
   drop(sockets[0]);
-  await sleep(100);
-  console.log(JSON.stringify({delivered: delivered.r, resumed, requests: requests(sockets[1])}));
-  client.close();
-})();
+  await until(() => served(sockets[1]) && resumed.length === 1, "the rejoin of r");
+}, () => ({delivered: delivered.r, resumed, requests: requests(sockets[1]), pushed: pushed(sockets[1])}));
 """
 
 
@@ -208,6 +290,7 @@ def test_a_rejoin_holds_the_live_chats_until_the_history_filled_the_gap() -> Non
     client still said recovered."""
     result = run_node(REJOIN_WHILE_CHATS_GO_ON)
     assert result["requests"] == ["join r 3", "history r 3"], result
+    assert result["pushed"] == ["welcome", "joined r", "chat r 8", "chat r 9", "history r"], result  # as staged
     assert result["delivered"] == list(range(1, 10)), result  # in order, 8 once (history and live)
     assert result["resumed"] == [["r", True]], result
 
@@ -226,15 +309,13 @@ fakeServer((n) => ({type: "welcome", id: "me" + n}), (socket, m, connection) => 
                   messages: page.map((seq) => chat("r", seq))}, 2);
   }
 });
-(async () => {
+main(async () => {
   await client.connect();
   await client.join("r");
-  await sleep(20);
+  await until(() => served(sockets[0]), "chats 1-3");
   drop(sockets[0]);
-  await sleep(100);
-  console.log(JSON.stringify({delivered: delivered.r, resumed, requests: requests(sockets[1])}));
-  client.close();
-})();
+  await until(() => served(sockets[1]) && resumed.length === 1, "the rejoin of r");
+}, () => ({delivered: delivered.r, resumed, requests: requests(sockets[1])}));
 """
 
 
@@ -259,16 +340,15 @@ fakeServer((n) => ({type: "welcome", id: "me" + n}), (socket, m, connection) => 
                   messages: seqs.map((seq) => chat(m.room, seq))}, 2);
   }
 });
-(async () => {
+main(async () => {
   await client.connect();
   await client.join("stuck");
   await client.join("trimmed");
-  await sleep(20);
+  await until(() => served(sockets[0]), "chats 1-3 of both rooms");
   drop(sockets[0]);
-  await sleep(100);
-  console.log(JSON.stringify({delivered, resumed: resumed.sort(), requests: requests(sockets[1])}));
-  client.close();
-})();
+  await until(() => served(sockets[1]) && resumed.length === 2, "the rejoin of both rooms");
+  await sleep(SETTLE_MS);  // no more pages may be asked for
+}, () => ({delivered, resumed: resumed.sort(), requests: requests(sockets[1])}));
 """
 
 
@@ -304,22 +384,25 @@ fakeServer((n) => ({type: "welcome", id: "me", session: "s" + n}), (socket, m, c
     (order === "error first" ? answers.reverse() : answers).forEach((answer, i) => socket.later(answer, 1 + i));
   }
 });
-(async () => {
+main(async () => {
   await client.connect();
   await client.join("a");
   await client.join("b");
-  await sleep(20);
+  await until(() => served(sockets[0]), "chats 1-2 of b");
   drop(sockets[0]);
-  await sleep(150);
-  console.log(JSON.stringify({rooms: Object.keys(client.rooms).sort(), errors, resumed: resumed.sort(),
-                              delivered, requests: requests(sockets[1])}));
-  client.close();
-})();
+  await until(() => served(sockets[1]) && (resumed.some(([room]) => room === "b") || errors.length > 0),
+              "b joined again, or given up");
+  await sleep(SETTLE_MS);  // no join may follow
+}, () => ({rooms: Object.keys(client.rooms).sort(), errors, resumed: resumed.sort(), delivered,
+           requests: requests(sockets[1]), pushed: pushed(sockets[1])}));
 """
 
 
 def run_resume_unavailable(order: str, failures: int) -> dict[str, object]:
-    return run_node(RESUME_UNAVAILABLE_FOR_ONE_ROOM, json.dumps([order, failures]))
+    result = run_node(RESUME_UNAVAILABLE_FOR_ONE_ROOM, json.dumps([order, failures]))
+    staged = ["resumed a", "error unavailable b"]  # the replies to the resume, as staged
+    assert result["pushed"][1:3] == (staged[::-1] if order == "error first" else staged), result  # type: ignore[index]
+    return result
 
 
 @pytest.mark.parametrize("order", ["error first", "error last"])
@@ -349,15 +432,14 @@ fakeServer((n) => ({type: "welcome", id: "me" + n}), (socket, m, connection) => 
     socket.later({type: "error", code: "room_full", message: "full", id: m.id});
   }
 });
-(async () => {
+main(async () => {
   await client.connect();
   await client.join("kept");
   await client.join("full");
   drop(sockets[0]);
-  await sleep(50);
-  console.log(JSON.stringify({rooms: Object.keys(client.rooms), errors, resumed}));
-  client.close();
-})();
+  await until(() => served(sockets[1]) && sockets[1].sent.length >= 2, "the answers to both rejoins");
+  await sleep(SETTLE_MS);  // no join of "full" may follow
+}, () => ({rooms: Object.keys(client.rooms), errors, resumed}));
 """
 
 
