@@ -445,3 +445,53 @@ main(async () => {
 
 def test_a_rejoin_refused_for_good_forgets_the_room() -> None:
     assert run_node(REJOIN_REFUSED) == {"rooms": ["kept"], "errors": ["room_full full"], "resumed": [["kept", True]]}
+
+
+# An application that closes the client from an event listener (say, giving up after so many attempts): on the
+# first "connecting" state, on the "close" event of a drop, on the "reconnecting" state after it, or on the
+# "open" state of the connection that comes back. Every attempt reaches the server, which answers joins.
+CLOSE_FROM_A_LISTENER = FAKE_SERVER + """
+const [closeOn] = JSON.parse(process.argv[2]);
+fakeServer((n) => ({type: "welcome", id: "me" + n}), (socket, m) => {
+  if (m.type === "join") socket.later({type: "joined", room: m.room, size: 1, id: m.id});
+});
+const states = [];
+let armed = closeOn === "connecting";
+let closedAt = null;
+const sentCount = () => sockets.reduce((total, socket) => total + socket.sent.length, 0);
+const closeNow = () => {
+  if (!armed || closedAt) return;
+  closedAt = {sockets: sockets.length, sent: sentCount()};
+  client.close();
+};
+client.on("state", (state) => { states.push(state); if (state === closeOn) closeNow(); });
+client.on("close", () => { if (closeOn === "close") closeNow(); });
+let outcome = "still waiting";
+main(async () => {
+  const connected = client.connect();
+  connected.then(() => (outcome = "open"), (error) => (outcome = error.code));
+  if (!armed) {
+    await connected;
+    await client.join("r");
+    armed = true;
+    drop(sockets[0]);
+  }
+  await until(() => closedAt !== null, "the listener to close the client");
+  await sleep(SETTLE_MS);  // no attempt, request or error may follow
+}, () => ({state: client.state, states, errors, outcome,
+           sockets_after_close: closedAt && sockets.length - closedAt.sockets,
+           sent_after_close: closedAt && sentCount() - closedAt.sent}));
+"""
+
+
+@pytest.mark.parametrize("close_on", ["connecting", "close", "reconnecting", "open"])
+def test_close_from_an_event_listener_closes_for_good(close_on: str) -> None:
+    """The client went on with what the listener had interrupted: it scheduled its retry, or opened its socket,
+    after close(), and came back open; or, closed on "open", it rejoined on the closing socket (errors)."""
+    result = run_node(CLOSE_FROM_A_LISTENER, json.dumps([close_on]))
+    assert result["state"] == "closed", result
+    assert result["states"][-1] == "closed" and result["states"].count("closed") == 1, result  # type: ignore[attr-defined]
+    assert result["sockets_after_close"] == 0 and result["sent_after_close"] == 0, result
+    assert result["errors"] == [], result
+    if close_on == "connecting":
+        assert result["outcome"] == "closed", result  # connect() itself

@@ -78,6 +78,7 @@
     this._rejoinTimers = {};      // room -> timer of its next join, after the server answered "unavailable"
     this._draining = false;       // the server sent a reconnect hint: this connection is about to close
     this._hintedDelay = null;     // ms: when to reconnect after the close (from the hint)
+    this._closes = 0;             // close() calls: one from an event listener ends what the client was doing
   }
 
   RoomClient.backoffDelay = backoffDelay;
@@ -130,7 +131,9 @@
   RoomClient.prototype._open = function () {
     var self = this;
     var WS = this.options.WebSocket || global.WebSocket;
+    var closes = this._closes;
     this._setState(this._everOpened ? "reconnecting" : "connecting", {attempt: this._attempt});
+    if (this._closes !== closes) return;  // a state listener closed the client: no socket
     var ws;
     try {
       ws = new WS(this.url);
@@ -153,6 +156,7 @@
   };
 
   RoomClient.prototype._dropped = function (code, reason) {
+    var closes = this._closes;
     this._ws = null;
     var wasOpen = this.state === "open";
     this._draining = false;
@@ -162,6 +166,7 @@
     this._stopCatchingUp();
     this._failPending("disconnected", "the connection closed (code " + code + ")", !terminal && !!this.session);
     this._emit("close", {code: code, reason: reason});
+    if (this._closes !== closes) return;  // a close listener closed the client: close() did the rest, no retry
     if (terminal) {
       this._setState("closed", {code: code, reason: reason});
       var waiters = this._connectWaiters.splice(0);
@@ -179,13 +184,16 @@
     // A draining server chose when: its clients come back spread over time.
     var delay = hinted !== null ? hinted : backoffDelay(this._attempt, this.options, this.options.random);
     this._attempt += 1;
+    var closes = this._closes;
     this._setState("reconnecting", {attempt: this._attempt, delay: delay, code: code, hinted: hinted !== null});
+    if (this._closes !== closes) return;  // a state listener closed the client: no retry
     this._retryTimer = setTimeout(function () { self._retryTimer = null; self._open(); }, delay);
   };
 
   /** Close for good (no reconnect). Whatever still waits (requests, chats kept for the next connection,
    *  connect()) is rejected with "closed", also when called between two attempts. */
   RoomClient.prototype.close = function () {
+    this._closes += 1;
     this._closedByUser = true;
     if (this._retryTimer) { clearTimeout(this._retryTimer); this._retryTimer = null; }
     if (this._ws) { this._ws.close(1000); return; }  // its close event does the rest (also while connecting)
@@ -439,8 +447,12 @@
     this.session = message.session || null;
     this._everOpened = true;
     this._attempt = 0;
+    var closes = this._closes;
     this._setState("open", {resumed: wasReconnect});
     this._emit("welcome", message);
+    // A listener closed the client: no resume or rejoin on the closing socket (connect() is rejected with
+    // "closed" when its close event comes).
+    if (this._closes !== closes) return;
     var waiters = this._connectWaiters.splice(0);
     waiters.forEach(function (w) { w.resolve(self); });
     var names = Object.keys(this.rooms);
