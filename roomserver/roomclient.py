@@ -183,6 +183,7 @@ class RoomClient:
         self._hinted_delay: float | None = None
         self._resume_id: int | None = None  # the id of this connection's resume request (its errors name a room each)
         self._rejoin_timers: dict[str, Any] = {}  # room -> the call of its next join, after an "unavailable"
+        self._closes = 0  # close() calls: one from an event listener ends what the client was doing
 
     # -- events ----------------------------------------------------------------------------------------------
 
@@ -212,7 +213,9 @@ class RoomClient:
     def close(self) -> defer.Deferred[None]:
         """Close for good (no reconnect); fires once the connection is closed. Whatever still waits (requests,
         chats kept for the next connection, ``connect()``) fails with ``closed``, whenever it is called: while
-        open, while a TCP connection or a WebSocket handshake is under way, or between two attempts."""
+        open, while a TCP connection or a WebSocket handshake is under way, or between two attempts; also from
+        an event listener (the client does not go on with what the event interrupted)."""
+        self._closes += 1
         self._closed_by_user = True
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
@@ -250,7 +253,10 @@ class RoomClient:
         return self._endpoint().connect(self._factory)  # type: ignore[no-any-return]
 
     def _open(self) -> None:
+        closes = self._closes
         self._set_state("reconnecting" if self._ever_opened else "connecting", attempt=self.attempt)
+        if self._closes != closes:
+            return  # a state listener closed the client: no connection attempt
         token = self._token() if callable(self._token) else self._token
         # Non-browser clients send the token in the handshake (a bad one gets HTTP 401); a callable is asked
         # again at each reconnect, so it can hand out a fresh token.
@@ -280,7 +286,10 @@ class RoomClient:
         else:
             delay = backoff_delay(self.attempt, self._random, self.min_delay, self.max_delay, self.factor)
         self.attempt += 1
+        closes = self._closes
         self._set_state("reconnecting", attempt=self.attempt, delay=delay, code=code, hinted=hinted is not None)
+        if self._closes != closes:
+            return  # a state listener closed the client: no retry
         self._retry = self.reactor.callLater(delay, self._retry_now)
 
     def _retry_now(self) -> None:
@@ -301,8 +310,11 @@ class RoomClient:
         self._cancel_rejoins()
         self._fail_pending("disconnected", f"the connection closed (code {code})",
                            keep_chats=not terminal and self.session is not None)
+        closes = self._closes
         self._events.emit("close", code, reason)
-        if terminal:
+        if self._closes != closes:
+            pass  # a close listener closed the client: close() did the rest, no retry
+        elif terminal:
             self._set_state("closed", code=code, reason=reason)
             self._fail_connect_waiters(RoomClientError("closed", f"connection closed (code {code})"))
         else:
@@ -554,8 +566,13 @@ class RoomClient:
         self.session = session if isinstance(session, str) else None
         self._ever_opened = True
         self.attempt = 0
+        closes = self._closes
         self._set_state("open", resumed=was_reconnect)
         self._events.emit("welcome", message)
+        if self._closes != closes:
+            # A listener closed the client: no resume or rejoin on the closing connection (connect() fails with
+            # "closed" once it is gone).
+            return
         waiters, self._connect_waiters = self._connect_waiters, []
         for waiter in waiters:
             waiter.callback(self)

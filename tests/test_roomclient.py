@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+import orjson
 import pytest
 import pytest_twisted
 from twisted.internet import defer, task
+from twisted.python.failure import Failure
 
 from roomserver import ServerOptions, WebSocketServer
 from roomserver.core.backoff import backoff_delay
@@ -115,6 +118,172 @@ def test_request_timeout_uses_the_clock() -> None:
     errors: list[RoomClientError] = []
     failed.addErrback(lambda failure: errors.append(failure.value))
     assert errors and errors[0].code == "not_connected", "a request while not connected fails at once"
+
+
+# -- against a scripted server on a fake clock ------------------------------------------------------------
+#
+# What a real server cannot stage on demand (a reply held until a live chat went by, a history page that fails
+# once) with no timing at all: every message of the scripted server, and every timer of the client, runs on the
+# client's task.Clock, in the order due (same time: in the order scheduled). `run(until)` advances it one second
+# at a time until a condition holds; a test that checks that something does NOT happen advances it well past
+# every delay the client could still have pending (its backoff is at most 5 s).
+
+
+class ScriptedConnection:
+    """One connection to the scripted server, in the place of Autobahn's protocol: ``sent`` (what the client
+    sent), ``pushed`` (what it was sent), ``later(message, delay)`` (sent ``delay`` seconds from now)."""
+
+    STATE_OPEN, STATE_CLOSING, STATE_CLOSED = 3, 4, 5
+
+    def __init__(self, client: ScriptedClient, number: int) -> None:
+        self.client = client
+        self.number = number
+        self.state = self.STATE_OPEN
+        self.sent: list[dict[str, Any]] = []
+        self.pushed: list[dict[str, Any]] = []
+
+    def push(self, message: dict[str, Any]) -> None:
+        if self.state == self.STATE_OPEN:
+            self.pushed.append(message)
+            self.client._receive(self, orjson.dumps(message))  # type: ignore[arg-type]
+
+    def later(self, message: dict[str, Any], delay: float = 1) -> None:
+        self.client.clock.callLater(delay, self.push, message)
+
+    def sendMessage(self, payload: bytes, isBinary: bool) -> None:
+        message = orjson.loads(payload)
+        self.sent.append(message)
+        if self.state == self.STATE_OPEN:
+            self.client.script(self, message)
+
+    def sendClose(self, code: int = 1000) -> None:
+        self._closing(code)
+
+    def dropConnection(self, abort: bool = False) -> None:
+        self._closing(1006)
+
+    def _closing(self, code: int) -> None:
+        if self.state == self.STATE_OPEN:
+            self.state = self.STATE_CLOSING
+            self.client.clock.callLater(0, self.drop, code)
+
+    def drop(self, code: int = 1006) -> None:
+        """The connection is gone (the server's side, or the network): the client hears of it at once."""
+        if self.state != self.STATE_CLOSED:
+            self.state = self.STATE_CLOSED
+            self.client._dropped(self, code, "")  # type: ignore[arg-type]
+
+
+def chat(room: str, seq: int) -> dict[str, Any]:
+    return {"type": "chat", "room": room, "from": "other", "text": f"m{seq}", "seq": seq}
+
+
+class ScriptedClient(RoomClient):
+    """A client whose every connection reaches a scripted server: ``welcome(number)`` greets connection number
+    ``number`` (1-based), ``script(connection, request)`` answers each request (``connection.later(...)``).
+    It records ``delivered`` (room -> seqs of its chat events), ``resumed`` ((room, recovered) per event) and
+    ``errors`` ("code room" per error event)."""
+
+    def __init__(self, welcome: Callable[[int], dict[str, Any]],
+                 script: Callable[[ScriptedConnection, dict[str, Any]], None], **options: Any) -> None:
+        self.clock = task.Clock()
+        options = {"min_delay": 5.0, "max_delay": 5.0, "random": lambda: 0.5, "request_timeout": 1000.0,
+                   "rejoin_attempts": 2, **options}
+        super().__init__("ws://127.0.0.1:9/ws", reactor=self.clock, **options)
+        self.welcome = welcome
+        self.script = script
+        self.connections: list[ScriptedConnection] = []
+        self.delivered: dict[str, list[int]] = {}
+        self.resumed: list[tuple[str, bool]] = []
+        self.errors: list[str] = []
+        self.on("chat", lambda event: self.delivered.setdefault(event["room"], []).append(event["seq"]))
+        self.on("resumed", lambda event: self.resumed.append((event["room"], event["recovered"])))
+        self.on("error", lambda event: self.errors.append(f"{event.get('code')} {event.get('room')}"))
+
+    def _connect_once(self) -> defer.Deferred[Any]:
+        connection = ScriptedConnection(self, len(self.connections) + 1)
+        self.connections.append(connection)
+        connection.later(self.welcome(connection.number))
+        return defer.succeed(connection)
+
+    def run(self, until: Callable[[], object], what: str, limit: int = 1000) -> None:
+        """Advance the clock a second at a time until ``until()`` holds."""
+        for _ in range(limit):
+            if until():
+                return
+            self.clock.advance(1)
+        raise AssertionError(f"still waiting for {what} after {limit} s (state {self.state})")
+
+    def settle(self) -> None:
+        """Let everything still due happen (for checks that something does NOT follow)."""
+        self.clock.advance(100)
+
+    def wait(self, deferred: defer.Deferred[Any], what: str) -> Any:
+        """The result of ``deferred``, advancing the clock until it fires."""
+        results: list[Any] = []
+        deferred.addBoth(results.append)
+        self.run(lambda: results, what)
+        if isinstance(results[0], Failure):
+            results[0].raiseException()
+        return results[0]
+
+
+def requests(connection: ScriptedConnection) -> list[str]:
+    """What the client sent on ``connection``, as "type room since"."""
+    return [" ".join(str(m[key]) for key in ("type", "room", "since") if key in m) for m in connection.sent]
+
+
+def answer_joins(connection: ScriptedConnection, message: dict[str, Any]) -> None:
+    if message["type"] == "join":
+        connection.later({"type": "joined", "room": message["room"], "size": 1, "id": message["id"]})
+
+
+@pytest.mark.parametrize("close_on", ["connecting", "close", "reconnecting", "open"])
+def test_close_from_an_event_listener_closes_for_good(close_on: str) -> None:
+    """An application that closes the client from a listener (say, giving up after so many attempts): on the
+    first "connecting" state, on the "close" event of a drop, on the "reconnecting" state after it, or on the
+    "open" state of the connection that comes back. The client went on with what the listener interrupted: the
+    attempt of "connecting" still went out (and connected), "reconnecting" still set its retry timer (one more
+    attempt after close()), "open" still joined its room again on the closing connection."""
+    client = ScriptedClient(lambda n: {"type": "welcome", "id": f"me{n}"}, answer_joins)
+    states: list[str] = []
+    armed = close_on == "connecting"
+    closed_at: list[tuple[int, int]] = []
+
+    def sent() -> int:
+        return sum(len(connection.sent) for connection in client.connections)
+
+    def close_now() -> None:
+        if armed and not closed_at:
+            closed_at.append((len(client.connections), sent()))
+            client.close()
+
+    def on_state(state: str, detail: dict[str, Any]) -> None:
+        states.append(state)
+        if state == close_on:
+            close_now()
+
+    client.on("state", on_state)
+    client.on("close", lambda code, reason: close_now() if close_on == "close" else None)
+    outcome: list[str] = []
+    connected = client.connect()
+    connected.addCallbacks(lambda _: outcome.append("open"), lambda failure: outcome.append(failure.value.code))
+    if not armed:
+        client.run(lambda: outcome, "the first connection")
+        client.wait(client.join("r"), "the join")
+        armed = True
+        client.connections[0].drop()
+    client.run(lambda: closed_at, "the listener to close the client")
+    client.settle()  # no attempt, request or error may follow
+    [(connections, requests_sent)] = closed_at
+    assert client.state == "closed" and states[-1] == "closed" and states.count("closed") == 1, states
+    assert len(client.connections) == connections, "no connection attempt after close()"
+    assert sent() == requests_sent, "no request after close()"
+    assert client.errors == []
+    if close_on == "connecting":
+        assert outcome == ["closed"], "connect() itself fails with closed"
+    if close_on == "open":
+        assert outcome == ["open"], outcome
 
 
 # -- against a real server -----------------------------------------------------------------------------------
