@@ -660,6 +660,10 @@ class RoomClient:
 
         def no_history(failure: Any) -> None:
             failure.trap(RoomClientError)
+            if failure.value.code == "disconnected" or self.rooms.get(name) is not state:
+                # The connection dropped before the reply (the room keeps its last seq: the next connection's
+                # resume or rejoin replays the gap again), or the room was left meanwhile.
+                return
             state.last_seq = 0  # sequence numbers may have started again: accept what comes
             self._events.emit("resumed", {"type": "resumed", "room": name, "recovered": False, "via": "rejoin"})
 

@@ -682,3 +682,35 @@ async def test_client_honours_the_drain_hint_and_loses_no_chat(make_server: Any,
         await client.close()
         if again is not None:
             await again.stop()
+
+
+def test_a_drop_while_the_rejoins_history_is_pending_keeps_the_rooms_last_seq() -> None:
+    """A server without sessions that ignores ``since`` in a join: chats 1-3, then the client comes back twice;
+    the second connection drops while the history of the rejoin is pending. The failed history request
+    (``disconnected``) counted as "no history here": the room's last seq went to 0 and the third connection's
+    rejoin asked for everything again, delivering 1-3 twice."""
+    def script(connection: ScriptedConnection, message: dict[str, Any]) -> None:
+        if message["type"] == "join":
+            connection.later({"type": "joined", "room": message["room"], "size": 1, "id": message["id"]})
+            if connection.number == 1:
+                for seq in (1, 2, 3):
+                    connection.later(chat("r", seq), 1 + seq)
+        if message["type"] == "history" and connection.number == 2:
+            connection.client.clock.callLater(1, connection.drop)  # the connection goes before the reply
+        elif message["type"] == "history":
+            seqs = range(message["since"] + 1, 6)
+            connection.later({"type": "history", "room": "r", "id": message["id"], "more": False,
+                              "messages": [chat("r", seq) for seq in seqs]})
+
+    client = ScriptedClient(lambda n: {"type": "welcome", "id": f"me{n}"}, script)
+    client.wait(client.connect(), "the first connection")
+    client.wait(client.join("r"), "the join")
+    client.run(lambda: client.delivered.get("r") == [1, 2, 3], "chats 1-3")
+    client.connections[0].drop()
+    client.run(lambda: len(client.connections) == 2 and client.connections[1].state == ScriptedConnection.STATE_CLOSED,
+               "the second connection to drop")
+    assert requests(client.connections[1]) == ["join r 3", "history r 3"]
+    assert client.last_seq("r") == 3 and client.resumed == [], "nothing was replayed, nothing is said yet"
+    client.run(lambda: client.resumed, "the rejoin on the third connection")
+    assert requests(client.connections[2]) == ["join r 3", "history r 3"]
+    assert client.delivered["r"] == [1, 2, 3, 4, 5] and client.resumed == [("r", True)]
