@@ -22,7 +22,8 @@ instead of after its backoff delay, so a drained node's clients come back spread
 with a server that gives sessions (its welcome carries ``session``) it sends ``{"type":"resume","session":...,
 "rooms":{room: last_seq}}`` and the server replays what was missed; otherwise it joins its rooms again with
 ``since`` the last seq it saw (a server that replays the gap itself says ``recovered`` in its reply) or asks for
-the history after it (servers with history), or starts afresh (``recovered: false``). A room the server cannot
+the history after it (servers with history; page after page, holding the room's live chats until the gap is
+filled), or starts afresh (``recovered: false``). A room the server cannot
 take back for now (``unavailable``: its gap could not be read) is joined again after a backoff, a few times at most.
 A chat whose seq it has already delivered in a room is never delivered twice.
 
@@ -76,11 +77,20 @@ class RoomClientError(Exception):
 
 
 @dataclass
+class _CatchUp:
+    """A rejoin under way in a room: the room's live chats, held until its gap is filled."""
+
+    held: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
 class RoomState:
     """What the client remembers of a joined room across reconnects."""
 
     last_seq: int = 0
     join_options: dict[str, Any] = field(default_factory=dict)
+    catch_up: _CatchUp | None = None
+    """While a rejoin fills the room's gap: its live chats wait there (they would move ``last_seq`` past the gap)."""
 
 
 @dataclass
@@ -307,7 +317,7 @@ class RoomClient:
             if hint is not None:
                 self._hint(int(hint.group(1)))
         terminal = self._closed_by_user or not self.reconnect or is_terminal(code)
-        self._cancel_rejoins()
+        self._stop_catching_up()
         self._fail_pending("disconnected", f"the connection closed (code {code})",
                            keep_chats=not terminal and self.session is not None)
         closes = self._closes
@@ -325,12 +335,15 @@ class RoomClient:
         for waiter in waiters:
             waiter.callback(None)
 
-    def _cancel_rejoins(self) -> None:
-        """A dropped connection cancels the pending rejoins: the next resume (or rejoin) lists those rooms."""
+    def _stop_catching_up(self) -> None:
+        """A dropped connection ends every catch-up and pending rejoin: the chats they held are dropped unseen, and
+        the rooms keep their last seq, so the next connection's resume (or rejoin) replays them again."""
         timers, self._rejoin_timers = self._rejoin_timers, {}
         for timer in timers.values():
             if timer.active():
                 timer.cancel()
+        for state in self.rooms.values():
+            state.catch_up = None
 
     def _fail_connect_waiters(self, error: RoomClientError) -> None:
         waiters, self._connect_waiters = self._connect_waiters, []
@@ -537,6 +550,17 @@ class RoomClient:
 
     def _chat(self, message: dict[str, Any]) -> None:
         room = message.get("room")
+        state = self.rooms.get(room) if isinstance(room, str) else None
+        if state is not None and state.catch_up is not None and isinstance(message.get("seq"), int):
+            # A room catching up on its gap: its live chats wait for the replay, or the first of them would move
+            # last_seq past the gap and every replayed chat would then be dropped as already delivered.
+            state.catch_up.held.append(message)
+            return
+        self._deliver(message)
+
+    def _deliver(self, message: dict[str, Any]) -> None:
+        """Emit a chat event, unless its seq was already delivered in its room (a replay overlapping what we had)."""
+        room = message.get("room")
         seq = message.get("seq")
         state = self.rooms.get(room) if isinstance(room, str) else None
         if state is not None and isinstance(seq, int):
@@ -635,43 +659,29 @@ class RoomClient:
             self._rejoin(name, state, retries)
 
     def _rejoin(self, name: str, state: RoomState, retries: int = 0) -> None:
-        """Join again with ``since`` the last seq; a server that does not replay the gap itself (its reply says
-        no ``recovered``) is asked for its history. ``retries``: the rejoins already refused with ``unavailable``.
+        """Join again with ``since`` the last seq; ``retries``: the rejoins already refused with ``unavailable``.
+        A server that does not replay the gap itself (its reply says no ``recovered``) is asked for its history
+        (``_fill_gap``). Until the gap is filled the room's live chats are held (``state.catch_up``)."""
+        catch_up = state.catch_up = _CatchUp()
 
-        The history path still has the flaws roomserver.js's fixed: it reads one page (``more`` is ignored), and a
-        live chat arriving before that page moves ``last_seq`` past the gap, so the page is dropped as seen."""
-        def joined(reply: dict[str, Any]) -> defer.Deferred[Any] | None:
-            if self.rooms.get(name) is not state:
-                return None  # left meanwhile
+        def joined(reply: dict[str, Any]) -> None:
+            if not self._is_catching_up(name, catch_up):
+                return  # the connection dropped, or the room was left
             recovered = reply.get("recovered")
             if isinstance(recovered, bool):
                 # The server replays the gap itself, after this reply and before any live chat of the room.
                 if not recovered:
                     state.last_seq = 0  # the gap is older than its history: go on from its first seq
-                self._events.emit("resumed", {"type": "resumed", "room": name, "recovered": recovered, "via": "join"})
-                return None
-            return self.history(name, since=state.last_seq).addCallbacks(replayed, no_history)
-
-        def replayed(reply: dict[str, Any]) -> None:
-            for event in reply.get("messages") or []:
-                if isinstance(event, dict):
-                    self._chat(event)
-            self._events.emit("resumed", {"type": "resumed", "room": name, "recovered": True, "via": "history"})
-
-        def no_history(failure: Any) -> None:
-            failure.trap(RoomClientError)
-            if failure.value.code == "disconnected" or self.rooms.get(name) is not state:
-                # The connection dropped before the reply (the room keeps its last seq: the next connection's
-                # resume or rejoin replays the gap again), or the room was left meanwhile.
+                self._caught_up(name, state, recovered, "join")
                 return
-            state.last_seq = 0  # sequence numbers may have started again: accept what comes
-            self._events.emit("resumed", {"type": "resumed", "room": name, "recovered": False, "via": "rejoin"})
+            self._fill_gap(name, state, catch_up)  # a server that ignores "since" in a join: ask its history
 
         def rejoin_failed(failure: Any) -> None:
             failure.trap(RoomClientError)
-            error = failure.value
-            if error.code == "disconnected" or self.rooms.get(name) is not state:
+            if not self._is_catching_up(name, catch_up):
                 return  # the next connection's resume lists the room; or it was left meanwhile
+            state.catch_up = None
+            error = failure.value
             if error.code == "unavailable":  # the server could not replay the gap and did not join us
                 self._rejoin_later(name, retries, error.message)
                 return
@@ -682,3 +692,58 @@ class RoomClient:
 
         join = {"type": "join", "room": name, **state.join_options, "since": state.last_seq}
         self.request(join).addCallbacks(joined, rejoin_failed)
+
+    def _is_catching_up(self, name: str, catch_up: _CatchUp) -> bool:
+        """Whether ``catch_up`` is still the one under way in room ``name`` (not ended by a drop, the room not
+        left)."""
+        state = self.rooms.get(name)
+        return state is not None and state.catch_up is catch_up
+
+    def _fill_gap(self, name: str, state: RoomState, catch_up: _CatchUp) -> None:
+        """Fill the gap after the room's last seq from its history, page after page while the server says
+        ``more`` (each page starting after the last seq of the one before), until a page brings nothing new or
+        fails."""
+        contiguous = True
+
+        def page(since: int, first: bool) -> None:
+            def answered(reply: dict[str, Any]) -> None:
+                nonlocal contiguous
+                if not self._is_catching_up(name, catch_up):
+                    return
+                messages = [event for event in reply.get("messages") or [] if isinstance(event, dict)]
+                for event in messages:
+                    contiguous = self._deliver_next(state, event) and contiguous
+                last = messages[-1].get("seq") if messages else since
+                if reply.get("more") and isinstance(last, int) and last > since:
+                    page(last, False)
+                    return
+                # Recovered only if every page came and none skipped a seq (history no longer holding the gap).
+                self._caught_up(name, state, contiguous and not reply.get("more"), "history")
+
+            def failed(failure: Any) -> None:
+                failure.trap(RoomClientError)
+                if not self._is_catching_up(name, catch_up):
+                    return  # the connection dropped (the room keeps its last seq: the next one replays the gap)
+                if first:
+                    state.last_seq = 0  # no history at all here: sequence numbers may start again, accept what comes
+                self._caught_up(name, state, False, "rejoin" if first else "history")
+
+            self.history(name, since=since).addCallbacks(answered, failed)
+
+        page(state.last_seq, True)
+
+    def _deliver_next(self, state: RoomState, message: dict[str, Any]) -> bool:
+        """Deliver a chat of a room catching up; False if its seq shows that chats before it were skipped."""
+        seq = message.get("seq")
+        skipped = state.last_seq > 0 and isinstance(seq, int) and seq > state.last_seq + 1
+        self._deliver(message)
+        return not skipped
+
+    def _caught_up(self, name: str, state: RoomState, recovered: bool, via: str) -> None:
+        """The gap is filled (or given up): deliver the live chats held meanwhile in seq order (those the replay
+        delivered already are dropped as duplicates), then tell the application."""
+        held = state.catch_up.held if state.catch_up is not None else []
+        state.catch_up = None
+        for message in sorted(held, key=lambda message: message["seq"]):
+            recovered = self._deliver_next(state, message) and recovered
+        self._events.emit("resumed", {"type": "resumed", "room": name, "recovered": recovered, "via": via})

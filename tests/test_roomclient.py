@@ -714,3 +714,77 @@ def test_a_drop_while_the_rejoins_history_is_pending_keeps_the_rooms_last_seq() 
     client.run(lambda: client.resumed, "the rejoin on the third connection")
     assert requests(client.connections[2]) == ["join r 3", "history r 3"]
     assert client.delivered["r"] == [1, 2, 3, 4, 5] and client.resumed == [("r", True)]
+
+
+def pushed(connection: ScriptedConnection) -> list[str]:
+    """What the client was sent on ``connection``, as "type code room seq"."""
+    return [" ".join(str(m[key]) for key in ("type", "code", "room", "seq") if key in m) for m in connection.pushed]
+
+
+def rejoin_from_history(history: Callable[[dict[str, Any]], tuple[list[int], bool]], live: list[int] | None = None,
+                        rooms: tuple[str, ...] = ("r",)) -> ScriptedClient:
+    """A server without sessions that ignores ``since`` in a join (so the client fills the gap from its history):
+    chats 1-3 of each room while the client is connected; then it drops, and chats ``live`` (of the first room)
+    follow its join on the second connection, one a second. ``history(request)`` gives each history reply its
+    seqs and ``more``, 10 s after the request when there are live chats, else 2 s. Returns the client once every
+    room said ``resumed``."""
+    def script(connection: ScriptedConnection, message: dict[str, Any]) -> None:
+        room = message.get("room", "")
+        if message["type"] == "join":
+            connection.later({"type": "joined", "room": room, "size": 2, "id": message["id"]})
+            seqs = [1, 2, 3] if connection.number == 1 else (live or []) if room == rooms[0] else []
+            for i, seq in enumerate(seqs):
+                connection.later(chat(room, seq), 2 + i)
+        if message["type"] == "history":
+            seqs, more = history(message)
+            connection.later({"type": "history", "room": room, "id": message["id"], "more": more,
+                              "messages": [chat(room, seq) for seq in seqs]}, 10 if live else 2)
+
+    client = ScriptedClient(lambda n: {"type": "welcome", "id": f"me{n}"}, script)
+    client.wait(client.connect(), "the first connection")
+    for room in rooms:
+        client.wait(client.join(room), f"the join of {room}")
+    client.run(lambda: all(client.delivered.get(room) == [1, 2, 3] for room in rooms), "chats 1-3")
+    client.connections[0].drop()
+    client.run(lambda: len(client.resumed) == len(rooms), "the rejoins")
+    client.settle()  # no more requests may follow
+    return client
+
+
+def test_a_rejoin_holds_the_live_chats_until_the_history_filled_the_gap() -> None:
+    """Chats 4-7 came while the client was away; live chats 8 and 9 reach it between its join and the history
+    reply (which holds 8 too). Delivered at once, 8 moved the room's last seq past the gap and the replayed 4-7
+    were dropped as already seen, while the client still said recovered."""
+    client = rejoin_from_history(lambda request: (list(range(request["since"] + 1, 9)), False), live=[8, 9])
+    second = client.connections[1]
+    assert requests(second) == ["join r 3", "history r 3"]
+    assert pushed(second) == ["welcome", "joined r", "chat r 8", "chat r 9", "history r"]  # as staged
+    assert client.delivered["r"] == list(range(1, 10)), "in order, 8 once (history and live)"
+    assert client.resumed == [("r", True)] and client.last_seq("r") == 9
+
+
+def test_a_rejoin_reads_every_page_of_the_gap() -> None:
+    """A history that answers at most two chats a page (``more``: newer ones follow): the gap is 4-8. Only the
+    first page was read."""
+    def history(request: dict[str, Any]) -> tuple[list[int], bool]:
+        page = list(range(request["since"] + 1, min(request["since"] + 2, 8) + 1))
+        return page, page[-1] < 8
+
+    client = rejoin_from_history(history)
+    assert requests(client.connections[1]) == ["join r 3", "history r 3", "history r 5", "history r 7"]
+    assert client.delivered["r"] == list(range(1, 9)) and client.resumed == [("r", True)]
+
+
+def test_a_rejoin_that_could_not_fill_the_whole_gap_is_not_recovered() -> None:
+    """Two rooms whose gap (4-7) the history cannot give whole: in "stuck", a second page that says ``more`` but
+    brings nothing (the paging stops: no endless asking); in "trimmed", a history that no longer holds 4-5."""
+    def history(request: dict[str, Any]) -> tuple[list[int], bool]:
+        if request["room"] == "trimmed":
+            return [6, 7], False
+        return ([4, 5] if request["since"] == 3 else []), True
+
+    client = rejoin_from_history(history, rooms=("stuck", "trimmed"))
+    assert [r for r in requests(client.connections[1]) if r.startswith("history stuck")] == [
+        "history stuck 3", "history stuck 5"]
+    assert client.delivered == {"stuck": [1, 2, 3, 4, 5], "trimmed": [1, 2, 3, 6, 7]}
+    assert sorted(client.resumed) == [("stuck", False), ("trimmed", False)]
