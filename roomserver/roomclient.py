@@ -91,6 +91,8 @@ class RoomState:
     join_options: dict[str, Any] = field(default_factory=dict)
     catch_up: _CatchUp | None = None
     """While a rejoin fills the room's gap: its live chats wait there (they would move ``last_seq`` past the gap)."""
+    leaving: bool = False
+    """A ``leave()`` of the room is under way: a rejoin answered ``unavailable`` is not retried."""
 
 
 @dataclass
@@ -426,11 +428,36 @@ class RoomClient:
         return self.request({"type": "join", "room": room, **options}).addCallback(joined)
 
     def leave(self, room: str) -> defer.Deferred[dict[str, Any]]:
+        """Leave ``room``; fires with the ``left`` reply. A room the client is waiting to join again (a resume or
+        rejoin answered ``unavailable``: it is not in the room) is forgotten at once, without asking the server,
+        and one that a resume or rejoin still in flight did not get back into (the server answers
+        ``not_in_room``) is forgotten too: both fire with ``{"type": "left", "room": room}``, and no rejoin of
+        the room follows."""
+        state = self.rooms.get(room)
+        timer = self._rejoin_timers.pop(room, None) if state is not None else None
+        if timer is not None:
+            if timer.active():
+                timer.cancel()
+            self.rooms.pop(room, None)
+            return defer.succeed({"type": "left", "room": room})
+        if state is not None:
+            state.leaving = True  # a rejoin of the room answered "unavailable" meanwhile is not retried
+
         def left(reply: dict[str, Any]) -> dict[str, Any]:
             self.rooms.pop(room, None)
             return reply
 
-        return self.request({"type": "leave", "room": room}).addCallback(left)
+        def refused(failure: Any) -> Any:
+            if state is None or not failure.check(RoomClientError):
+                return failure
+            if failure.value.code == "not_in_room":
+                if self.rooms.get(room) is state:
+                    del self.rooms[room]
+                return {"type": "left", "room": room}
+            state.leaving = False
+            return failure
+
+        return self.request({"type": "leave", "room": room}).addCallbacks(left, refused)
 
     def send(self, room: str, text: str) -> defer.Deferred[dict[str, Any]]:
         """Send a chat; fires with ``{"type": "ack", "seq": S, ...}`` once the server has it.
@@ -641,6 +668,9 @@ class RoomClient:
     def _rejoin_later(self, name: str, retries: int, reason: str) -> None:
         """Join ``name`` again after a backoff (the server answered ``unavailable``: retry later), unless
         ``retries`` rejoins were refused already: then give the room up, with an ``error`` event."""
+        state = self.rooms.get(name)
+        if state is not None and state.leaving:
+            return  # the leave under way forgets the room
         if retries >= self.rejoin_attempts:
             self.rooms.pop(name, None)
             self._events.emit("error", {"type": "error", "code": "unavailable", "room": name,

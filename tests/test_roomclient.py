@@ -788,3 +788,58 @@ def test_a_rejoin_that_could_not_fill_the_whole_gap_is_not_recovered() -> None:
         "history stuck 3", "history stuck 5"]
     assert client.delivered == {"stuck": [1, 2, 3, 4, 5], "trimmed": [1, 2, 3, 6, 7]}
     assert sorted(client.resumed) == [("stuck", False), ("trimmed", False)]
+
+
+@pytest.mark.parametrize(("when", "sent"), [("pending", ["resume"]), ("resuming", ["resume", "leave b"]),
+                                            ("rejoining", ["resume", "join b 0", "leave b"])])
+def test_a_leave_cancels_the_rejoin_of_the_room(when: str, sent: list[str]) -> None:
+    """A server with sessions resumes room "a" but cannot take the client back into "b" (it answers the resume,
+    and every join of b, with ``unavailable``). The application leaves b: while the rejoin retry of b waits for
+    its backoff ("pending": in the same call as the resume's error), while the resume is in flight ("resuming"),
+    or while the retry's join is ("rejoining"). The leave was answered not_in_room (the client is not in b), and
+    then the retry joined b again (or gave it up with an error). Now the room is forgotten and no rejoin follows;
+    the leave fires with ``left``, without asking the server when a retry was only waiting for its backoff."""
+    outcome: list[Any] = []
+
+    def leave() -> None:
+        if not outcome:
+            outcome.append("pending")
+            client.leave("b").addCallbacks(outcome.append, lambda failure: outcome.append(failure.value.code))
+
+    def script(connection: ScriptedConnection, message: dict[str, Any]) -> None:
+        unavailable = {"type": "error", "code": "unavailable", "room": "b", "id": message["id"],
+                       "message": "retry later"}
+        if connection.number == 1:
+            answer_joins(connection, message)
+            return
+
+        def push_and_leave() -> None:
+            connection.push(unavailable)
+            leave()
+
+        if message["type"] == "resume":
+            if when == "resuming":
+                client.clock.callLater(0, leave)
+            connection.later({"type": "resumed", "room": "a", "continued": True, "recovered": True,
+                              "id": message["id"]})
+            if when == "pending":
+                client.clock.callLater(2, push_and_leave)
+            else:
+                connection.later(unavailable, 2)
+        if message["type"] == "join":
+            if when == "rejoining":
+                client.clock.callLater(0, leave)
+            connection.later(unavailable)
+        if message["type"] == "leave":
+            connection.later({"type": "error", "code": "not_in_room", "message": "not in b", "id": message["id"]}, 3)
+
+    client = ScriptedClient(lambda n: {"type": "welcome", "id": "me", "session": f"s{n}"}, script)
+    client.wait(client.connect(), "the first connection")
+    client.wait(client.join("a"), "the join of a")
+    client.wait(client.join("b"), "the join of b")
+    client.connections[0].drop()
+    client.run(lambda: outcome and outcome[-1] != "pending", "the leave of b")
+    client.settle()  # no join of b may follow
+    assert outcome[-1] == {"type": "left", "room": "b"}
+    assert list(client.rooms) == ["a"] and client.errors == []
+    assert requests(client.connections[1]) == sent

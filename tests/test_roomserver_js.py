@@ -495,3 +495,57 @@ def test_close_from_an_event_listener_closes_for_good(close_on: str) -> None:
     assert result["errors"] == [], result
     if close_on == "connecting":
         assert result["outcome"] == "closed", result  # connect() itself
+
+
+# A server with sessions that resumes room "a" but cannot take the client back into "b" (it answers the resume,
+# and every join of b, with "unavailable"). The application leaves b: while the rejoin retry of b waits for its
+# backoff ("pending": the leave comes in the same task as the resume's error), while the resume is in flight
+# ("resuming"), or while the retry's join is in flight ("rejoining"). The server answers a leave with
+# not_in_room (the client is not in b).
+LEAVE_WHILE_REJOINING = FAKE_SERVER + """
+const [when] = JSON.parse(process.argv[2]);
+let outcome = null;
+const leave = () => {
+  if (outcome !== null) return;
+  outcome = "pending";
+  client.leave("b").then((reply) => (outcome = reply), (error) => (outcome = {error: error.code}));
+};
+fakeServer((n) => ({type: "welcome", id: "me", session: "s" + n}), (socket, m, connection) => {
+  const unavailable = {type: "error", code: "unavailable", room: "b", id: m.id, message: "retry later"};
+  if (connection === 1) {
+    if (m.type === "join") socket.later({type: "joined", room: m.room, size: 1, id: m.id});
+    return;
+  }
+  if (m.type === "resume") {
+    if (when === "resuming") socket.mailbox.later(leave, 0);
+    socket.later({type: "resumed", room: "a", continued: true, recovered: true, id: m.id}, 1);
+    if (when === "pending") socket.mailbox.later(() => { socket.push(unavailable); leave(); }, 2);
+    else socket.later(unavailable, 2);
+  }
+  if (m.type === "join") {
+    if (when === "rejoining") socket.mailbox.later(leave, 0);
+    socket.later(unavailable, 1);
+  }
+  if (m.type === "leave") socket.later({type: "error", code: "not_in_room", message: "not in b", id: m.id}, 3);
+});
+main(async () => {
+  await client.connect();
+  await client.join("a");
+  await client.join("b");
+  drop(sockets[0]);
+  await until(() => outcome !== null && outcome !== "pending" && served(sockets[1]), "the leave of b");
+  await sleep(SETTLE_MS);  // no join of b may follow
+}, () => ({outcome, rooms: Object.keys(client.rooms).sort(), errors, requests: requests(sockets[1])}));
+"""
+
+
+@pytest.mark.parametrize(("when", "sent"), [("pending", ["resume"]), ("resuming", ["resume", "leave b"]),
+                                            ("rejoining", ["resume", "join b 0", "leave b"])])
+def test_a_leave_cancels_the_rejoin_of_the_room(when: str, sent: list[str]) -> None:
+    """The leave was answered not_in_room, and then the retry joined b again (or gave it up with an error). Now
+    the room is forgotten and no rejoin follows; the leave resolves (the client is out of b), without asking the
+    server when a retry was only waiting for its backoff."""
+    result = run_node(LEAVE_WHILE_REJOINING, json.dumps([when]))
+    assert result["outcome"] == {"type": "left", "room": "b"}, result
+    assert result["rooms"] == ["a"] and result["errors"] == [], result
+    assert result["requests"] == sent, result

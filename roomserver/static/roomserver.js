@@ -63,7 +63,7 @@
     this.state = "idle";          // idle | connecting | open | reconnecting | closed
     this.id = null;               // our client id (from welcome)
     this.session = null;          // resume token (from welcome, when the server offers it)
-    this.rooms = {};              // room -> {lastSeq, joinOptions, catchUp}
+    this.rooms = {};              // room -> {lastSeq, joinOptions, catchUp, leaving}
     this._handlers = {};
     this._pending = {};           // request id -> {resolve, reject, timer, kind, room}
     this._echoQueue = {};         // room -> [request ids of chats awaiting their echo]
@@ -286,11 +286,30 @@
     });
   };
 
+  /** Leave a room; resolves with the "left" reply. A room the client is waiting to join again (a resume or
+   *  rejoin answered "unavailable": it is not in the room) is forgotten at once, without asking the server, and
+   *  one that a resume or rejoin still in flight did not get back into (the server answers "not_in_room") is
+   *  forgotten too: both resolve with {type: "left", room}, and no rejoin of the room follows. */
   RoomClient.prototype.leave = function (room) {
     var self = this;
+    var state = this.rooms[room];
+    if (state && this._rejoinTimers[room] !== undefined) {
+      clearTimeout(this._rejoinTimers[room]);
+      delete this._rejoinTimers[room];
+      delete this.rooms[room];
+      return Promise.resolve({type: "left", room: room});
+    }
+    if (state) state.leaving = true;  // a rejoin of the room answered "unavailable" meanwhile is not retried
     return this.request({type: "leave", room: room}).then(function (reply) {
       delete self.rooms[room];
       return reply;
+    }, function (error) {
+      if (state && error.code === "not_in_room") {
+        if (self.rooms[room] === state) delete self.rooms[room];
+        return {type: "left", room: room};
+      }
+      if (state) state.leaving = false;
+      throw error;
     });
   };
 
@@ -537,6 +556,7 @@
    *  rejoins were refused already: then give the room up, with an error event. */
   RoomClient.prototype._rejoinLater = function (name, retries, reason) {
     var self = this;
+    if (this.rooms[name] && this.rooms[name].leaving) return;  // the leave under way forgets the room
     if (retries >= this.options.rejoinAttempts) {
       delete this.rooms[name];
       this._emit("error", {type: "error", code: "unavailable", room: name,
