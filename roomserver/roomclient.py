@@ -24,7 +24,8 @@ with a server that gives sessions (its welcome carries ``session``) it sends ``{
 ``since`` the last seq it saw (a server that replays the gap itself says ``recovered`` in its reply) or asks for
 the history after it (servers with history; page after page, holding the room's live chats until the gap is
 filled), or starts afresh (``recovered: false``). A room the server cannot
-take back for now (``unavailable``: its gap could not be read) is joined again after a backoff, a few times at most.
+take back for now (``unavailable``: its gap could not be read) is joined again (or its history read again) after a
+backoff, a few times at most.
 A chat whose seq it has already delivered in a room is never delivered twice.
 
 The reactor is injectable (``reactor=``): timers (backoff, request timeouts) use it, so tests drive them with
@@ -81,6 +82,12 @@ class _CatchUp:
     """A rejoin under way in a room: the room's live chats, held until its gap is filled."""
 
     held: list[dict[str, Any]] = field(default_factory=list)
+    contiguous: bool = True
+    """No seq was skipped so far."""
+    answered: bool = False
+    """A history page came."""
+    timer: Any = None
+    """The next history read, after one answered ``unavailable``."""
 
 
 @dataclass
@@ -345,6 +352,8 @@ class RoomClient:
             if timer.active():
                 timer.cancel()
         for state in self.rooms.values():
+            if state.catch_up is not None and state.catch_up.timer is not None and state.catch_up.timer.active():
+                state.catch_up.timer.cancel()
             state.catch_up = None
 
     def _fail_connect_waiters(self, error: RoomClientError) -> None:
@@ -689,7 +698,8 @@ class RoomClient:
             self._rejoin(name, state, retries)
 
     def _rejoin(self, name: str, state: RoomState, retries: int = 0) -> None:
-        """Join again with ``since`` the last seq; ``retries``: the rejoins already refused with ``unavailable``.
+        """Join again with ``since`` the last seq; ``retries``: the rejoins (joins, history reads) already refused
+        with ``unavailable``.
         A server that does not replay the gap itself (its reply says no ``recovered``) is asked for its history
         (``_fill_gap``). Until the gap is filled the room's live chats are held (``state.catch_up``)."""
         catch_up = state.catch_up = _CatchUp()
@@ -704,7 +714,7 @@ class RoomClient:
                     state.last_seq = 0  # the gap is older than its history: go on from its first seq
                 self._caught_up(name, state, recovered, "join")
                 return
-            self._fill_gap(name, state, catch_up)  # a server that ignores "since" in a join: ask its history
+            self._fill_gap(name, state, catch_up, retries)  # a server that ignores "since" in a join: its history
 
         def rejoin_failed(failure: Any) -> None:
             failure.trap(RoomClientError)
@@ -729,38 +739,58 @@ class RoomClient:
         state = self.rooms.get(name)
         return state is not None and state.catch_up is catch_up
 
-    def _fill_gap(self, name: str, state: RoomState, catch_up: _CatchUp) -> None:
+    def _fill_gap(self, name: str, state: RoomState, catch_up: _CatchUp, retries: int) -> None:
         """Fill the gap after the room's last seq from its history, page after page while the server says
         ``more`` (each page starting after the last seq of the one before), until a page brings nothing new or
-        fails."""
-        contiguous = True
-
-        def page(since: int, first: bool) -> None:
+        fails. A page answered ``unavailable`` (the history cannot be read right now) is asked for again after a
+        backoff, as a join refused with ``unavailable`` is, the room's live chats still held; ``retries``: the
+        rejoins and reads already refused so."""
+        def page(since: int) -> None:
             def answered(reply: dict[str, Any]) -> None:
-                nonlocal contiguous
                 if not self._is_catching_up(name, catch_up):
                     return
+                catch_up.answered = True
                 messages = [event for event in reply.get("messages") or [] if isinstance(event, dict)]
                 for event in messages:
-                    contiguous = self._deliver_next(state, event) and contiguous
+                    catch_up.contiguous = self._deliver_next(state, event) and catch_up.contiguous
                 last = messages[-1].get("seq") if messages else since
                 if reply.get("more") and isinstance(last, int) and last > since:
-                    page(last, False)
+                    page(last)
                     return
                 # Recovered only if every page came and none skipped a seq (history no longer holding the gap).
-                self._caught_up(name, state, contiguous and not reply.get("more"), "history")
+                self._caught_up(name, state, catch_up.contiguous and not reply.get("more"), "history")
 
             def failed(failure: Any) -> None:
                 failure.trap(RoomClientError)
                 if not self._is_catching_up(name, catch_up):
                     return  # the connection dropped (the room keeps its last seq: the next one replays the gap)
-                if first:
+                if failure.value.code == "unavailable":
+                    self._fill_gap_later(name, state, catch_up, retries)
+                    return
+                if not catch_up.answered:
                     state.last_seq = 0  # no history at all here: sequence numbers may start again, accept what comes
-                self._caught_up(name, state, False, "rejoin" if first else "history")
+                self._caught_up(name, state, False, "history" if catch_up.answered else "rejoin")
 
             self.history(name, since=since).addCallbacks(answered, failed)
 
-        page(state.last_seq, True)
+        page(state.last_seq)
+
+    def _fill_gap_later(self, name: str, state: RoomState, catch_up: _CatchUp, retries: int) -> None:
+        """Read the rest of the gap again after a backoff (its history answered ``unavailable``), unless
+        ``retries`` rejoins or reads were refused already: then go on without it (the client is in the room: its
+        live chats follow, and ``resumed`` says recovered: false; the room keeps its last seq, the history
+        exists)."""
+        if retries >= self.rejoin_attempts:
+            self._caught_up(name, state, False, "history")
+            return
+
+        def again() -> None:
+            catch_up.timer = None
+            if self._is_catching_up(name, catch_up):
+                self._fill_gap(name, state, catch_up, retries + 1)
+
+        delay = backoff_delay(retries, self._random, self.min_delay, self.max_delay, self.factor)
+        catch_up.timer = self.reactor.callLater(delay, again)
 
     def _deliver_next(self, state: RoomState, message: dict[str, Any]) -> bool:
         """Deliver a chat of a room catching up; False if its seq shows that chats before it were skipped."""

@@ -843,3 +843,52 @@ def test_a_leave_cancels_the_rejoin_of_the_room(when: str, sent: list[str]) -> N
     assert outcome[-1] == {"type": "left", "room": "b"}
     assert list(client.rooms) == ["a"] and client.errors == []
     assert requests(client.connections[1]) == sent
+
+
+def rejoin_with_history_unavailable(failures: int) -> ScriptedClient:
+    """A server without sessions that ignores ``since`` in a join (the client fills the gap, 4-7, from its
+    history), whose history cannot be read for its first ``failures`` requests after the client comes back
+    (``unavailable``: retry later). Live chat 8 comes 5 s after the join, while the client waits to ask again."""
+    refused = [0]
+
+    def script(connection: ScriptedConnection, message: dict[str, Any]) -> None:
+        if message["type"] == "join":
+            connection.later({"type": "joined", "room": "r", "size": 2, "id": message["id"]})
+            for seq in [1, 2, 3] if connection.number == 1 else [8]:
+                connection.later(chat("r", seq), 1 + seq if connection.number == 1 else 5)
+        if message["type"] == "history" and refused[0] < failures:
+            refused[0] += 1
+            connection.later({"type": "error", "code": "unavailable", "room": "r", "id": message["id"],
+                              "message": "the history is unavailable right now; retry later"}, 2)
+        elif message["type"] == "history":
+            connection.later({"type": "history", "room": "r", "id": message["id"], "more": False,
+                              "messages": [chat("r", seq) for seq in range(message["since"] + 1, 8)]}, 2)
+
+    client = ScriptedClient(lambda n: {"type": "welcome", "id": f"me{n}"}, script)
+    client.wait(client.connect(), "the first connection")
+    client.wait(client.join("r"), "the join")
+    client.run(lambda: client.delivered.get("r") == [1, 2, 3], "chats 1-3")
+    client.connections[0].drop()
+    client.run(lambda: client.resumed, "the rejoin of r")
+    client.settle()  # no more requests may follow
+    return client
+
+
+def test_a_rejoins_history_answered_unavailable_is_read_again_after_a_backoff() -> None:
+    """The first page answered ``unavailable`` counted as "no history here": the room's last seq went to 0,
+    resumed said recovered: false, and the gap was never read. Now it is read again after a backoff, as a join
+    refused with ``unavailable`` is joined again; the live chat that came meanwhile waits for it."""
+    client = rejoin_with_history_unavailable(1)
+    assert requests(client.connections[1]) == ["join r 3", "history r 3", "history r 3"]
+    assert client.delivered["r"] == list(range(1, 9)) and client.last_seq("r") == 8
+    assert client.resumed == [("r", True)] and client.errors == []
+
+
+def test_a_rejoins_history_that_stays_unavailable_goes_on_live_with_the_gap() -> None:
+    """``rejoin_attempts`` (2) reads again at most; then the client, which is in the room, goes on with its live
+    chats and says the gap was not recovered (keeping its last seq: the history did not say the sequence
+    restarted)."""
+    client = rejoin_with_history_unavailable(5)
+    assert requests(client.connections[1]) == ["join r 3", "history r 3", "history r 3", "history r 3"]
+    assert client.delivered["r"] == [1, 2, 3, 8] and client.last_seq("r") == 8
+    assert client.resumed == [("r", False)] and client.errors == [] and list(client.rooms) == ["r"]

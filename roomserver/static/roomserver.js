@@ -13,7 +13,7 @@
  * does not, it joins its rooms again with "since" (the last seq) and, if the server does not replay the gap
  * itself, asks its history for what came after the last seq, page after page, holding the room's live chats
  * until the gap is filled. A room the server cannot take back for now ("unavailable": its gap could not be
- * read) is joined again the same way after a backoff, a few times at most.
+ * read) is joined again the same way (or its history read again) after a backoff, a few times at most.
  * Chat events are delivered once each, in seq order: a seq already seen in a room is not delivered again.
  * A server that shuts down first sends {"type":"reconnect","after_ms":N}: the client then holds new chats (and
  * those the server refuses with "unavailable") for the next connection, and reconnects N ms after the close
@@ -225,7 +225,11 @@
     var self = this;
     Object.keys(this._rejoinTimers).forEach(function (name) { clearTimeout(self._rejoinTimers[name]); });
     this._rejoinTimers = {};
-    Object.keys(this.rooms).forEach(function (name) { self.rooms[name].catchUp = null; });
+    Object.keys(this.rooms).forEach(function (name) {
+      var catchUp = self.rooms[name].catchUp;
+      if (catchUp) clearTimeout(catchUp.timer);
+      self.rooms[name].catchUp = null;
+    });
   };
 
   RoomClient.prototype._rejectOutbox = function (code, message) {
@@ -516,13 +520,15 @@
     names.forEach(function (name) { self._rejoinRoom(name, 0); });
   };
 
-  /** Join `name` again with "since" its last seq; `retries` is the number of rejoins already refused with
-   *  "unavailable". Until the gap is filled the room's live chats are held (catchUp.held). */
+  /** Join `name` again with "since" its last seq; `retries` is the number of rejoins (joins, history reads)
+   *  already refused with "unavailable". Until the gap is filled the room's live chats are held (catchUp.held). */
   RoomClient.prototype._rejoinRoom = function (name, retries) {
     var self = this;
     var state = this.rooms[name];
     if (!state) return;
-    var catchUp = state.catchUp = {held: []};
+    // held: the live chats; contiguous: no seq skipped so far; answered: a history page came; timer: the next
+    // history read, after one answered "unavailable".
+    var catchUp = state.catchUp = {held: [], contiguous: true, answered: false, timer: null};
     var join = Object.assign({type: "join", room: name}, state.joinOptions || {}, {since: state.lastSeq});
     this.request(join).then(function (reply) {
       if (!self._isCatchingUp(name, catchUp)) return;  // the connection dropped, or the room was left
@@ -532,7 +538,7 @@
         self._caughtUp(name, state, reply.recovered, "join");
         return;
       }
-      self._fillGap(name, state, catchUp);  // a server that ignores "since" in a join: ask its history
+      self._fillGap(name, state, catchUp, retries);  // a server that ignores "since" in a join: ask its history
     }, function (error) {
       if (!self._isCatchingUp(name, catchUp)) return;
       state.catchUp = null;
@@ -571,30 +577,54 @@
   };
 
   /** Fill the gap after the room's lastSeq from its history, page after page while the server says "more"
-   *  (each page starting after the last seq of the one before), until a page brings nothing new or fails. */
-  RoomClient.prototype._fillGap = function (name, state, catchUp) {
+   *  (each page starting after the last seq of the one before), until a page brings nothing new or fails. A
+   *  page answered "unavailable" (the history cannot be read right now) is asked for again after a backoff, as
+   *  a join refused with "unavailable" is, the room's live chats still held; `retries`: the rejoins and reads
+   *  already refused so. */
+  RoomClient.prototype._fillGap = function (name, state, catchUp, retries) {
     var self = this;
-    var contiguous = true;
-    function page(since, first) {
+    function page(since) {
       self.history(name, {since: since}).then(function (reply) {
         if (!self._isCatchingUp(name, catchUp)) return;
+        catchUp.answered = true;
         var messages = reply.messages || [];
-        messages.forEach(function (message) { contiguous = self._deliverNext(state, message) && contiguous; });
+        messages.forEach(function (message) {
+          catchUp.contiguous = self._deliverNext(state, message) && catchUp.contiguous;
+        });
         var last = messages.length ? messages[messages.length - 1].seq : since;
         if (reply.more && typeof last === "number" && last > since) {
-          page(last, false);
+          page(last);
           return;
         }
         // Recovered only if every page came and none skipped a seq (history no longer holding the gap).
-        self._caughtUp(name, state, contiguous && !reply.more, "history");
-      }, function () {
+        self._caughtUp(name, state, catchUp.contiguous && !reply.more, "history");
+      }, function (error) {
         if (!self._isCatchingUp(name, catchUp)) return;
+        if (error.code === "unavailable") {
+          self._fillGapLater(name, state, catchUp, retries);
+          return;
+        }
         // No history at all here: sequence numbers may start again, accept what comes.
-        if (first) state.lastSeq = 0;
-        self._caughtUp(name, state, false, first ? "rejoin" : "history");
+        if (!catchUp.answered) state.lastSeq = 0;
+        self._caughtUp(name, state, false, catchUp.answered ? "history" : "rejoin");
       });
     }
-    page(state.lastSeq, true);
+    page(state.lastSeq);
+  };
+
+  /** Read the rest of the gap again after a backoff (its history answered "unavailable"), unless `retries`
+   *  rejoins or reads were refused already: then go on without it (the client is in the room: its live chats
+   *  follow, and "resumed" says recovered: false; the room keeps its lastSeq, the history exists). */
+  RoomClient.prototype._fillGapLater = function (name, state, catchUp, retries) {
+    var self = this;
+    if (retries >= this.options.rejoinAttempts) {
+      this._caughtUp(name, state, false, "history");
+      return;
+    }
+    catchUp.timer = setTimeout(function () {
+      catchUp.timer = null;
+      if (self._isCatchingUp(name, catchUp)) self._fillGap(name, state, catchUp, retries + 1);
+    }, backoffDelay(retries, this.options, this.options.random));
   };
 
   /** Deliver a chat of a room catching up; false if its seq shows that chats before it were skipped. */
