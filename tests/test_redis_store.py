@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +127,16 @@ def test_the_link_encodes_commands_byte_for_byte_as_txredisapi(args: list[Any]) 
         txredisapi.RedisProtocol(charset=None)._build_command(*args)
 
 
+async def say_in_r(sender: Any, text: str, request_id: int) -> dict[str, Any]:
+    """Chat ``text`` to room "r" (its msg_id the text itself) and return the answer (the chats passing by are
+    skipped)."""
+    await sender.send({"type": "chat", "room": "r", "text": text, "id": request_id, "msg_id": text})
+    answer: dict[str, Any] = await sender.recv()
+    while answer["type"] == "chat":
+        answer = await sender.recv()
+    return answer
+
+
 class AnswerLost:
     """A store whose next append is carried out but answered with a failure, as when the Redis connection
     drops after the script ran and before its reply came back."""
@@ -160,12 +171,7 @@ async def test_one_node_delivers_a_chat_whose_append_answer_was_lost(make_server
         await ws.recv()
         await ws.request({"type": "join", "room": "r"})
 
-    async def say(text: str, request_id: int) -> dict[str, Any]:
-        await sender.send({"type": "chat", "room": "r", "text": text, "id": request_id, "msg_id": text})
-        answer = await sender.recv()
-        while answer["type"] == "chat":
-            answer = await sender.recv()
-        return answer
+    say = functools.partial(say_in_r, sender)
 
     assert (await say("one", 1))["seq"] == 1
     lossy.lose_next = True
@@ -203,12 +209,7 @@ async def test_a_cluster_not_fused_delivers_a_retried_chat_whose_append_answer_w
             await ws.recv()
             assert (await ws.request({"type": "join", "room": "r"}))["type"] == "joined"
 
-        async def say(text: str, request_id: int) -> dict[str, Any]:
-            await sender.send({"type": "chat", "room": "r", "text": text, "id": request_id, "msg_id": text})
-            answer = await sender.recv()
-            while answer["type"] == "chat":
-                answer = await sender.recv()
-            return answer
+        say = functools.partial(say_in_r, sender)
 
         assert (await say("one", 1))["seq"] == 1
         lossy.lose_next = True
