@@ -259,6 +259,14 @@ const errors = [];
 client.on("chat", (m) => (delivered[m.room] = delivered[m.room] || []).push(m.seq));
 client.on("resumed", (r) => resumed.push([r.room, r.recovered]));
 client.on("error", (e) => errors.push(e.code + " " + e.room));
+// Join room r on the first connection, drop it once its messages are in, and wait for the rejoin on the next.
+async function rejoinAfterADrop() {
+  await client.connect();
+  await client.join("r");
+  await until(() => served(sockets[0]), "chats 1-3");
+  drop(sockets[0]);
+  await until(() => served(sockets[1]) && resumed.length === 1, "the rejoin of r");
+}
 """
 
 # A server without sessions, that ignores "since" in a join (so the client fills the gap from history): chats
@@ -274,13 +282,8 @@ fakeServer((n) => ({type: "welcome", id: "me" + n}), (socket, m, connection) => 
   if (m.type === "history") socket.later({type: "history", room: "r", id: m.id, more: false,
                                           messages: range(m.since + 1, 8).map((seq) => chat("r", seq))}, 10);
 });
-main(async () => {
-  await client.connect();
-  await client.join("r");
-  await until(() => served(sockets[0]), "chats 1-3");
-  drop(sockets[0]);
-  await until(() => served(sockets[1]) && resumed.length === 1, "the rejoin of r");
-}, () => ({delivered: delivered.r, resumed, requests: requests(sockets[1]), pushed: pushed(sockets[1])}));
+main(rejoinAfterADrop,
+     () => ({delivered: delivered.r, resumed, requests: requests(sockets[1]), pushed: pushed(sockets[1])}));
 """
 
 
@@ -309,13 +312,7 @@ fakeServer((n) => ({type: "welcome", id: "me" + n}), (socket, m, connection) => 
                   messages: page.map((seq) => chat("r", seq))}, 2);
   }
 });
-main(async () => {
-  await client.connect();
-  await client.join("r");
-  await until(() => served(sockets[0]), "chats 1-3");
-  drop(sockets[0]);
-  await until(() => served(sockets[1]) && resumed.length === 1, "the rejoin of r");
-}, () => ({delivered: delivered.r, resumed, requests: requests(sockets[1])}));
+main(rejoinAfterADrop, () => ({delivered: delivered.r, resumed, requests: requests(sockets[1])}));
 """
 
 
@@ -571,11 +568,7 @@ fakeServer((n) => ({type: "welcome", id: "me" + n}), (socket, m, connection) => 
   }
 });
 main(async () => {
-  await client.connect();
-  await client.join("r");
-  await until(() => served(sockets[0]), "chats 1-3");
-  drop(sockets[0]);
-  await until(() => served(sockets[1]) && resumed.length === 1, "the rejoin of r");
+  await rejoinAfterADrop();
   await sleep(SETTLE_MS);  // no more requests may follow
 }, () => ({delivered: delivered.r, resumed, errors, rooms: Object.keys(client.rooms), lastSeq: client.lastSeq("r"),
            requests: requests(sockets[1])}));
