@@ -31,6 +31,7 @@ from twisted.application import service
 from twisted.internet import abstract, defer, fdesc, protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.python.reflect import fullyQualifiedName
 
 RESTART_DELAY = 1.0
 TWISTD_MAIN = "import sys; from twisted.scripts.twistd import run; sys.exit(run())"
@@ -55,8 +56,10 @@ def worker_twistd_options(twistd: Mapping[str, Any] | None, index: int) -> list[
     options = ["--nodaemon", "--pidfile="]
     if twistd is None:
         return options
-    if twistd.get("logger"):
-        options += ["--logger", str(twistd["logger"])]
+    logger = twistd.get("logger")
+    if logger:
+        # twistd's parsed options hold the observer factory it imported, not the name given: name it again.
+        options += ["--logger", logger if isinstance(logger, str) else fullyQualifiedName(logger)]
     if twistd.get("syslog"):
         options += ["--syslog", "--prefix", str(twistd.get("prefix") or "twisted")]
     logfile = twistd.get("logfile")

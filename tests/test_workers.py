@@ -210,3 +210,11 @@ def test_worker_twistd_options_log_where_the_first_process_logs() -> None:
         "--syslog", "--prefix", "rs"]
     assert worker_twistd_options({"nodaemon": True, "logger": "my.observer"}, 1)[2:] == [
         "--logger", "my.observer"]
+    from twisted.python.reflect import namedAny
+
+    from roomserver.logs import json_log_target
+
+    # What twistd's own parsing leaves there: the imported observer factory, not its name (str() of it made every
+    # worker's twistd exit with "could not be imported", restarted each second for ever).
+    [flag, name] = worker_twistd_options({"nodaemon": True, "logger": json_log_target}, 1)[2:]
+    assert flag == "--logger" and namedAny(name) is json_log_target
