@@ -357,11 +357,14 @@ class DurableRooms:
         state = states[client] = ReplayState()
 
         def send(reply: dict[str, Any]) -> None:
-            current = self._end_replay(client, room, state) and self.server.registry.is_member(client, room)
+            current = self._end_replay(client, room, state)
             if not client.open:
                 return
             try:
-                self.server._reply(client, reply)  # even if it left meanwhile: it asked
+                if not self.server.registry.is_member(client, room):
+                    self._overtaken(client, room, reply.get("id"))
+                    return
+                self.server._reply(client, reply)
                 if current:
                     for _, payload, is_binary in state.pending:  # already filtered (hold_back)
                         self.server.send_payload(client, payload, is_binary)
@@ -439,11 +442,18 @@ class DurableRooms:
         try:
             if self.server.registry.is_member(client, effect.room):
                 self._send_replay(result, client, effect, state)
-            else:  # it left meanwhile: the join is still answered (it asked), without the messages
-                plan = replay_plan(effect.since, result[0])
-                self.server._reply(client, messages.recovery(dict(effect.reply), plan.recovered, plan.first_seq))
+            else:
+                self._overtaken(client, effect.room, effect.reply.get("id"))
         finally:
             self._run_followers(client, state)
+
+    def _overtaken(self, client: Client, room: str, request_id: Any) -> None:
+        """Answer a join whose member was taken out of the room before its answer was ready (its own ``leave``,
+        ``delete_room``). It is answered, for it asked, but not ``joined``: coming after the ``left`` the client
+        already had, that would tell it it is in the room again, and the client libraries would rejoin it at
+        every reconnect."""
+        self.server._reply(client, messages.error(
+            ErrorCode.NOT_IN_ROOM, "the room was left before this join was answered", request_id, room=room))
 
     def _send_replay(
         self, result: tuple[HistoryPage, list[StoredMessage]], client: Client, effect: Replay, state: ReplayState
@@ -512,8 +522,8 @@ class DurableRooms:
                 "retry later", request_id, room=room))
 
     def _run_followers(self, client: Client, state: ReplayState) -> None:
-        """The joins queued behind a replay, each answered in turn (a member that left meanwhile gets the answer
-        without the messages: ``_replay_read``)."""
+        """The joins queued behind a replay, each answered in turn (``not_in_room`` for a member that left
+        meanwhile: ``_overtaken``)."""
         for follower in state.followers:
             if client.open:
                 self.replay(client, follower)
