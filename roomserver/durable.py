@@ -83,6 +83,9 @@ class ReplayState:
 
     pending: list[tuple[int | None, bytes, bool]] = field(default_factory=list)
     followers: list[Replay] = field(default_factory=list)
+    refused: list[Any] = field(default_factory=list)
+    """Request ids of joins of the room held meanwhile for a baseline that could not be read: refused with this
+    replay's end (``_held_join_failed``)."""
 
 
 class AppendPipeline:
@@ -352,7 +355,7 @@ class DurableRooms:
         states = self.replaying.setdefault(room, {})
         if client in states:  # already replaying this room: its messages are held by that replay
             ready.addCallbacks(lambda reply: self.server._reply(client, reply) if client.open else None,
-                               self._held_join_failed, errbackArgs=(client, room, [request_id]))
+                               self._held_join_failed, errbackArgs=(client, room, [request_id], states[client]))
             return
         state = states[client] = ReplayState()
 
@@ -439,6 +442,10 @@ class DurableRooms:
     ) -> None:
         if not self._end_replay(client, effect.room, state):
             return
+        if state.refused:  # a join held meanwhile could not get the room's baseline: the member is out
+            self._refuse_joins(client, effect.room, [
+                *(refused.reply.get("id") for refused in (effect, *state.followers)), *state.refused])
+            return
         try:
             if self.server.registry.is_member(client, effect.room):
                 self._send_replay(result, client, effect, state)
@@ -502,11 +509,17 @@ class DurableRooms:
     def _replay_failed(self, failure: Failure, client: Client, effect: Replay, state: ReplayState) -> None:
         self.outages.failed("could not replay the history of room {room}", failure, room=effect.room)
         if self._end_replay(client, effect.room, state):
-            self._refuse_joins(client, effect.room, [refused.reply.get("id") for refused in (effect, *state.followers)])
+            self._refuse_joins(client, effect.room, [
+                *(refused.reply.get("id") for refused in (effect, *state.followers)), *state.refused])
 
-    def _held_join_failed(self, failure: Failure, client: Client, room: str, request_ids: list[Any]) -> None:
-        """A held ``joined`` whose room's baseline could not be read (the relay logged why)."""
-        if client.open:
+    def _held_join_failed(self, failure: Failure, client: Client, room: str, request_ids: list[Any],
+                          replay: ReplayState | None = None) -> None:
+        """A held ``joined`` whose room's baseline could not be read (the relay logged why). Behind a replay of
+        the room still under way (``replay``), the refusal waits for the replay's end and takes its answer along:
+        taken out now, the member would be answered ``joined`` by that replay while out of the room."""
+        if replay is not None and self.replaying.get(room, {}).get(client) is replay:
+            replay.refused.extend(request_ids)
+        elif client.open:
             self._refuse_joins(client, room, request_ids)
 
     def _refuse_joins(self, client: Client, room: str, request_ids: list[Any]) -> None:

@@ -302,3 +302,38 @@ async def test_a_replay_read_is_the_baseline_when_the_rooms_own_read_keeps_faili
     finally:
         store.read = read
         killer.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_join_held_behind_a_replay_and_refused_is_answered_with_the_replay(
+        make_server: Any, redis_server: RedisServer) -> None:
+    """A join with ``since`` replays; a plain join of the same room waits for the room's baseline, whose read
+    fails: it is refused and the member taken out. The replay then answered ``joined`` to a member out of the
+    room. Now both are refused once the replay is done, the member out of the room."""
+    b = await make_server(room_protocol=True, store=redis_server.url, broker=redis_server.url, rate_limit=0)
+    store = b.durable.store
+    read = store.read
+    held: list[tuple[defer.Deferred[Any], str, Any, dict[str, Any]]] = []
+
+    def reads(room: str, since: int | None = None, **kwargs: Any) -> Any:
+        if since is None and kwargs.get("limit") == 1:
+            return defer.fail(StoreError("the room's last seq cannot be read"))
+        held.append((defer.Deferred(), room, since, kwargs))
+        return held[-1][0]
+
+    store.read = reads
+    try:
+        member = await WSClient.connect(url_of(b))
+        welcome = await member.recv()
+        await member.send({"type": "join", "room": "r", "since": 0, "id": 1})
+        await member.send({"type": "join", "room": "r", "id": 2})
+        await aio(until(lambda: held and not b.relay._baseline_waiters))
+        store.read = read
+        for waiting, room, since, kwargs in held:
+            waiting.callback(await read(room, since=since, **kwargs))
+        answers = [await member.recv(), await member.recv()]
+        assert [(answer["type"], answer.get("code"), answer["id"]) for answer in answers] == [
+            ("error", "unavailable", 1), ("error", "unavailable", 2)]
+        assert not b.registry.is_member(b.get_client(welcome["id"]), "r")
+    finally:
+        store.read = read
