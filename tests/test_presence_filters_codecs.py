@@ -66,6 +66,28 @@ async def test_a_member_the_application_takes_out_of_a_room_leaves_presence_and_
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_member_kicked_by_a_join_handler_is_refused_and_never_present(make_server: Any,
+                                                                            secret_file: str) -> None:
+    """The server's ``join`` event fires as the member enters the room, before the join's presence: a handler
+    that takes it out again (kick-on-join) left it present for good, subscribed, its filter kept."""
+    server = await make_server(room_protocol=True, jwt_secret_file=secret_file)
+    watcher = await connect_as(server, "watcher")
+    await watcher.request({"type": "join", "room": "r", "presence": True})
+    server.on("join", lambda client, room: client.identity.user == "banned" and server.remove_from_room(client, room))
+    banned = await connect_as(server, "banned")
+    refused = await banned.request({"type": "join", "room": "r", "presence": True, "filter": {"types": ["chat"]},
+                                    "id": 1})
+    assert (refused["type"], refused["code"], refused["room"], refused["id"]) == ("error", "forbidden", "r", 1)
+    resumed = await banned.request({"type": "resume", "session": "unknown", "rooms": {"r": 0}, "id": 2})
+    assert (resumed["type"], resumed["code"], resumed["room"]) == ("error", "forbidden", "r"), "a resume too"
+    [client] = [c for c in server.clients.values() if c.identity.user == "banned"]
+    assert client not in server.presence_tracker.subscribers("r")
+    assert client not in server.room_protocol.subscriptions.get("r", {})
+    assert [m["user"] for m in server.presence("r")] == ["watcher"]
+    assert await drain(watcher) == [], "the watcher saw no join (and no leave)"
+
+
+@pytest_twisted.ensureDeferred
 async def test_presence_needs_membership_and_meta_is_size_limited(make_server: Any) -> None:
     server = await make_server(room_protocol=True, max_meta_size=64)
     ws = await WSClient.connect(url_of(server))

@@ -284,6 +284,13 @@ class RoomProtocol:
         return ([Announce(room, event.as_json(), member)] if announce and event is not None else []), extra
 
     @staticmethod
+    def _taken_out_as_it_joined(room: str, request_id: messages.RequestId) -> dict[str, Any]:
+        """The application took the member out of ``room`` while it joined (a ``join`` event handler kicking
+        it): refused, and none of a join's presence and subscriptions, which nothing would ever undo."""
+        return messages.error(ErrorCode.FORBIDDEN, f"the server took you out of room {room!r} as you joined",
+                              request_id, room=room)
+
+    @staticmethod
     def _forbidden(action: Action, room: str, request_id: messages.RequestId) -> list[Effect]:
         verb = "join" if action is Action.JOIN else "publish to"
         return [Reply(messages.error(ErrorCode.FORBIDDEN, f"you may not {verb} room {room!r}", request_id))]
@@ -328,6 +335,8 @@ class RoomProtocol:
             if not identity_of(member).may(Action.JOIN, command.room):
                 return self._forbidden(Action.JOIN, command.room, command.id)
             room = self.registry.join(member, command.room)
+            if not self.registry.is_member(member, room.name):
+                return [Reply(self._taken_out_as_it_joined(room.name, command.id))]
             announcements, extra = self._joined(member, room.name, command)
             reply = messages.joined(room.name, len(room.clients), command.id)
             reply.update(extra)
@@ -468,6 +477,9 @@ class RoomProtocol:
                 room = self.registry.join(member, name)
             except RoomServerError as exc:
                 effects.append(Reply(messages.error(exc.code, exc.message, command.id, room=name)))
+                continue
+            if not self.registry.is_member(member, room.name):
+                effects.append(Reply(self._taken_out_as_it_joined(room.name, command.id)))
                 continue
             announcements, _ = self._joined(member, room.name, None)
             effects.append(Replay(room.name, since, messages.resumed(room.name, continued, command.id, client)))
