@@ -460,7 +460,8 @@ class DurableRooms:
         already had, that would tell it it is in the room again, and the client libraries would rejoin it at
         every reconnect."""
         self.server._reply(client, messages.error(
-            ErrorCode.NOT_IN_ROOM, "the room was left before this join was answered", request_id, room=room))
+            ErrorCode.NOT_IN_ROOM, "the room was left before this join was answered", request_id, room=room),
+            blame=False)  # a join and a leave sent together are no fault: no error budget spent
 
     def _send_replay(
         self, result: tuple[HistoryPage, list[StoredMessage]], client: Client, effect: Replay, state: ReplayState

@@ -841,12 +841,15 @@ class WebSocketServer:
         self.observers.broadcast_done(room, sent, perf_counter() - started)
         return sent
 
-    def _reply(self, client: Client, event: dict[str, Any]) -> None:
+    def _reply(self, client: Client, event: dict[str, Any], blame: bool = True) -> None:
+        """Send ``event`` to ``client``; an error whose code is the client's fault spends its error budget, unless
+        ``blame`` is False (an error the client's requests could not avoid, such as a join overtaken by its own
+        leave)."""
         over_budget = False
         if event.get("type") == "error":
             self.counters.error(event["code"])
             budget = client.error_budget
-            if budget is not None and event["code"] in CLIENT_FAULTS:
+            if blame and budget is not None and event["code"] in CLIENT_FAULTS:
                 over_budget = not budget.spend(self.steady_seconds())
         if client.codec is self.json_codec:
             self.send_payload(client, encode(event), False)

@@ -31,7 +31,8 @@ async def churn(url: str) -> None:
                 await ws.send(json.dumps({"type": "leave", "room": name}))
             for _ in range(200):
                 reply = json.loads(await asyncio.wait_for(ws.recv(), 20))
-                assert reply["type"] in ("joined", "left"), reply
+                # A join still waiting for the room's baseline when its leave came is answered not_in_room.
+                assert reply["type"] in ("joined", "left") or reply.get("code") == "not_in_room", reply
 
 
 @pytest_twisted.ensureDeferred
