@@ -443,8 +443,7 @@ class DurableRooms:
         if not self._end_replay(client, effect.room, state):
             return
         if state.refused:  # a join held meanwhile could not get the room's baseline: the member is out
-            self._refuse_joins(client, effect.room, [
-                *(refused.reply.get("id") for refused in (effect, *state.followers)), *state.refused])
+            self._refuse_joins(client, effect.room, self._asked(effect, state))
             return
         try:
             if self.server.registry.is_member(client, effect.room):
@@ -510,8 +509,12 @@ class DurableRooms:
     def _replay_failed(self, failure: Failure, client: Client, effect: Replay, state: ReplayState) -> None:
         self.outages.failed("could not replay the history of room {room}", failure, room=effect.room)
         if self._end_replay(client, effect.room, state):
-            self._refuse_joins(client, effect.room, [
-                *(refused.reply.get("id") for refused in (effect, *state.followers)), *state.refused])
+            self._refuse_joins(client, effect.room, self._asked(effect, state))
+
+    @staticmethod
+    def _asked(effect: Replay, state: ReplayState) -> list[Any]:
+        """The request ids a replay's end answers: its own, the joins queued behind it, those refused meanwhile."""
+        return [effect.reply.get("id"), *(follower.reply.get("id") for follower in state.followers), *state.refused]
 
     def _held_join_failed(self, failure: Failure, client: Client, room: str, request_ids: list[Any],
                           replay: ReplayState | None = None) -> None:
