@@ -608,6 +608,7 @@ async def steady(args: argparse.Namespace, reactor: Any) -> None:
     from twisted.internet import task, threads
 
     from roomserver import ServerOptions, WebSocketServer
+    from roomserver.heap import malloc_trim
 
     raise_nofile()
     # The history is what a room keeps on purpose: at 100 chats/s over 1,000 rooms the default 1,000 messages a
@@ -629,6 +630,7 @@ async def steady(args: argparse.Namespace, reactor: Any) -> None:
     started = time.monotonic()
     samples: list[dict[str, float]] = []
     censuses: list[tuple[float, dict[str, int]]] = []
+    trims: list[float] = []
     print("minute  rss_kib  fds  connections  fds-conns  delayed_calls  chats  p99_ms  reconnects  failures"
           + ("  blocks  objects  malloc_used  malloc_kept" if args.census else ""), flush=True)
     while any(worker.poll() is None for worker in workers):
@@ -651,6 +653,8 @@ async def steady(args: argparse.Namespace, reactor: Any) -> None:
             censuses.append((sample["t"], census))
             census_columns = (f"  {sample['blocks']:8.0f}  {sample['objects']:8.0f}  {sample['malloc_used']:11.0f}  "
                               f"{sample['malloc_kept']:11.0f}")
+        if args.malloc_trim:
+            trims.append(malloc_trim())
         samples.append(sample)
         print(f"{sample['t'] / 60:6.1f}  {sample['rss']:7.0f}  {fds:5d}  {stats.connections:11d}  "
               f"{fds - stats.connections:9d}  {sample['calls']:13.0f}  {sample['chats']:5.0f}  {sample['p99']:6.1f}  "
@@ -670,6 +674,9 @@ async def steady(args: argparse.Namespace, reactor: Any) -> None:
           f"(target < 1), open fds minus connections {min(overhead)} to {max(overhead)}, p99 {first_p99:.1f} -> "
           f"{last_p99:.1f} ms ({drift:+.1f} %, target < 20 %), {failures:.0f} failed connections")
     print(collector.summary())
+    if trims:
+        print(f"malloc_trim after each sample: {len(trims)} trims, longest {max(trims) * 1000:.1f} ms, "
+              f"median {statistics.median(trims) * 1000:.1f} ms")
     if freezer is not None:
         scan = (f"; the last thaw's scan found {freezer.found} garbage objects among {freezer.thawed} thawed"
                 if freezer.found is not None else "")
@@ -732,6 +739,9 @@ def main() -> None:
     steady_parser.add_argument("--census", action="store_true",
                                help="also count live objects by type, the interpreter's allocated blocks and C "
                                     "malloc's memory (a full collection each time); the end lists the types that grew")
+    steady_parser.add_argument("--malloc-trim", action="store_true",
+                               help="call glibc's malloc_trim(0) after each sample, as twistd does every "
+                                    "--malloc-trim-interval (its effect on RSS, and its time)")
     steady_parser.add_argument("--census-every", type=int, default=1, help="samples between two censuses")
     args = parser.parse_args()
     scenario = {"leak": leak, "flood": flood_isolation, "idle": idle, "steady": steady}[args.scenario]

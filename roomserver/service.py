@@ -6,7 +6,8 @@ which is what drains the clients (reconnect hint, 1001, in batches) before the p
 With ``freeze_heap`` (what ``twistd roomserver`` sets unless ``--no-gc-freeze``, since the process is the server's
 own), everything alive once the server listens is exempted from the garbage collector's scans, and so is what
 survives each full collection, thawed every ``thaw_every`` seconds, or up to ``thaw_most`` while the thaws find
-little garbage (``roomserver.heap``).
+little garbage (``roomserver.heap``). With ``malloc_trim_every`` (``--malloc-trim-interval``, 60 s for twistd),
+C ``malloc``'s free pages go back to the system that often (``heap.MallocTrimmer``).
 
 A start that fails (the store cannot be opened, the port is taken) logs one critical line and stops the
 reactor. twistd itself has no way to exit with a status other than 0 after its reactor stopped, so with
@@ -26,7 +27,7 @@ from typing import Any
 from twisted.application import service
 from twisted.internet import defer
 
-from .heap import FreezeAfterFullCollections, freeze_startup_heap
+from .heap import FreezeAfterFullCollections, MallocTrimmer, freeze_startup_heap
 from .server import WebSocketServer
 
 
@@ -36,7 +37,8 @@ class RoomServerService(service.Service):
     name = "roomserver"
 
     def __init__(self, server: WebSocketServer, exit_status_on_failure: int | None = None,
-                 freeze_heap: bool = False, thaw_every: float = 900.0, thaw_most: float | None = None) -> None:
+                 freeze_heap: bool = False, thaw_every: float = 900.0, thaw_most: float | None = None,
+                 malloc_trim_every: float = 0.0) -> None:
         self.server = server
         self.on_listening: Callable[[], None] | None = None
         self.exit_status_on_failure = exit_status_on_failure
@@ -44,6 +46,7 @@ class RoomServerService(service.Service):
         self.thaw_every = thaw_every
         self.thaw_most = thaw_most
         self.freezer: FreezeAfterFullCollections | None = None
+        self.trimmer = MallocTrimmer(server.reactor, malloc_trim_every)
         self.failed = False
 
     def startService(self) -> None:
@@ -58,6 +61,7 @@ class RoomServerService(service.Service):
             Logger().info("froze {count} objects of the start-up heap (gc.freeze)", count=freeze_startup_heap())
             self.freezer = FreezeAfterFullCollections(self.server.reactor, self.thaw_every, self.thaw_most)
             self.freezer.start()
+        self.trimmer.start()
         if self.on_listening is not None:
             self.on_listening()
 
@@ -85,6 +89,7 @@ class RoomServerService(service.Service):
         super().stopService()
         if self.freezer is not None:
             self.freezer.stop()
+        self.trimmer.stop()
         if self.failed:
             return defer.succeed(None)  # nothing was started: _start undid what it had begun
         return self.server.stop()

@@ -176,6 +176,8 @@ class Options(usage.Options):
          "collection scans everything again (0 = never).", _non_negative_float],
         ["gc-thaw-most", None, 14400.0, "While thaws find little garbage, each doubles the time to the next, up "
          "to this many seconds (roomserver/heap.py; 0 = no doubling).", _non_negative_float],
+        ["malloc-trim-interval", None, 60.0, "Seconds between two returns of C malloc's free pages to the system "
+         "(glibc's malloc_trim; keeps RSS from growing with fragmentation; 0 = never).", _non_negative_float],
         ["log-format", None, "text", "Log format: text, or json (one JSON object per line).", _log_format],
         ["store", None, DEFAULT_STORE, "Where rooms and history live: sqlite:PATH (a SQLite file, created if "
          "missing), memory (lost at exit) or redis://HOST:PORT/DB[?prefix=NAME:] (shared by a cluster's nodes; "
@@ -216,6 +218,7 @@ class Options(usage.Options):
         values.pop("workers")  # a process-supervision choice, not a server option
         values.pop("gc_thaw_interval")  # process-wide garbage collector choices, not server options
         values.pop("gc_thaw_most")
+        values.pop("malloc_trim_interval")
         values["reuse_port"] = bool(self["reuse-port"]) or self["workers"] > 1
         values["http_pages"] = not self["no-http-pages"]
         values["history_ttl"] = values["history_ttl"] or None
@@ -260,7 +263,8 @@ def makeService(config: Options) -> service.MultiService:
     server = WebSocketServer(config.server_options(), loaded=config.loaded)
     # twistd exits 1 when the start fails; the process is the server's own, so its heap may be frozen.
     serving = RoomServerService(server, exit_status_on_failure=1, freeze_heap=not config["no-gc-freeze"],
-                                thaw_every=config["gc-thaw-interval"], thaw_most=config["gc-thaw-most"])
+                                thaw_every=config["gc-thaw-interval"], thaw_most=config["gc-thaw-most"],
+                                malloc_trim_every=config["malloc-trim-interval"])
     serving.setServiceParent(root)
     if config["supervised"]:
         from .workers import SupervisorWatch

@@ -171,3 +171,33 @@ def test_a_freeze_pending_at_a_thaw_does_not_refreeze_before_the_scan(clean_heap
         assert freezer.freezes == 2 and freezer.found is not None
     finally:
         freezer.stop()
+
+
+def test_malloc_trim_runs_on_schedule_and_stops() -> None:
+    from twisted.internet import task
+
+    from roomserver.heap import MallocTrimmer, malloc_trim
+
+    assert malloc_trim() >= 0, "glibc (Debian) has malloc_trim"
+    clock = task.Clock()
+    trimmer = MallocTrimmer(clock, 60)
+    trimmer.start()
+    clock.advance(60)
+    clock.advance(60)
+    assert trimmer.trims == 2 and trimmer.longest >= 0
+    trimmer.stop()
+    assert clock.getDelayedCalls() == []
+    off = MallocTrimmer(clock, 0)
+    off.start()
+    assert clock.getDelayedCalls() == [], "0: never"
+
+
+def test_twistd_trims_malloc_every_minute_unless_told_otherwise() -> None:
+    from roomserver.tap import Options, makeService
+
+    for argv, interval in (([], 60.0), (["--malloc-trim-interval", "0"], 0.0)):
+        config = Options()
+        config.parseOptions(["--port", "tcp:0:interface=127.0.0.1", "--store", "memory", *argv])
+        [serving] = [child for child in makeService(config) if child.name == "roomserver"]
+        assert serving.trimmer.interval == interval
+        assert "malloc_trim_interval" not in vars(serving.server.options), "a process choice, not a server option"
