@@ -764,7 +764,9 @@ class RoomClient:
                 failure.trap(RoomClientError)
                 if not self._is_catching_up(name, catch_up):
                     return  # the connection dropped (the room keeps its last seq: the next one replays the gap)
-                if failure.value.code == "unavailable":
+                if failure.value.code in ("unavailable", "timeout"):
+                    # Unreadable for now, or no answer in time: read again after a backoff (as "no history
+                    # here", last_seq would go to 0 and the next rejoin would replay chats the client had).
                     self._fill_gap_later(name, state, catch_up, retries)
                     return
                 if not catch_up.answered:

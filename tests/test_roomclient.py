@@ -845,10 +845,11 @@ def test_a_leave_cancels_the_rejoin_of_the_room(when: str, sent: list[str]) -> N
     assert requests(client.connections[1]) == sent
 
 
-def rejoin_with_history_unavailable(failures: int) -> ScriptedClient:
+def rejoin_with_history_unavailable(failures: int, silent: bool = False) -> ScriptedClient:
     """A server without sessions that ignores ``since`` in a join (the client fills the gap, 4-7, from its
     history), whose history cannot be read for its first ``failures`` requests after the client comes back
-    (``unavailable``: retry later). Live chat 8 comes 5 s after the join, while the client waits to ask again."""
+    (``unavailable``: retry later; ``silent``: no answer, the request times out after 20 s). Live chat 8 comes
+    5 s after the join, while the client waits to ask again."""
     refused = [0]
 
     def script(connection: ScriptedConnection, message: dict[str, Any]) -> None:
@@ -858,13 +859,15 @@ def rejoin_with_history_unavailable(failures: int) -> ScriptedClient:
                 connection.later(chat("r", seq), 1 + seq if connection.number == 1 else 5)
         if message["type"] == "history" and refused[0] < failures:
             refused[0] += 1
-            connection.later({"type": "error", "code": "unavailable", "room": "r", "id": message["id"],
-                              "message": "the history is unavailable right now; retry later"}, 2)
+            if not silent:
+                connection.later({"type": "error", "code": "unavailable", "room": "r", "id": message["id"],
+                                  "message": "the history is unavailable right now; retry later"}, 2)
         elif message["type"] == "history":
             connection.later({"type": "history", "room": "r", "id": message["id"], "more": False,
                               "messages": [chat("r", seq) for seq in range(message["since"] + 1, 8)]}, 2)
 
-    client = ScriptedClient(lambda n: {"type": "welcome", "id": f"me{n}"}, script)
+    client = ScriptedClient(lambda n: {"type": "welcome", "id": f"me{n}"}, script,
+                            **({"request_timeout": 20.0} if silent else {}))
     client.wait(client.connect(), "the first connection")
     client.wait(client.join("r"), "the join")
     client.run(lambda: client.delivered.get("r") == [1, 2, 3], "chats 1-3")
@@ -874,11 +877,12 @@ def rejoin_with_history_unavailable(failures: int) -> ScriptedClient:
     return client
 
 
-def test_a_rejoins_history_answered_unavailable_is_read_again_after_a_backoff() -> None:
-    """The first page answered ``unavailable`` counted as "no history here": the room's last seq went to 0,
-    resumed said recovered: false, and the gap was never read. Now it is read again after a backoff, as a join
-    refused with ``unavailable`` is joined again; the live chat that came meanwhile waits for it."""
-    client = rejoin_with_history_unavailable(1)
+@pytest.mark.parametrize("silent", [False, True], ids=["unavailable", "timed out"])
+def test_a_rejoins_history_answered_unavailable_is_read_again_after_a_backoff(silent: bool) -> None:
+    """The first page answered ``unavailable`` (or not answered in time) counted as "no history here": the room's
+    last seq went to 0, resumed said recovered: false, and the gap was never read. Now it is read again after a
+    backoff, as a join refused with ``unavailable`` is joined again; the live chat that came meanwhile waits."""
+    client = rejoin_with_history_unavailable(1, silent)
     assert requests(client.connections[1]) == ["join r 3", "history r 3", "history r 3"]
     assert client.delivered["r"] == list(range(1, 9)) and client.last_seq("r") == 8
     assert client.resumed == [("r", True)] and client.errors == []

@@ -552,7 +552,8 @@ def test_a_leave_cancels_the_rejoin_of_the_room(when: str, sent: list[str]) -> N
 # whose history cannot be read for its first `failures` requests after the client comes back ("unavailable":
 # retry later). Live chat 8 comes 5 ms after the join, while the client waits to ask again.
 REJOIN_HISTORY_UNAVAILABLE = FAKE_SERVER + """
-const [failures] = JSON.parse(process.argv[2]);
+const [failures, silent] = JSON.parse(process.argv[2]);
+if (silent) client.options.requestTimeout = 30;  // refused by not answering: the request times out
 let refused = 0;
 fakeServer((n) => ({type: "welcome", id: "me" + n}), (socket, m, connection) => {
   if (m.type === "join") {
@@ -560,8 +561,8 @@ fakeServer((n) => ({type: "welcome", id: "me" + n}), (socket, m, connection) => 
     (connection === 1 ? [1, 2, 3] : [8]).forEach((seq) => socket.later(chat("r", seq), connection === 1 ? 1 + seq : 5));
   }
   if (m.type === "history" && refused++ < failures) {
-    socket.later({type: "error", code: "unavailable", room: m.room, id: m.id,
-                  message: "the history is unavailable right now; retry later"}, 2);
+    if (!silent) socket.later({type: "error", code: "unavailable", room: m.room, id: m.id,
+                               message: "the history is unavailable right now; retry later"}, 2);
   } else if (m.type === "history") {
     socket.later({type: "history", room: "r", id: m.id, more: false,
                   messages: range(m.since + 1, 7).map((seq) => chat("r", seq))}, 2);
@@ -575,11 +576,12 @@ main(async () => {
 """
 
 
-def test_a_rejoins_history_answered_unavailable_is_read_again_after_a_backoff() -> None:
-    """The first page answered "unavailable" counted as "no history here": the room's last seq went to 0,
-    resumed said recovered: false, and the gap was never read. Now it is read again after a backoff, as a join
-    refused with "unavailable" is joined again; the live chat that came meanwhile waits for it."""
-    result = run_node(REJOIN_HISTORY_UNAVAILABLE, json.dumps([1]))
+@pytest.mark.parametrize("silent", [False, True], ids=["unavailable", "timed out"])
+def test_a_rejoins_history_answered_unavailable_is_read_again_after_a_backoff(silent: bool) -> None:
+    """The first page answered "unavailable" (or not answered in time) counted as "no history here": the room's
+    last seq went to 0, resumed said recovered: false, and the gap was never read. Now it is read again after a
+    backoff, as a join refused with "unavailable" is joined again; the live chat that came meanwhile waits."""
+    result = run_node(REJOIN_HISTORY_UNAVAILABLE, json.dumps([1, silent]))
     assert result["requests"] == ["join r 3", "history r 3", "history r 3"], result
     assert result["delivered"] == list(range(1, 9)) and result["lastSeq"] == 8, result
     assert result["resumed"] == [["r", True]] and result["errors"] == [], result
@@ -588,7 +590,7 @@ def test_a_rejoins_history_answered_unavailable_is_read_again_after_a_backoff() 
 def test_a_rejoins_history_that_stays_unavailable_goes_on_live_with_the_gap() -> None:
     """rejoinAttempts (2) reads again at most; then the client, which is in the room, goes on with its live chats
     and says the gap was not recovered (keeping its last seq: the history did not say the sequence restarted)."""
-    result = run_node(REJOIN_HISTORY_UNAVAILABLE, json.dumps([5]))
+    result = run_node(REJOIN_HISTORY_UNAVAILABLE, json.dumps([5, False]))
     assert result["requests"] == ["join r 3", "history r 3", "history r 3", "history r 3"], result
     assert result["delivered"] == [1, 2, 3, 8] and result["lastSeq"] == 8, result
     assert result["resumed"] == [["r", False]] and result["errors"] == [] and result["rooms"] == ["r"], result

@@ -578,9 +578,9 @@
 
   /** Fill the gap after the room's lastSeq from its history, page after page while the server says "more"
    *  (each page starting after the last seq of the one before), until a page brings nothing new or fails. A
-   *  page answered "unavailable" (the history cannot be read right now) is asked for again after a backoff, as
-   *  a join refused with "unavailable" is, the room's live chats still held; `retries`: the rejoins and reads
-   *  already refused so. */
+   *  page answered "unavailable" (the history cannot be read right now), or not answered in time, is asked for
+   *  again after a backoff, as a join refused with "unavailable" is, the room's live chats still held;
+   *  `retries`: the rejoins and reads already refused so. */
   RoomClient.prototype._fillGap = function (name, state, catchUp, retries) {
     var self = this;
     function page(since) {
@@ -600,7 +600,9 @@
         self._caughtUp(name, state, catchUp.contiguous && !reply.more, "history");
       }, function (error) {
         if (!self._isCatchingUp(name, catchUp)) return;
-        if (error.code === "unavailable") {
+        // Unreadable for now, or no answer in time: read again after a backoff (as "no history here", the room's
+        // lastSeq would go to 0, and the next rejoin would replay chats the client had).
+        if (error.code === "unavailable" || error.code === "timeout") {
           self._fillGapLater(name, state, catchUp, retries);
           return;
         }
