@@ -55,6 +55,9 @@ CLIENT_EVENTS = frozenset({"state", "welcome", "chat", "message", "presence", "r
 TERMINAL_CODES = frozenset({1002, 1003, 1008, 1009})
 # Errors that say a room of a join or resume was not (re)joined (they carry its name in "room").
 NOT_JOINED = frozenset({"room_full", "too_many_rooms", "forbidden"})
+LEAVE_DONE_ANYWAY = frozenset({"not_in_room", "disconnected", "not_connected"})
+"""A leave that fails so has left the room all the same: the server holds no membership for this connection (a
+closed one's rooms are dropped), and the next connection must not join the room again."""
 # Refusals of the opening handshake that retrying cannot fix (a bad token, a forbidden origin, a wrong path).
 TERMINAL_HTTP_STATUSES = frozenset({400, 401, 403, 404})
 CLOSE_HANDSHAKE_REFUSED = 4400  # what a terminal handshake refusal is reported as (close events, state detail)
@@ -440,8 +443,8 @@ class RoomClient:
         """Leave ``room``; fires with the ``left`` reply. A room the client is waiting to join again (a resume or
         rejoin answered ``unavailable``: it is not in the room) is forgotten at once, without asking the server,
         and one that a resume or rejoin still in flight did not get back into (the server answers
-        ``not_in_room``) is forgotten too: both fire with ``{"type": "left", "room": room}``, and no rejoin of
-        the room follows."""
+        ``not_in_room``) is forgotten too, and so is one whose connection is gone (``LEAVE_DONE_ANYWAY``): all
+        fire with ``{"type": "left", "room": room}``, and no rejoin of the room follows."""
         state = self.rooms.get(room)
         timer = self._rejoin_timers.pop(room, None) if state is not None else None
         if timer is not None:
@@ -459,7 +462,7 @@ class RoomClient:
         def refused(failure: Any) -> Any:
             if state is None or not failure.check(RoomClientError):
                 return failure
-            if failure.value.code == "not_in_room":
+            if failure.value.code in LEAVE_DONE_ANYWAY:
                 if self.rooms.get(room) is state:
                     del self.rooms[room]
                 return {"type": "left", "room": room}

@@ -845,6 +845,32 @@ def test_a_leave_cancels_the_rejoin_of_the_room(when: str, sent: list[str]) -> N
     assert requests(client.connections[1]) == sent
 
 
+@pytest.mark.parametrize("when", ["in flight", "between connections"])
+def test_a_leave_whose_connection_is_gone_forgets_the_room(when: str) -> None:
+    """A leave in flight when the connection dropped ("disconnected"), or asked for between two connections
+    ("not_connected"), left the room listed: the next connection joined it again. The server drops a closed
+    connection's rooms, so the room has been left: it is forgotten, and the leave fires with ``left``."""
+    def script(connection: ScriptedConnection, message: dict[str, Any]) -> None:
+        answer_joins(connection, message)  # a leave is never answered: the connection drops first
+
+    client = ScriptedClient(lambda n: {"type": "welcome", "id": f"me{n}"}, script)
+    client.wait(client.connect(), "the first connection")
+    client.wait(client.join("a"), "the join of a")
+    client.wait(client.join("b"), "the join of b")
+    outcome: list[Any] = []
+    if when == "in flight":
+        client.leave("b").addCallbacks(outcome.append, lambda failure: outcome.append(failure.value.code))
+        client.connections[0].drop()
+    else:
+        client.connections[0].drop()
+        client.leave("b").addCallbacks(outcome.append, lambda failure: outcome.append(failure.value.code))
+    assert outcome == [{"type": "left", "room": "b"}] and list(client.rooms) == ["a"]
+    client.run(lambda: len(client.connections) == 2 and client.connections[1].sent, "the rejoin of a")
+    client.settle()
+    assert [r for r in requests(client.connections[1]) if r.startswith("join")] == ["join a 0"], \
+        "b is not joined again"
+
+
 def rejoin_with_history_unavailable(failures: int, silent: bool = False) -> ScriptedClient:
     """A server without sessions that ignores ``since`` in a join (the client fills the gap, 4-7, from its
     history), whose history cannot be read for its first ``failures`` requests after the client comes back

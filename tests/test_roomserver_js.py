@@ -444,6 +444,40 @@ def test_a_rejoin_refused_for_good_forgets_the_room() -> None:
     assert run_node(REJOIN_REFUSED) == {"rooms": ["kept"], "errors": ["room_full full"], "resumed": [["kept", True]]}
 
 
+# A leave of room "gone" while in flight when the connection drops ("disconnected"), or between two connections
+# ("not_connected"). The server answers joins only.
+LEAVE_WITHOUT_A_CONNECTION = FAKE_SERVER + """
+const [when] = JSON.parse(process.argv[2]);
+fakeServer((n) => ({type: "welcome", id: "me" + n}), (socket, m) => {
+  if (m.type === "join") socket.later({type: "joined", room: m.room, size: 1, recovered: true, id: m.id});
+});
+const outcome = [];
+main(async () => {
+  await client.connect();
+  await client.join("kept");
+  await client.join("gone");
+  if (when === "in flight") {
+    const leaving = client.leave("gone");
+    drop(sockets[0]);
+    outcome.push(await leaving.catch((error) => error.code));
+  } else {
+    drop(sockets[0]);
+    outcome.push(await client.leave("gone").catch((error) => error.code));
+  }
+  await until(() => served(sockets[1]) && sockets[1].sent.length >= 1, "the rejoin of kept");
+  await sleep(SETTLE_MS);  // no join of "gone" may follow
+}, () => ({outcome, rooms: Object.keys(client.rooms), requests: requests(sockets[1])}));
+"""
+
+
+@pytest.mark.parametrize("when", ["in flight", "between connections"])
+def test_a_leave_whose_connection_is_gone_forgets_the_room(when: str) -> None:
+    """The room stayed listed and the next connection joined it again; the server drops a closed connection's
+    rooms, so it has been left: forgotten, and the leave resolves with left."""
+    assert run_node(LEAVE_WITHOUT_A_CONNECTION, json.dumps([when])) == {
+        "outcome": [{"type": "left", "room": "gone"}], "rooms": ["kept"], "requests": ["join kept 0"]}
+
+
 # An application that closes the client from an event listener (say, giving up after so many attempts): on the
 # first "connecting" state, on the "close" event of a drop, on the "reconnecting" state after it, or on the
 # "open" state of the connection that comes back. Every attempt reaches the server, which answers joins.

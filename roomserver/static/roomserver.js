@@ -290,10 +290,15 @@
     });
   };
 
+  // A leave that fails so has left the room all the same: the server holds no membership for this connection.
+  var LEAVE_DONE_ANYWAY = {not_in_room: true, disconnected: true, not_connected: true};
+
   /** Leave a room; resolves with the "left" reply. A room the client is waiting to join again (a resume or
    *  rejoin answered "unavailable": it is not in the room) is forgotten at once, without asking the server, and
    *  one that a resume or rejoin still in flight did not get back into (the server answers "not_in_room") is
-   *  forgotten too: both resolve with {type: "left", room}, and no rejoin of the room follows. */
+   *  forgotten too, and so is one whose connection is gone (the leave "disconnected" or "not_connected": the
+   *  server drops a closed connection's rooms, and the next connection must not join it again): all resolve
+   *  with {type: "left", room}, and no rejoin of the room follows. */
   RoomClient.prototype.leave = function (room) {
     var self = this;
     var state = this.rooms[room];
@@ -308,7 +313,7 @@
       delete self.rooms[room];
       return reply;
     }, function (error) {
-      if (state && error.code === "not_in_room") {
+      if (state && LEAVE_DONE_ANYWAY[error.code]) {
         if (self.rooms[room] === state) delete self.rooms[room];
         return {type: "left", room: room};
       }
