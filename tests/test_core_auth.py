@@ -154,6 +154,15 @@ def test_a_key_that_does_not_fit_the_algorithm_is_refused_at_construction(case: 
         TokenVerifier(key, algorithm)
 
 
+def test_an_rsa_key_shorter_than_2048_bits_is_refused_at_construction() -> None:
+    """PyJWT accepted it with a warning at every token."""
+    short = rsa.generate_private_key(public_exponent=65537, key_size=1024).public_key()
+    with pytest.raises(ValueError, match="at least 2048 bits, not 1024"):
+        TokenVerifier(_pem(short), "RS256")
+    _, public = rsa_keys()
+    assert TokenVerifier(public, "RS256").algorithm == "RS256"
+
+
 def test_any_refusal_of_pyjwt_is_a_refused_token(monkeypatch: pytest.MonkeyPatch) -> None:
     """Not only InvalidTokenError: whatever PyJWT raises (InvalidKeyError is a PyJWTError, not an
     InvalidTokenError) must come out as AuthError, never as an exception the server reports as 500 or 1011."""

@@ -152,6 +152,9 @@ class TokenVerifier:
         )
 
 
+MIN_RSA_BITS = 2048
+
+
 def _prepared_key(key: str | bytes, algorithm: str) -> Any:
     """``key`` as PyJWT verifies ``algorithm`` with it, parsed once; ``ValueError`` if it cannot be used.
 
@@ -169,6 +172,11 @@ def _prepared_key(key: str | bytes, algorithm: str) -> Any:
     if callable(getattr(prepared, "public_key", None)):
         # A private key: PyJWT cannot verify RS* with one, and the server has no business holding it.
         raise ValueError(f"{algorithm} needs {needed}, not a private key")
+    bits = getattr(prepared, "key_size", None)
+    if algorithm.startswith(("RS", "PS")) and isinstance(bits, int) and bits < MIN_RSA_BITS:
+        # Forgeable within reach of a determined attacker (NIST retired them in 2013); PyJWT only warns, at
+        # every token.
+        raise ValueError(f"{algorithm} needs an RSA key of at least {MIN_RSA_BITS} bits, not {bits}")
     return prepared
 
 
