@@ -7,6 +7,7 @@ README's option table describe them for users.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TypeVar
@@ -18,6 +19,8 @@ DEFAULT_PING_TIMEOUT_CAP = 10.0
 client can chat over, and waiting a whole 30-s interval kept a half-open connection (and its presence) for a
 minute (RELIABILITY S2 asks for 40 s)."""
 
+URL_PATH = re.compile(r"/(?:[A-Za-z0-9\-._~!$&'()*+,;=:@%]+(?:/[A-Za-z0-9\-._~!$&'()*+,;=:@%]+)*/?)?")
+"""What ``path`` may be: a URL path as a request carries it (RFC 3986 segments, none empty)."""
 KIB = 1024
 MIB = 1024 * KIB
 
@@ -206,6 +209,11 @@ class ServerOptions:
                 check_number(value, option.name)  # first, so that no check below ever compares a nan
         if not self.path.startswith("/"):
             raise ValueError(f"path must start with '/': {self.path!r}")
+        if URL_PATH.fullmatch(self.path) is None:
+            # A space, an empty segment ("//ws") or a character a URL must escape: no request path would ever
+            # equal it, and every upgrade got 404 from a server that looked fine.
+            raise ValueError(f"path must be a URL path of non-empty segments of letters, digits and "
+                             f"-._~!$&'()*+,;=:@%: {self.path!r}")
         # Autobahn's heartbeat timers (txaio's batched timer) round deadlines down to whole seconds, so
         # sub-second heartbeats would fire at random: refuse them rather than misbehave.
         if self.ping_interval != 0 and self.ping_interval < 1:

@@ -50,3 +50,15 @@ def test_check_number() -> None:
         check_number(float("nan"))
     with pytest.raises(ValueError, match=r"^x must be >= 0, not -0\.5$"):
         check_number(-0.5, "x")
+
+
+@pytest.mark.parametrize("path", ["/", "/ws", "/ws/", "/api/v1/socket", "/a%20b", "/v1:rooms"])
+def test_a_url_path_is_accepted(path: str) -> None:
+    assert ServerOptions(path=path).path == path
+
+
+@pytest.mark.parametrize("path", ["/a b", "//ws", "/ws//x", "/é", "/ws?x=1", "/ws#top"])
+def test_a_path_no_request_could_carry_is_refused(path: str) -> None:
+    """No request path would equal it: every upgrade got 404 from a server that looked fine."""
+    with pytest.raises(ValueError, match=r"^path must be a URL path"):
+        ServerOptions(path=path)
